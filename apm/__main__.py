@@ -1,0 +1,5 @@
+import sys
+
+from apm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""Command line: ``apm fit|validate|test|predict`` (LightningCLI), the same as ``lightning ...``
+and ``python -m apm ...``; plus the project's own tools registered in ``TOOLS``."""
+
+from __future__ import annotations
+
+import importlib
+import netrc
+import os
+import sys
+from pathlib import Path
+
+# Extra subcommands: name -> "module:function" taking argv (list[str]); lazily imported.
+TOOLS: dict[str, str] = {}
+
+
+def quiet_wandb() -> None:
+    """wandb never prompts: offline unless an API key is configured (env or ~/.netrc)."""
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    os.environ["WANDB_MODE"] = "offline"
+
+
+def build_cli(args: list[str] | None = None, run: bool = True):
+    """The LightningCLI over APMModule and APMDataModule (``data.image_size`` feeds the model)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from apm.data import APMDataModule
+    from apm.module import APMModule
+
+    class APMCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.image_size", "model.image_size")
+
+        def after_fit(self) -> None:
+            cb = self.trainer.checkpoint_callback
+            if cb is not None and self.trainer.is_global_zero:
+                for kind, path in (("last", cb.last_model_path), ("best", cb.best_model_path)):
+                    if path:
+                        print(f"checkpoint ({kind}): {Path(path).resolve()}")
+
+    return APMCLI(APMModule, APMDataModule, args=args, run=run,
+                  save_config_kwargs={"overwrite": True},
+                  parser_kwargs={"description": "Distill a frozen teacher into an APM student."})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``apm`` and ``python -m apm``."""
+    from apm.errors import APMError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_wandb()
+    try:
+        if argv and argv[0] in TOOLS:
+            module, _, fn = TOOLS[argv[0]].partition(":")
+            return getattr(importlib.import_module(module), fn)(argv[1:]) or 0
+        if argv and argv[0] in ("-h", "--help"):
+            print("Tools: " + ", ".join(f"apm {t} --help" for t in TOOLS) + "\n" if TOOLS else "", end="")
+        build_cli(argv)
+        return 0
+    except APMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def lightning_main() -> int:
+    """Entry point of the ``lightning`` command (lightning 2.x installs none)."""
+    return main()

@@ -1,0 +1,230 @@
+"""The LightningModule: distill a frozen teacher's per-level features into an APM student."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
+
+from apm import metrics
+from apm.errors import ConfigError
+from apm.standardize import LevelStandardizer
+from apm.student import APMStudent
+from teachers import Level, Teacher, create_teacher
+
+RGB = "rgb"
+
+
+class APMModule(L.LightningModule):
+    """Distill a frozen teacher into an APM student, per (location, level).
+
+    Args:
+        teacher: Registered teacher name (see ``teachers.list_teachers()``), or
+            ``"your.module:name"`` for a teacher defined in your own module.
+        teacher_args: Keyword arguments of the teacher's factory (``pretrained``, ``levels``, ...).
+        image_size: Input side in pixels (linked from ``data.image_size``).
+        patch_size: Kernel and stride of the student's column filter; default the teacher's patch.
+        hidden_dims: Widths of the shared field MLP's layers.
+        pe_dim: Width of the 2-D sin-cos positional code.
+        level_dim: Width of the learned level embedding.
+        rgb: Also predict each patch's mean colour (the pixel level, named ``rgb``).
+        rgb_weight: Loss weight of the ``rgb`` level.
+        level_weights: Loss weight per level name (default 1 each).
+        queries_per_image: (location, level) queries sampled per image and step, split evenly over
+            levels; 0 or None for every location of every level.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` at ``trainer.max_steps``.
+        stats_images: Training images whose teacher features set the per-level mean and std.
+    """
+
+    def __init__(
+        self,
+        teacher: str = "dinov2_small",
+        teacher_args: dict[str, Any] | None = None,
+        image_size: int = 448,
+        patch_size: int | None = None,
+        hidden_dims: list[int] = [1024, 1024, 1024, 1024],
+        pe_dim: int = 256,
+        level_dim: int = 64,
+        rgb: bool = True,
+        rgb_weight: float = 1.0,
+        level_weights: dict[str, float] | None = None,
+        queries_per_image: int | None = 2048,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.05,
+        stats_images: int = 64,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        # Kept out of the module tree: a frozen teacher is rebuilt from its name, not checkpointed.
+        object.__setattr__(self, "teacher", create_teacher(teacher, image_size=image_size,
+                                                           **(teacher_args or {})))
+        patch_size = patch_size or self.teacher.patch_size
+        if image_size % patch_size:
+            lo = image_size // patch_size * patch_size
+            raise ConfigError(
+                f"Setting 'data.image_size': {image_size} is not a multiple of the student's patch "
+                f"size {patch_size}; the nearest valid sizes are {max(lo, patch_size)} and "
+                f"{lo + patch_size}."
+            )
+        self.levels: list[Level] = list(self.teacher.levels)
+        grid = (image_size // patch_size,) * 2
+        if rgb:
+            self.levels.append(Level(RGB, grid, 3))
+        names = [l.name for l in self.levels]
+        unknown = set(level_weights or {}) - set(names)
+        if unknown:
+            raise ConfigError(
+                f"Setting 'model.level_weights': {sorted(unknown)} are not levels of this run; the "
+                f"levels are {', '.join(names)}."
+            )
+        self.weights = [(rgb_weight if n == RGB else (level_weights or {}).get(n, 1.0)) for n in names]
+        self.student = APMStudent(self.levels, image_size, patch_size, pe_dim, level_dim, hidden_dims)
+        self.standardizer = LevelStandardizer([l.dim for l in self.levels])
+
+    # -- targets ---------------------------------------------------------------------------------
+    def targets(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level targets on the teacher's scale, (B, h, w, d): the teacher's levels, then the
+        patch-mean colour when ``rgb`` is on."""
+        if next(self.teacher.parameters(), images).device != images.device:
+            self.teacher.to(images.device)
+        feats = [f.float() for f in self.teacher(images)]
+        if self.hparams.rgb:
+            p = self.student.patch_size
+            feats.append(rearrange(F.avg_pool2d(images.float(), p), "b c h w -> b h w c"))
+        return feats
+
+    @torch.no_grad()
+    def fit_statistics(self, batches) -> None:
+        """Set each level's mean and std from the teacher's features of ``stats_images`` images."""
+        seen = 0
+        for images in tqdm(batches, desc="level statistics", leave=False,
+                           disable=not getattr(self.trainer, "is_global_zero", True)):
+            images = images[: self.hparams.stats_images - seen].to(self.device)
+            self.standardizer.update(self.targets(images))
+            seen += len(images)
+            if seen >= self.hparams.stats_images:
+                break
+        if seen == 0:
+            raise ConfigError("No training images to compute level statistics from; check 'data.images'.")
+        self.standardizer.finalize()
+
+    def on_fit_start(self) -> None:
+        if not bool(self.standardizer.ready):  # a resumed run restored them with the checkpoint
+            dm = self.trainer.datamodule
+            self.fit_statistics(dm.stats_dataloader() if dm is not None else self.trainer.train_dataloader)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def sample_locations(self, batch: int, device: torch.device) -> list[torch.Tensor | None]:
+        """Per level, (B, n) random distinct locations, n = queries_per_image / levels; or None
+        (all locations) when sampling is off or n covers the grid."""
+        q = self.hparams.queries_per_image
+        out: list[torch.Tensor | None] = []
+        for lvl in self.levels:
+            n = math.ceil(q / len(self.levels)) if q else lvl.num_locations
+            if n >= lvl.num_locations:
+                out.append(None)
+            else:
+                out.append(torch.rand(batch, lvl.num_locations, device=device).argsort(1)[:, :n])
+        return out
+
+    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        feats = self.targets(images)
+        locs = self.sample_locations(images.shape[0], images.device)
+        preds = self.student(images, locs)
+        total, wsum = 0.0, 0.0
+        for i, (lvl, f, loc, p) in enumerate(zip(self.levels, feats, locs, preds)):
+            t = rearrange(f, "b h w d -> b (h w) d")
+            if loc is not None:
+                t = t.gather(1, loc[..., None].expand(-1, -1, t.shape[-1]))
+            z = self.standardizer.encode(i, t)
+            loss = F.mse_loss(p.float(), z)
+            total, wsum = total + self.weights[i] * loss, wsum + self.weights[i]
+            cos = F.cosine_similarity(self.standardizer.decode(i, p.float()), t, dim=-1).mean()
+            self.log_dict({f"train/loss_{lvl.name}": loss, f"train/cos_{lvl.name}": cos})
+        loss = total / max(wsum, 1e-12)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Per level: cosine, centred cosine, R^2 (teacher's scale) and MSE (standardized), each (B,)."""
+        levels = list(range(len(self.levels))) if levels is None else list(levels)
+        feats = self.targets(images)
+        preds = self.predict_features(images, levels)
+        out = {}
+        for i, p in zip(levels, preds):
+            t = feats[i]
+            out[self.levels[i].name] = {
+                "cos": metrics.cosine(p, t),
+                "cos_centered": metrics.centered_cosine(p, t),
+                "r2": metrics.r2(p, t),
+                "mse": metrics.mse(self.standardizer.encode(i, p), self.standardizer.encode(i, t)),
+            }
+        return out
+
+    def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
+        res = self.evaluate(images)
+        n = images.shape[0]
+        for name, m in res.items():
+            self.log_dict({f"val/{k}_{name}": v.mean() for k, v in m.items()}, batch_size=n)
+        for k in ("cos", "r2", "mse"):
+            self.log(f"val/{k}_mean", torch.stack([m[k].mean() for m in res.values()]).mean(), batch_size=n)
+        w = torch.tensor(self.weights)
+        loss = (torch.stack([m["mse"].mean() for m in res.values()]).cpu() * w).sum() / w.sum()
+        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+
+    # -- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_features(self, images: torch.Tensor, levels: Sequence[int] | None = None,
+                         chunk: int | None = None) -> list[torch.Tensor]:
+        """The student's dense features on the teacher's scale, per level (B, h, w, d)."""
+        levels = list(range(len(self.levels))) if levels is None else list(levels)
+        preds = self.student.dense(images, levels, chunk)
+        return [self.standardizer.decode(i, p.float()) for i, p in zip(levels, preds)]
+
+    def predict_step(self, images: torch.Tensor, batch_idx: int) -> list[torch.Tensor]:
+        return self.predict_features(images)
+
+    def level_index(self, name: str | int) -> int:
+        """Index of a level by name or index; ConfigError listing the levels otherwise."""
+        names = [l.name for l in self.levels]
+        if isinstance(name, int) or str(name).lstrip("-").isdigit():
+            i = int(name)
+            if -len(names) <= i < len(names):
+                return i % len(names)
+        elif name in names:
+            return names.index(name)
+        raise ConfigError(f"Level {name!r} is not a level of this model; its levels are {', '.join(names)}.")
+
+    # -- optimisation and checkpoints ------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.student.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        if total is None and self.trainer is not None:
+            total = int(self.trainer.estimated_stepping_batches) if math.isfinite(self.trainer.estimated_stepping_batches) else None
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if not total:
+                return 1.0
+            t = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["apm"] = {"teacher": self.teacher.describe(),
+                             "levels": [(l.name, list(l.grid), l.dim) for l in self.levels]}

@@ -1,0 +1,137 @@
+"""The APM student: one CNN filter writes the image into a trigger column; one shared MLP answers
+queries [T, PE(x, y), E(level)] independently, one per (location, level).
+
+The first layer is applied factorized: W [T, PE, E] + b = (W_T T + b) + W_P PE + W_L E. The column
+term is computed once per image, the positional term once per grid, the level term once per level;
+a query then costs one add before the second layer. ``query_vectors`` builds the plain
+concatenated query for reference and tests.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from apm.codes import grid_coords, sincos_2d
+from teachers.base import Level, normalize
+
+
+class APMStudent(nn.Module):
+    """Column encoder, positional and level codes, a shared field MLP and per-level heads.
+
+    Args:
+        levels: The levels to predict (name, grid, width), e.g. the teacher's plus ``rgb``.
+        image_size: Input side in pixels; a multiple of ``patch_size``.
+        patch_size: Kernel and stride of the single column filter.
+        pe_dim: Width of the 2-D sin-cos positional code (a multiple of 4).
+        level_dim: Width of the learned level embedding.
+        hidden_dims: Widths of the shared MLP's layers (ReLU after each). The paper's MLP is
+            [2048, 4096, 4096, 4096, 2048, 1024].
+        pe_max_freq: Highest frequency of the positional code, in cycles per image side.
+    """
+
+    def __init__(self, levels: Sequence[Level], image_size: int, patch_size: int, pe_dim: int = 256,
+                 level_dim: int = 64, hidden_dims: Sequence[int] = (1024, 1024, 1024),
+                 pe_max_freq: float = 64.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if not hidden_dims:
+            raise ValueError("hidden_dims needs at least one layer")
+        self.levels = list(levels)
+        self.patch_size = patch_size
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.column_dim = self.grid[0] * self.grid[1]
+        self.pe_dim, self.level_dim, self.pe_max_freq = pe_dim, level_dim, pe_max_freq
+        self.column = nn.Conv2d(3, 1, kernel_size=patch_size, stride=patch_size)
+        self.level_embed = nn.Embedding(len(self.levels), level_dim)
+        self.first = nn.Linear(self.column_dim + pe_dim + level_dim, hidden_dims[0])
+        layers: list[nn.Module] = [nn.ReLU()]
+        for a, b in zip(hidden_dims[:-1], hidden_dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(hidden_dims[-1], l.dim) for l in self.levels)
+        for i, l in enumerate(self.levels):
+            self.register_buffer(f"coords_{i}", grid_coords(l.grid), persistent=False)
+
+    # -- the pieces of a query -------------------------------------------------------------------
+    def trigger(self, images: torch.Tensor) -> torch.Tensor:
+        """The trigger column T (B, h*w) of images (B, 3, H, W) in [0, 1]."""
+        return rearrange(self.column(normalize(images)), "b 1 h w -> b (h w)")
+
+    def coords(self, level: int) -> torch.Tensor:
+        """Cell-centre coordinates (h*w, 2) of a level's grid, row-major, in [0, 1]."""
+        return getattr(self, f"coords_{level}")
+
+    def positional(self, coords: torch.Tensor) -> torch.Tensor:
+        return sincos_2d(coords, self.pe_dim, self.pe_max_freq)
+
+    def column_term(self, column: torch.Tensor) -> torch.Tensor:
+        """W_T T + b: the part of the first layer shared by every query of an image. (B, H1)."""
+        w_t = self.first.weight[:, : self.column_dim]
+        return torch.nn.functional.linear(column, w_t, self.first.bias)
+
+    def location_term(self, level: int, coords: torch.Tensor) -> torch.Tensor:
+        """W_P PE(coords) + W_L E(level): the query-specific part of the first layer. (N, H1)."""
+        w_p = self.first.weight[:, self.column_dim : self.column_dim + self.pe_dim]
+        w_l = self.first.weight[:, self.column_dim + self.pe_dim :]
+        pe = self.positional(coords).to(w_p.dtype)
+        return pe @ w_p.T + self.level_embed.weight[level] @ w_l.T
+
+    def query_vectors(self, column: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
+        """The plain queries [T, PE(x, y), E(level)] (B, N, col+pe+level), as in the paper."""
+        b, n = column.shape[0], coords.shape[0]
+        pe = self.positional(coords).expand(b, n, -1)
+        e = self.level_embed.weight[level].expand(b, n, -1)
+        return torch.cat([column[:, None].expand(b, n, -1), pe, e], dim=-1)
+
+    def decode(self, level: int, first: torch.Tensor) -> torch.Tensor:
+        """Rest of the field MLP and the level's head, from first-layer pre-activations."""
+        return self.heads[level](self.trunk(first))
+
+    # -- whole forwards --------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor,
+                locations: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Predict selected locations of every level.
+
+        Args:
+            images: (B, 3, H, W) in [0, 1].
+            locations: Per level, either a LongTensor (B, n) of row-major location indices into that
+                level's grid, or None for all its locations.
+
+        Returns:
+            Per level, predictions (B, n, d) in the order of ``locations``.
+        """
+        col = self.column_term(self.trigger(images))  # (B, H1)
+        firsts, sizes = [], []
+        for lvl, loc in enumerate(locations):
+            q = self.location_term(lvl, self.coords(lvl))  # (N_l, H1), once per grid
+            q = q.expand(col.shape[0], -1, -1) if loc is None else q[loc]  # (B, n, H1)
+            firsts.append(col[:, None] + q)
+            sizes.append(q.shape[1])
+        hidden = self.trunk(torch.cat(firsts, dim=1))  # one pass for all levels' queries
+        return [head(h) for head, h in zip(self.heads, hidden.split(sizes, dim=1))]
+
+    def query(self, images: torch.Tensor, level: int, coords: torch.Tensor,
+              chunk: int | None = None) -> torch.Tensor:
+        """Predict one level at arbitrary coordinates (N, 2) in [0, 1], in chunks of ``chunk``
+        queries. Returns (B, N, d); queries are independent, so chunking changes nothing."""
+        col = self.column_term(self.trigger(images))
+        chunk = chunk or coords.shape[0]
+        outs = [self.decode(level, col[:, None] + self.location_term(level, c))
+                for c in coords.split(chunk)]
+        return torch.cat(outs, dim=1)
+
+    def dense(self, images: torch.Tensor, levels: Sequence[int] | None = None,
+              chunk: int | None = None) -> list[torch.Tensor]:
+        """All locations of the given levels (default all), each (B, h, w, d)."""
+        levels = range(len(self.levels)) if levels is None else levels
+        out = []
+        for lvl in levels:
+            h, w = self.levels[lvl].grid
+            pred = self.query(images, lvl, self.coords(lvl), chunk)
+            out.append(rearrange(pred, "b (h w) d -> b h w d", h=h, w=w))
+        return out

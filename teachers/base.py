@@ -1,0 +1,138 @@
+"""The interface every teacher adapter implements.
+
+A teacher is a frozen network whose layers are GLOM's levels. Given images in [0, 1] it returns one
+tensor per level, shaped (B, h, w, d): patch tokens only (no CLS, no registers), row-major, so that
+``features[level][b, i, j]`` is the token of the patch in row ``i``, column ``j`` of image ``b``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of a teacher: its name, token grid (rows, cols) and feature width."""
+
+    name: str
+    grid: tuple[int, int]
+    dim: int
+
+    @property
+    def num_locations(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class Teacher(nn.Module, ABC):
+    """A frozen feature extractor with named levels.
+
+    Subclasses set ``patch_size`` and ``image_size`` in ``__init__``, build their network, call
+    ``self.freeze()``, and implement ``levels`` and ``extract``. ``forward`` runs ``extract`` under
+    ``torch.no_grad`` in eval mode, so a teacher never trains and never builds a graph.
+    """
+
+    patch_size: int
+    image_size: int
+
+    @property
+    @abstractmethod
+    def levels(self) -> list[Level]:
+        """The levels this teacher returns, in the order ``forward`` returns them."""
+
+    @abstractmethod
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level features (B, h, w, d) for images (B, 3, H, W) in [0, 1], RGB."""
+
+    def freeze(self) -> "Teacher":
+        """Turn off gradients for every parameter and switch to eval mode."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # Frozen: dropout and the like stay off even when the parent module trains.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level features (B, h, w, d) of images (B, 3, H, W) in [0, 1]."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"teacher expects images (B, 3, H, W), got {tuple(images.shape)}")
+        feats = self.extract(images)
+        for f, lvl in zip(feats, self.levels):
+            if tuple(f.shape[1:]) != (*lvl.grid, lvl.dim):
+                raise RuntimeError(
+                    f"{type(self).__name__} level {lvl.name!r} returned {tuple(f.shape)}; its spec "
+                    f"says (B, {lvl.grid[0]}, {lvl.grid[1]}, {lvl.dim})"
+                )
+        return feats
+
+    def describe(self) -> dict:
+        """What identifies this teacher's features (for caches and checkpoints)."""
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "image_size": self.image_size,
+            "levels": [(l.name, list(l.grid), l.dim) for l in self.levels],
+        }
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Standard per-channel normalization of images in [0, 1]."""
+    m = images.new_tensor(mean).view(1, 3, 1, 1)
+    s = images.new_tensor(std).view(1, 3, 1, 1)
+    return (images - m) / s
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed the global RNG inside the block only, so a random-weight teacher is the same teacher
+    every time it is built (a checkpoint rebuilds it from its name, arguments and seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def select_levels(names: list[str], wanted: Sequence[int | str] | None, setting: str,
+                  default: Sequence[int] | None = None) -> list[int]:
+    """Resolve a user's level selection (indices, negative indices, or names) to indices.
+
+    Raises ConfigError naming ``setting`` and the valid choices when one is out of range.
+    """
+    from apm.errors import ConfigError
+
+    if wanted is None:
+        return list(default if default is not None else range(len(names)))
+    if isinstance(wanted, (int, str)):
+        wanted = [wanted]
+    out = []
+    for w in wanted:
+        if isinstance(w, str) and not w.lstrip("-").isdigit():
+            if w not in names:
+                raise ConfigError(
+                    f"Setting {setting!r}: level {w!r} is not a level of this teacher. Valid names are "
+                    f"{', '.join(names)}; integer indices 0..{len(names) - 1} (or negative, from the "
+                    f"end) work too. Fix the list in your config."
+                )
+            out.append(names.index(w))
+            continue
+        i = int(w)
+        if not -len(names) <= i < len(names):
+            raise ConfigError(
+                f"Setting {setting!r}: level index {i} is out of range; this teacher has "
+                f"{len(names)} levels, indices 0..{len(names) - 1} ({names[0]} .. {names[-1]}), or "
+                f"negative from the end. Fix the list in your config."
+            )
+        out.append(i % len(names))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"Setting {setting!r}: a level is selected twice in {list(wanted)}.")
+    return out

@@ -1,0 +1,163 @@
+"""DINOv2 (with or without registers) through Hugging Face ``transformers``.
+
+Sequence layout of every hidden state: [CLS, registers (0 or 4), patches row-major]. The levels are
+the hidden states: ``embed`` (patch embedding + position, index 0) and ``block1`` .. ``blockN``.
+By default every block is a level; ``levels`` selects a subset by index or name.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from einops import rearrange
+
+from apm.errors import ConfigError, TeacherUnavailableError
+from teachers.base import Level, Teacher, normalize, seeded, select_levels
+from teachers.registry import register_teacher
+
+# Architectures of the released checkpoints, so that ``pretrained=False`` builds them offline.
+_ARCH = {
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+    "giant": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True),
+    # Not released: a few-thousand-parameter model for tests and smoke runs (pretrained=False only).
+    "tiny": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2),
+}
+
+
+class DINOv2Teacher(Teacher):
+    """A frozen DINOv2 whose hidden states are the levels.
+
+    Args:
+        model_name: Hugging Face id (``facebook/dinov2-small``, ``facebook/dinov2-with-registers-base``,
+            ...) or a local folder saved with ``save_pretrained``.
+        image_size: Input side in pixels; a multiple of 14.
+        pretrained: Load the released weights (needs network or the Hugging Face cache); False builds
+            the same architecture with random weights, seeded by ``seed``.
+        levels: Hidden states to return, by index (0 = ``embed``, i = ``block{i}``) or name; default
+            every block.
+        size: Architecture for ``pretrained=False`` (small, base, large, giant, tiny); default read
+            from ``model_name``.
+        registers: Number of register tokens for ``pretrained=False``; default 4 when ``model_name``
+            says "registers", else 0.
+        config_overrides: Extra ``Dinov2Config`` fields for ``pretrained=False`` (e.g. a tiny model).
+        seed: Seed of the random weights when ``pretrained=False``.
+    """
+
+    patch_size = 14
+
+    def __init__(self, model_name: str = "facebook/dinov2-small", image_size: int = 448,
+                 pretrained: bool = True, levels: Sequence[int | str] | None = None,
+                 size: str | None = None, registers: int | None = None,
+                 config_overrides: dict | None = None, seed: int = 0):
+        super().__init__()
+        if image_size % self.patch_size:
+            lo = image_size // self.patch_size * self.patch_size
+            raise ConfigError(
+                f"Setting 'data.image_size': {image_size} is not a multiple of DINOv2's patch size "
+                f"14; the nearest valid sizes are {max(lo, 14)} and {lo + 14}."
+            )
+        self.image_size = image_size
+        self.model_name = model_name
+        self.model = self._load(model_name, pretrained, size, registers, config_overrides or {}, seed)
+        cfg = self.model.config
+        self.num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        names = ["embed"] + [f"block{i}" for i in range(1, cfg.num_hidden_layers + 1)]
+        self.level_index = select_levels(names, levels, "model.teacher_args.levels",
+                                         default=range(1, len(names)))
+        g = image_size // self.patch_size
+        self._levels = [Level(names[i], (g, g), cfg.hidden_size) for i in self.level_index]
+        self.freeze()
+
+    @staticmethod
+    def _load(model_name, pretrained, size, registers, overrides, seed):
+        import transformers
+
+        with_regs = "registers" in model_name if registers is None else registers > 0
+        Model = transformers.Dinov2WithRegistersModel if with_regs else transformers.Dinov2Model
+        if pretrained:
+            if overrides or size:
+                raise ConfigError(
+                    "Settings 'model.teacher_args.size' and 'config_overrides' only apply with "
+                    "'pretrained: false'; pretrained weights fix the architecture."
+                )
+            try:  # the cache first: offline with cached weights needs no network round trips
+                return Model.from_pretrained(model_name, local_files_only=True)
+            except (OSError, ValueError):
+                pass
+            try:
+                return Model.from_pretrained(model_name)
+            except (OSError, ValueError) as e:
+                raise TeacherUnavailableError(
+                    f"Could not load the pretrained DINOv2 weights {model_name!r} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}). This machine is probably offline and the "
+                    f"weights are not in the Hugging Face cache. Either run once with network access "
+                    f"(they are cached under ~/.cache/huggingface), set 'model.teacher_args.model_name' "
+                    f"to a local folder made with save_pretrained, set HF_HOME to a cache that has "
+                    f"them, or set 'model.teacher_args.pretrained: false' to distill a random-weight "
+                    f"teacher of the same architecture."
+                ) from None
+        if size is None:
+            size = next((s for s in ("small", "base", "large", "giant") if s in model_name), None)
+        if size not in _ARCH:
+            raise ConfigError(
+                f"Setting 'model.teacher_args.size': cannot tell the DINOv2 architecture from "
+                f"{model_name!r}; set size to one of {', '.join(_ARCH)}."
+            )
+        Config = transformers.Dinov2WithRegistersConfig if with_regs else transformers.Dinov2Config
+        kw = dict(_ARCH[size], patch_size=14, image_size=518, layerscale_value=1e-5 if size != "tiny" else 1.0)
+        if with_regs:
+            kw["num_register_tokens"] = 4 if registers is None else registers
+        kw.update(overrides)
+        try:
+            config = Config(**kw)
+        except TypeError as e:
+            raise ConfigError(f"Setting 'model.teacher_args.config_overrides': {e}") from None
+        with seeded(seed):
+            return Model(config)
+
+    @property
+    def levels(self) -> list[Level]:
+        return self._levels
+
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        g = images.shape[-1] // self.patch_size
+        out = self.model(pixel_values=normalize(images), output_hidden_states=True)
+        return [
+            rearrange(out.hidden_states[i][:, self.num_prefix:], "b (h w) d -> b h w d", h=g)
+            for i in self.level_index
+        ]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "model_name": self.model_name,
+                "prefix_tokens": self.num_prefix}
+
+
+def _variant(size: str, registers: bool):
+    name = f"dinov2_{size}" + ("_reg" if registers else "")
+    hf = f"facebook/dinov2-{'with-registers-' if registers else ''}{size}"
+
+    def factory(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+        kwargs.setdefault("model_name", hf)
+        return DINOv2Teacher(pretrained=pretrained, size=None if pretrained else size,
+                             registers=None if pretrained else (4 if registers else 0), **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"DINOv2 {size}{' with 4 registers' if registers else ''} ({hf})."
+    register_teacher(factory, name=name)
+
+
+for _size in ("small", "base", "large", "giant"):
+    for _reg in (False, True):
+        _variant(_size, _reg)
+
+
+@register_teacher
+def dinov2_tiny(pretrained: bool = False, registers: int = 0, **kwargs) -> DINOv2Teacher:
+    """A tiny random DINOv2 (width 32, 3 blocks) for tests and smoke runs; never pretrained."""
+    if pretrained:
+        raise ConfigError("Teacher 'dinov2_tiny' has no released weights; set 'pretrained: false'.")
+    return DINOv2Teacher(model_name="dinov2-tiny", pretrained=False, size="tiny",
+                         registers=registers, **kwargs)
