@@ -36,10 +36,26 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.image_size", "model.image_size")
 
+        def instantiate_trainer(self, **kwargs):
+            # trainer.precision null (the default) = bf16-mixed where bf16 is native, else 32-true.
+            from apm.precision import default_precision
+
+            cfg = self._get(self.config_init, "trainer", default={})
+            if cfg.get("precision") is None and "precision" not in kwargs:
+                acc = cfg.get("accelerator")
+                kwargs["precision"] = default_precision(acc if isinstance(acc, str) else None)
+            # Atomic checkpoint writes, safe loads, and a checkpoint on SIGTERM, in every run.
+            from apm.checkpoints import add_defaults
+
+            kwargs["plugins"], kwargs["callbacks"] = add_defaults(
+                kwargs.get("plugins", cfg.get("plugins")), kwargs.get("callbacks", cfg.get("callbacks")))
+            return super().instantiate_trainer(**kwargs)
+
         def after_fit(self) -> None:
-            cb = self.trainer.checkpoint_callback
-            if cb is not None and self.trainer.is_global_zero:
-                for kind, path in (("last", cb.last_model_path), ("best", cb.best_model_path)):
+            cbs = self.trainer.checkpoint_callbacks
+            if cbs and self.trainer.is_global_zero:
+                for kind in ("last", "best"):
+                    path = next((p for cb in cbs if (p := getattr(cb, f"{kind}_model_path", ""))), "")
                     if path:
                         print(f"checkpoint ({kind}): {Path(path).resolve()}")
 
@@ -65,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except APMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # Lightning's SIGTERMException: the checkpoint is saved, say so in the status
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(e, SIGTERMException):
+            return 128 + 15
+        raise
 
 
 def lightning_main() -> int:

@@ -3,6 +3,7 @@ scikit-image, so the default run needs no download."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +15,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from apm.errors import ConfigError
+from apm.errors import ConfigError, UnreadableImageError
+from apm.skipping import SkipBadImages, SkipLog, SkippingDataLoader, first_readable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -38,9 +40,12 @@ def skimage_photo(name: str) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB: EXIF orientation applied, alpha composited on white, 16-bit and
     float scaled, grayscale, palette and CMYK converted."""
-    img = ImageOps.exif_transpose(img)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the pixels
+        pass
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
         lo, hi = float(a.min()), float(a.max())
         img = Image.fromarray(((a - lo) / (hi - lo if hi > lo else 1) * 255).astype(np.uint8))
     if img.mode == "P":
@@ -51,11 +56,61 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file fully (so truncation errors surface here) as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
+# Decoded-pixel limit (PIL's own decompression-bomb guard is about 179M): a 16k x 8k image.
+MAX_PIXELS = 2**27
+
+
+@contextlib.contextmanager
+def _own_size_limit():
+    """PIL's global decompression-bomb check off inside the block: ``load_image`` applies its own
+    limit after a JPEG has been set to decode at reduced scale, so large photographs still load."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def load_image(path: str | Path, size: int | None = None, min_side: int = 1,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file fully (so truncation errors surface here) as 8-bit RGB.
+
+    Args:
+        path: The image file.
+        size: The side it will be resized to, if known: a JPEG then decodes at the smallest of
+            1/1, 1/2, 1/4, 1/8 scale that keeps both sides >= ``size`` (fast, little memory).
+        min_side: Smallest accepted shorter side in pixels.
+        max_pixels: Largest accepted decoded size in pixels (after any reduced-scale decoding).
+
+    Raises:
+        UnreadableImageError: naming the file and the reason (not an image, corrupt or truncated,
+            too small, too large).
+    """
+    path = Path(path)
+    try:
+        with _own_size_limit(), Image.open(path) as img:
+            w, h = img.size
+            if size and img.format == "JPEG":
+                img.draft(None, (size, size))
+            if img.size[0] * img.size[1] > max_pixels:
+                raise UnreadableImageError(
+                    f"{path}: {w}x{h} pixels is more than 'data.max_pixels' ({max_pixels}); raise "
+                    f"that setting if the file is trusted, or downscale it"
+                )
+            img.load()
+            rgb = to_rgb(img)
+    except UnreadableImageError:
+        raise
+    except Exception as e:  # PIL raises many types for broken files; none may end a run
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UnreadableImageError(f"{path}: {type(e).__name__}{': ' + msg if msg else ''}") from None
+    if min(rgb.size) < min_side:
+        raise UnreadableImageError(
+            f"{path}: {rgb.size[0]}x{rgb.size[1]} pixels is smaller than 'data.min_side' ({min_side}); "
+            f"set 'data.min_side: 1' to upscale such images instead of skipping them"
+        )
+    return rgb
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -80,29 +135,39 @@ def image_transform(image_size: int, hflip: bool = False) -> T.Compose:
 
 
 class ImageDataset(Dataset):
-    """Images from files or scikit-image names, as (3, S, S) tensors in [0, 1]."""
+    """Images from files or scikit-image names, as (3, S, S) tensors in [0, 1]; with
+    ``with_index`` (set by a module that caches teacher features) as (image, index) pairs."""
 
-    def __init__(self, sources: Sequence[str | Path], image_size: int, hflip: bool = False):
+    def __init__(self, sources: Sequence[str | Path], image_size: int, hflip: bool = False,
+                 with_index: bool = False, min_side: int = 1, max_pixels: int = MAX_PIXELS):
         self.sources = list(sources)
+        self.image_size = image_size
         self.transform = image_transform(image_size, hflip)
+        self.with_index = with_index
+        self.min_side, self.max_pixels = min_side, max_pixels
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def load(self, i: int) -> Image.Image:
+        """Image ``i`` as RGB; UnreadableImageError for a file that cannot be used."""
         s = self.sources[i]
-        return load_image(s) if isinstance(s, Path) else skimage_photo(s)
+        if isinstance(s, Path):
+            return load_image(s, self.image_size, self.min_side, self.max_pixels)
+        return skimage_photo(s)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.load(i))
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        image = self.transform(self.load(i))
+        return (image, i) if self.with_index else image
 
 
 class APMDataModule(L.LightningDataModule):
     """Training and validation images.
 
     Args:
-        images: A folder of images (searched recursively; jpg, png, bmp, gif, tif, webp, ppm) or
-            one image file; default: the photographs embedded in scikit-image.
+        images: A folder of images (searched recursively; jpg, png, bmp, gif, tif, webp, ppm), one
+            image file, or ``skimage:NAME[,NAME...]`` for chosen embedded photographs; default: all
+            the photographs embedded in scikit-image.
         image_size: Side of the square input in pixels (a multiple of the patch size).
         batch_size: Images per step.
         val_fraction: Fraction of the images held out for validation (at least one when > 0);
@@ -111,19 +176,34 @@ class APMDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         hflip: Random horizontal flips of training images.
         seed: Seed of the train/validation split.
+        min_side: Image files whose shorter side is below this many pixels (icons, thumbnails:
+            less than one 14-pixel patch by default) are skipped; 1 upscales every image instead.
+        max_pixels: Image files larger than this many pixels are skipped (a decompression-bomb
+            guard); JPEGs are first decoded at reduced scale (down to 1/8), so large photographs
+            load. Unreadable files are skipped with one warning each and a count per epoch.
     """
 
     def __init__(self, images: str | None = None, image_size: int = 448, batch_size: int = 8,
                  val_fraction: float = 0.2, max_images: int | None = None, num_workers: int = 2,
-                 hflip: bool = False, seed: int = 0):
+                 hflip: bool = False, seed: int = 0, min_side: int = 14, max_pixels: int = MAX_PIXELS):
         super().__init__()
         self.save_hyperparameters()
         self.train_set: ImageDataset | None = None
         self.val_set: ImageDataset | None = None
+        self.skip_log = SkipLog()  # unreadable files met by any loader, reported once each
 
     def sources(self) -> list:
         if self.hparams.images is None:
             return list(SKIMAGE_PHOTOS)
+        if self.hparams.images.startswith("skimage:"):
+            names = self.hparams.images[len("skimage:"):].split(",")
+            bad = [n for n in names if n not in SKIMAGE_PHOTOS]
+            if bad:
+                raise ConfigError(
+                    f"Setting 'data.images': {bad} are not embedded scikit-image photographs; choose "
+                    f"from {', '.join(SKIMAGE_PHOTOS)} (e.g. 'skimage:astronaut,coffee')."
+                )
+            return names
         found = find_images(self.hparams.images)
         if not found:
             raise ConfigError(
@@ -145,26 +225,54 @@ class APMDataModule(L.LightningDataModule):
         if hp.val_fraction > 0 and n_val == 0:
             warnings.warn("Only one image: validating on the training image.", stacklevel=2)
         train, val = srcs[n_val:], srcs[:n_val] or srcs[n_val:]
-        self.train_set = ImageDataset(train, hp.image_size, hp.hflip)
-        self.val_set = ImageDataset(val, hp.image_size)
+        limits = dict(min_side=hp.min_side, max_pixels=hp.max_pixels)
+        self.train_set = ImageDataset(train, hp.image_size, hp.hflip, **limits)
+        self.val_set = ImageDataset(val, hp.image_size, **limits)
+        self._check_readable()
 
-    def _loader(self, ds: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+    def _check_readable(self) -> None:
+        """ConfigError before training when no training image can be read; validation falls back
+        to the training images when none of its own can."""
+        found, failures = first_readable(self.train_set)
+        if found is None:
+            listed = "; ".join(f"{n}: {r}" for n, r in failures[:5])
+            raise ConfigError(
+                f"Setting 'data.images': none of the {len(failures)} training image files under "
+                f"{self.hparams.images!r} can be used ({listed}{' ...' if len(failures) > 5 else ''}). "
+                f"Point it at a folder of readable images (jpg, png, bmp, gif, tif, webp, ppm); "
+                f"'data.min_side' and 'data.max_pixels' set which sizes are accepted."
+            )
+        if self.val_set.sources != self.train_set.sources and first_readable(self.val_set)[0] is None:
+            warnings.warn("No validation image can be read: validating on the training images.",
+                          stacklevel=2)
+            self.val_set.sources = list(self.train_set.sources)
+
+    def _loader(self, ds: Dataset, shuffle: bool, batch_size: int | None = None,
+                label: str = "images") -> DataLoader:
         w = self.hparams.num_workers
-        return DataLoader(ds, batch_size=batch_size or self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=w, persistent_workers=w > 0,
-                          pin_memory=torch.cuda.is_available())
+        return SkippingDataLoader(SkipBadImages(ds), batch_size=batch_size or self.hparams.batch_size,
+                                  shuffle=shuffle, num_workers=w, persistent_workers=w > 0,
+                                  pin_memory=torch.cuda.is_available(), skip_log=self.skip_log,
+                                  label=label)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, shuffle=True, label="training images")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, shuffle=False, label="validation images")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, shuffle=False, label="prediction images")
 
     def stats_dataloader(self) -> DataLoader:
         """Training images in a fixed order, for the level statistics."""
         self.setup("fit")
-        return DataLoader(ImageDataset(self.train_set.sources, self.hparams.image_size),
-                          batch_size=self.hparams.batch_size, shuffle=False)
+        hp = self.hparams
+        ds = ImageDataset(self.train_set.sources, hp.image_size, min_side=hp.min_side,
+                          max_pixels=hp.max_pixels)
+        return SkippingDataLoader(SkipBadImages(ds), batch_size=hp.batch_size, shuffle=False,
+                                  skip_log=self.skip_log, label="statistics images")
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.skip_log.summary()

@@ -15,3 +15,11 @@ class ConfigError(APMError, ValueError):
 
 class TeacherUnavailableError(APMError, RuntimeError):
     """A teacher's pretrained weights could not be loaded (offline, no cache, bad path)."""
+
+
+class UnreadableImageError(APMError, ValueError):
+    """An image file cannot be used: not an image, corrupt or truncated, too small, too large."""
+
+
+class NonFiniteLossError(APMError, RuntimeError):
+    """Training produced a NaN or infinite loss too many steps in a row."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -12,12 +13,13 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from apm import metrics
-from apm.errors import ConfigError
+from apm.errors import ConfigError, NonFiniteLossError
 from apm.standardize import LevelStandardizer
 from apm.student import APMStudent
 from teachers import Level, Teacher, create_teacher
 
 RGB = "rgb"
+log = logging.getLogger(__name__)
 
 
 class APMModule(L.LightningModule):
@@ -42,6 +44,14 @@ class APMModule(L.LightningModule):
         warmup_steps: Linear warm-up steps before the cosine decay.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` at ``trainer.max_steps``.
         stats_images: Training images whose teacher features set the per-level mean and std.
+        feature_cache: Folder of a teacher-feature cache (float16, memory-mapped): the first epoch
+            writes each training image's teacher features there, later epochs (and later runs with
+            the same teacher and images) read them instead of running the teacher. Not with
+            ``data.hflip``. Default: no cache.
+        compile: ``torch.compile`` the student's training forward: True for the default backend,
+            or a backend name (``inductor``, ``aot_eager``, ...). Default off.
+        max_nonfinite_steps: A step whose loss is NaN or infinite is skipped (no update) and
+            counted (``train/nonfinite_steps``); this many in a row stop the run with an error.
     """
 
     def __init__(
@@ -62,9 +72,13 @@ class APMModule(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.05,
         stats_images: int = 64,
+        feature_cache: str | None = None,
+        compile: bool | str = False,
+        max_nonfinite_steps: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.nonfinite_in_a_row, self.nonfinite_total, self._skip_update = 0, 0, False
         # Kept out of the module tree: a frozen teacher is rebuilt from its name, not checkpointed.
         object.__setattr__(self, "teacher", create_teacher(teacher, image_size=image_size,
                                                            **(teacher_args or {})))
@@ -89,26 +103,63 @@ class APMModule(L.LightningModule):
             )
         self.weights = [(rgb_weight if n == RGB else (level_weights or {}).get(n, 1.0)) for n in names]
         self.student = APMStudent(self.levels, image_size, patch_size, pe_dim, level_dim, hidden_dims)
+        if compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
+            self.student.compile(**({} if compile is True else {"backend": compile}))
+        self.feature_cache = None  # an apm.cache.FeatureCache, opened in on_fit_start
         self.standardizer = LevelStandardizer([l.dim for l in self.levels])
 
     # -- targets ---------------------------------------------------------------------------------
-    def targets(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def targets(self, images: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-level targets on the teacher's scale, (B, h, w, d): the teacher's levels, then the
-        patch-mean colour when ``rgb`` is on."""
-        if next(self.teacher.parameters(), images).device != images.device:
-            self.teacher.to(images.device)
-        feats = [f.float() for f in self.teacher(images)]
+        patch-mean colour when ``rgb`` is on. With the feature cache on and the images' dataset
+        ``index`` given, cached features are read and only uncached images go through the teacher."""
+        if self.feature_cache is not None and index is not None:
+            feats = self._cached_features(images, index)
+        else:
+            feats = self._teacher_features(images)
         if self.hparams.rgb:
             p = self.student.patch_size
             feats.append(rearrange(F.avg_pool2d(images.float(), p), "b c h w -> b h w c"))
         return feats
 
+    def _teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if next(self.teacher.parameters(), images).device != images.device:
+            self.teacher.to(images.device)
+        return [f.float() for f in self.teacher(images)]
+
+    def _cached_features(self, images: torch.Tensor, index: torch.Tensor) -> list[torch.Tensor]:
+        cache = self.feature_cache
+        hit = cache.has(index)
+        if bool(hit.all()):
+            return [f.to(images.device, non_blocking=True) for f in cache.read(index)]
+        miss = (~hit).nonzero().squeeze(1)
+        new = self._teacher_features(images[miss.to(images.device)])
+        cache.write(index[miss], new)
+        if not bool(hit.any()):
+            return new
+        feats = [f.to(images.device) for f in cache.read(index)]
+        return [f.index_copy(0, miss.to(f.device), n) for f, n in zip(feats, new)]  # exact, not fp16
+
+    def open_feature_cache(self, sources) -> None:
+        """Open (or create) the cache in ``feature_cache`` for these training images, in order."""
+        from apm.cache import FeatureCache, teacher_identity
+
+        hp = self.hparams
+        identity = teacher_identity(hp.teacher, hp.teacher_args, self.teacher)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is None or strategy.is_global_zero:
+            FeatureCache.open(hp.feature_cache, identity, self.teacher.levels, sources)
+        if strategy is not None:
+            strategy.barrier("feature_cache")
+        self.feature_cache = FeatureCache.open(hp.feature_cache, identity, self.teacher.levels,
+                                               sources, verbose=False)
+
     @torch.no_grad()
     def fit_statistics(self, batches) -> None:
         """Set each level's mean and std from the teacher's features of ``stats_images`` images."""
         seen = 0
-        for images in tqdm(batches, desc="level statistics", leave=False,
-                           disable=not getattr(self.trainer, "is_global_zero", True)):
+        rank0 = self._trainer is None or self.trainer.is_global_zero
+        for images in tqdm(batches, desc="level statistics", leave=False, disable=not rank0):
             images = images[: self.hparams.stats_images - seen].to(self.device)
             self.standardizer.update(self.targets(images))
             seen += len(images)
@@ -119,6 +170,17 @@ class APMModule(L.LightningModule):
         self.standardizer.finalize()
 
     def on_fit_start(self) -> None:
+        if self.hparams.feature_cache:
+            dm = self.trainer.datamodule
+            if dm is None or not hasattr(dm, "train_set"):
+                raise ConfigError("Setting 'model.feature_cache' needs the APMDataModule (it indexes "
+                                  "the training images); unset it or use APMDataModule.")
+            if dm.hparams.get("hflip"):
+                raise ConfigError("Setting 'model.feature_cache' stores the features of unflipped "
+                                  "images; it cannot be used with 'data.hflip: true'. Unset one.")
+            dm.setup("fit")
+            self.open_feature_cache(dm.train_set.sources)
+            dm.train_set.with_index = True  # batches become (images, dataset indices)
         if not bool(self.standardizer.ready):  # a resumed run restored them with the checkpoint
             dm = self.trainer.datamodule
             self.fit_statistics(dm.stats_dataloader() if dm is not None else self.trainer.train_dataloader)
@@ -137,11 +199,13 @@ class APMModule(L.LightningModule):
                 out.append(torch.rand(batch, lvl.num_locations, device=device).argsort(1)[:, :n])
         return out
 
-    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        feats = self.targets(images)
+    def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                      batch_idx: int) -> torch.Tensor:
+        images, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        feats = self.targets(images, index)
         locs = self.sample_locations(images.shape[0], images.device)
         preds = self.student(images, locs)
-        total, wsum = 0.0, 0.0
+        total, wsum, logs = 0.0, 0.0, {}
         for i, (lvl, f, loc, p) in enumerate(zip(self.levels, feats, locs, preds)):
             t = rearrange(f, "b h w d -> b (h w) d")
             if loc is not None:
@@ -150,10 +214,49 @@ class APMModule(L.LightningModule):
             loss = F.mse_loss(p.float(), z)
             total, wsum = total + self.weights[i] * loss, wsum + self.weights[i]
             cos = F.cosine_similarity(self.standardizer.decode(i, p.float()), t, dim=-1).mean()
-            self.log_dict({f"train/loss_{lvl.name}": loss, f"train/cos_{lvl.name}": cos})
+            logs.update({f"train/loss_{lvl.name}": loss, f"train/cos_{lvl.name}": cos})
         loss = total / max(wsum, 1e-12)
-        self.log("train/loss", loss, prog_bar=True)
+        # A non-finite loss still goes through backward (data-parallel ranks must all reduce
+        # gradients); on_before_optimizer_step then drops the gradients, so nothing is updated.
+        self._skip_update = not self.loss_is_finite(loss)
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        if not self._skip_update:
+            self.log_dict(logs)
+            self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every rank; counts the non-finite ones and raises
+        NonFiniteLossError after ``max_nonfinite_steps`` in a row."""
+        finite = bool(torch.isfinite(loss).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = max(1, int(self.hparams.max_nonfinite_steps))
+        step = self.global_step if self._trainer is not None else "?"
+        log.warning("step %s: the loss is %s; step skipped (%d in a row, %d in all)", step,
+                    loss.detach().float().item(), self.nonfinite_in_a_row, self.nonfinite_total)
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"Training stopped at step {step}: the loss was NaN or infinite in {limit} steps in a "
+                f"row ({self.nonfinite_total} skipped in all), the most that setting "
+                f"'model.max_nonfinite_steps' allows. Usual fixes: a lower 'model.lr' (now "
+                f"{self.hparams.lr:g}) or more 'model.warmup_steps', 'trainer.precision: 32-true', "
+                f"'trainer.gradient_clip_val: 1.0', or a look at the images of those steps. Continue "
+                f"from the last good state with --ckpt_path last."
+            )
+        return False
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_update:  # gradients of a non-finite loss: AdamW skips parameters without one
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self._skip_update = False
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -228,3 +331,9 @@ class APMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["apm"] = {"teacher": self.teacher.describe(),
                              "levels": [(l.name, list(l.grid), l.dim) for l in self.levels]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from apm.checkpoints import check_compatible
+
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        check_compatible(checkpoint, self, path, "ckpt_path")

@@ -9,7 +9,7 @@ concatenated query for reference and tests.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from einops import rearrange
@@ -74,12 +74,20 @@ class APMStudent(nn.Module):
         w_t = self.first.weight[:, : self.column_dim]
         return torch.nn.functional.linear(column, w_t, self.first.bias)
 
+    def position_term(self, coords: torch.Tensor) -> torch.Tensor:
+        """W_P PE(coords): the location's part of the first layer. (N, H1)."""
+        w_p = self.first.weight[:, self.column_dim : self.column_dim + self.pe_dim]
+        return self.positional(coords).to(w_p.dtype) @ w_p.T
+
+    def level_term(self, level: int | torch.Tensor) -> torch.Tensor:
+        """W_L E(level): the level's part of the first layer; (H1,) for one level, (N, H1) for a
+        LongTensor (N,) of levels."""
+        w_l = self.first.weight[:, self.column_dim + self.pe_dim :]
+        return self.level_embed.weight[level] @ w_l.T
+
     def location_term(self, level: int, coords: torch.Tensor) -> torch.Tensor:
         """W_P PE(coords) + W_L E(level): the query-specific part of the first layer. (N, H1)."""
-        w_p = self.first.weight[:, self.column_dim : self.column_dim + self.pe_dim]
-        w_l = self.first.weight[:, self.column_dim + self.pe_dim :]
-        pe = self.positional(coords).to(w_p.dtype)
-        return pe @ w_p.T + self.level_embed.weight[level] @ w_l.T
+        return self.position_term(coords) + self.level_term(level)
 
     def query_vectors(self, column: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
         """The plain queries [T, PE(x, y), E(level)] (B, N, col+pe+level), as in the paper."""
@@ -106,12 +114,15 @@ class APMStudent(nn.Module):
             Per level, predictions (B, n, d) in the order of ``locations``.
         """
         col = self.column_term(self.trigger(images))  # (B, H1)
+        pos: dict[tuple[int, int], torch.Tensor] = {}  # W_P PE once per distinct grid, per step
         firsts, sizes = [], []
         for lvl, loc in enumerate(locations):
-            q = self.location_term(lvl, self.coords(lvl))  # (N_l, H1), once per grid
-            q = q.expand(col.shape[0], -1, -1) if loc is None else q[loc]  # (B, n, H1)
-            firsts.append(col[:, None] + q)
-            sizes.append(q.shape[1])
+            grid = self.levels[lvl].grid
+            if grid not in pos:
+                pos[grid] = self.position_term(self.coords(lvl))  # (N_l, H1)
+            q = pos[grid] if loc is None else pos[grid][loc]  # (N_l, H1) or (B, n, H1)
+            firsts.append((col + self.level_term(lvl))[:, None] + q)
+            sizes.append(q.shape[-2])
         hidden = self.trunk(torch.cat(firsts, dim=1))  # one pass for all levels' queries
         return [head(h) for head, h in zip(self.heads, hidden.split(sizes, dim=1))]
 
@@ -119,19 +130,73 @@ class APMStudent(nn.Module):
               chunk: int | None = None) -> torch.Tensor:
         """Predict one level at arbitrary coordinates (N, 2) in [0, 1], in chunks of ``chunk``
         queries. Returns (B, N, d); queries are independent, so chunking changes nothing."""
-        col = self.column_term(self.trigger(images))
+        return self._answer(self.column_term(self.trigger(images)), level, coords, chunk)
+
+    def _answer(self, col: torch.Tensor, level: int, coords: torch.Tensor, chunk: int | None,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+        """One level's predictions (B, N, d) from the column term, chunk by chunk; ``pos`` is a
+        precomputed W_P PE(coords) to reuse (only without chunking)."""
+        base = col + self.level_term(level)  # (B, H1)
+        if pos is not None:
+            return self.decode(level, base[:, None] + pos)
         chunk = chunk or coords.shape[0]
-        outs = [self.decode(level, col[:, None] + self.location_term(level, c))
-                for c in coords.split(chunk)]
-        return torch.cat(outs, dim=1)
+        return torch.cat([self.decode(level, base[:, None] + self.position_term(c))
+                          for c in coords.split(chunk)], dim=1)
 
     def dense(self, images: torch.Tensor, levels: Sequence[int] | None = None,
               chunk: int | None = None) -> list[torch.Tensor]:
-        """All locations of the given levels (default all), each (B, h, w, d)."""
+        """All locations of the given levels (default all), each (B, h, w, d). Without ``chunk``,
+        W_P PE is computed once per distinct grid and shared by the levels on it; with ``chunk``,
+        per chunk, so that memory stays bounded by the chunk."""
         levels = range(len(self.levels)) if levels is None else levels
+        col = self.column_term(self.trigger(images))
+        pos: dict[tuple[int, int], torch.Tensor] = {}
         out = []
         for lvl in levels:
-            h, w = self.levels[lvl].grid
-            pred = self.query(images, lvl, self.coords(lvl), chunk)
+            (h, w), coords = self.levels[lvl].grid, self.coords(lvl)
+            if chunk is None and (h, w) not in pos:
+                pos[(h, w)] = self.position_term(coords)
+            pred = self._answer(col, lvl, coords, chunk, pos.get((h, w)) if chunk is None else None)
             out.append(rearrange(pred, "b (h w) d -> b h w d", h=h, w=w))
         return out
+
+    # -- streaming: any queries, any order, bounded memory ---------------------------------------
+    def stream(self, images: torch.Tensor, level_ids: torch.Tensor, coords: torch.Tensor,
+               chunk: int = 4096) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
+        """Answer an arbitrary list of (level, location) queries, ``chunk`` queries at a time.
+
+        Beyond the inputs and the weights, memory is set by ``chunk`` (one chunk's activations),
+        not by the number of queries or the image size; run it under ``torch.no_grad()``.
+
+        Args:
+            images: (B, 3, H, W) in [0, 1].
+            level_ids: (N,) level index of each query.
+            coords: (N, 2) query coordinates (y, x) in [0, 1], any order, repeats allowed.
+            chunk: Queries per pass through the MLP.
+
+        Yields:
+            Per chunk and level present in it: ``(positions, level, predictions)``, where
+            ``positions`` (n,) index the queries answered and ``predictions`` is (B, n, d_level).
+        """
+        if level_ids.shape[0] != coords.shape[0]:
+            raise ValueError(f"{level_ids.shape[0]} level ids for {coords.shape[0]} coordinates")
+        col = self.column_term(self.trigger(images))  # (B, H1), once per image
+        for start in range(0, coords.shape[0], chunk):
+            lv = level_ids[start : start + chunk].to(col.device)
+            first = col[:, None] + (self.position_term(coords[start : start + chunk].to(col.device))
+                                    + self.level_term(lv))
+            hidden = self.trunk(first)  # (B, c, H_last): one pass for every level in the chunk
+            for lvl in lv.unique().tolist():
+                idx = (lv == lvl).nonzero().squeeze(1)
+                yield start + idx, lvl, self.heads[lvl](hidden[:, idx])
+
+    def predict_queries(self, images: torch.Tensor, level_ids: torch.Tensor, coords: torch.Tensor,
+                        chunk: int = 4096) -> list[torch.Tensor]:
+        """``stream`` collected: per level, (B, n_l, d_l) for that level's queries in input order
+        (n_l = 0 for a level not asked)."""
+        parts: list[list[torch.Tensor]] = [[] for _ in self.levels]
+        for _, lvl, pred in self.stream(images, level_ids, coords, chunk):
+            parts[lvl].append(pred)  # chunks come in order and positions ascend within a chunk
+        b = images.shape[0]
+        return [torch.cat(p, dim=1) if p else images.new_zeros(b, 0, l.dim)
+                for p, l in zip(parts, self.levels)]

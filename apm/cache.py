@@ -1,0 +1,192 @@
+"""A teacher-feature cache: each training image's teacher features written once, read back later.
+
+Layout of the cache folder::
+
+    manifest.json              teacher name, arguments, describe(), weight checksum, image list,
+                               levels, shard size
+    filled.npy                 (N,) uint8: 1 once an image's features are on disk
+    {level}-{shard:05d}.npy    (n, h, w, d) float16, memory-mapped; shard k holds images
+                               k*shard_size ... (k+1)*shard_size - 1
+
+Everything is plain JSON and ``.npy`` read with ``allow_pickle=False``: opening a cache runs no code.
+A cache built for another teacher (name, arguments, architecture, weights) or another image list is
+refused with a ConfigError; it is never silently reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from apm.errors import ConfigError
+from teachers.base import Level, Teacher
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def teacher_identity(name: str, args: dict[str, Any] | None, teacher: Teacher) -> dict[str, Any]:
+    """What makes two teachers' features interchangeable: name, arguments, ``describe()`` and a
+    checksum of the weights (so random teachers with other seeds, or other weights, differ)."""
+    with torch.no_grad():
+        checksum = float(sum(p.detach().double().sum().item() for p in teacher.parameters()))
+    return _plain({"name": name, "args": args or {}, "describe": teacher.describe(),
+                   "weights_checksum": checksum})
+
+
+def _plain(x: Any) -> Any:
+    """JSON-normal form (tuples become lists, keys sorted) so that comparisons ignore types."""
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def estimate_bytes(levels: Sequence[Level], num_images: int) -> int:
+    """Disk size of a float16 cache of ``levels`` for ``num_images`` images."""
+    return 2 * num_images * sum(l.grid[0] * l.grid[1] * l.dim for l in levels)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+class FeatureCache:
+    """Float16, sharded, memory-mapped teacher features of a fixed list of images.
+
+    Use :meth:`open`, which creates the folder or checks that an existing one matches.
+    """
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any]):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.levels = [Level(n, tuple(g), d) for n, g, d in manifest["levels"]]
+        self.num_images = len(manifest["images"])
+        self.shard_size = int(manifest["shard_size"])
+        self.filled = np.load(self.root / "filled.npy", mmap_mode="r+", allow_pickle=False)
+        self._shards: dict[tuple[int, int], np.memmap] = {}
+
+    # -- creation and checks ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | Path, identity: dict[str, Any], levels: Sequence[Level],
+             images: Sequence[str | Path], shard_size: int = 256, setting: str = "model.feature_cache",
+             verbose: bool = True) -> "FeatureCache":
+        """Open the cache at ``root`` for this teacher ``identity`` and image list, creating it
+        (after printing its estimated size) when the folder has no manifest yet.
+
+        Raises:
+            ConfigError: the folder holds a cache of another teacher or other images, or the disk
+                has not enough free space for a new one.
+        """
+        root = Path(root)
+        images = [str(s) for s in images]
+        wanted = _plain({"format": FORMAT, "teacher": identity, "images": images,
+                         "levels": [(l.name, list(l.grid), l.dim) for l in levels]})
+        path = root / MANIFEST
+        if path.exists():
+            with open(path) as f:
+                found = json.load(f)
+            cls._check(found, wanted, root, setting)
+            return cls(root, found)
+        size = estimate_bytes(levels, len(images))
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if verbose:
+            print(f"teacher-feature cache: {len(images)} images x {len(levels)} levels, float16 -> "
+                  f"{human(size)} in {root} ({human(free)} free)", flush=True)
+        if size > free:
+            raise ConfigError(
+                f"Setting {setting!r}: the cache needs about {human(size)} but {root} has only "
+                f"{human(free)} free. Point it at a larger disk, use fewer images or levels, or unset it."
+            )
+        manifest = {**wanted, "shard_size": int(shard_size), "dtype": "float16"}
+        np.lib.format.open_memmap(root / "filled.npy", mode="w+", dtype=np.uint8,
+                                  shape=(len(images),)).flush()
+        with open(root / (MANIFEST + ".tmp"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        (root / (MANIFEST + ".tmp")).replace(path)  # the manifest appears last, complete
+        return cls(root, manifest)
+
+    @staticmethod
+    def _check(found: dict, wanted: dict, root: Path, setting: str) -> None:
+        fix = (f"Point {setting!r} at a new folder for this run, or delete {root} to rebuild it.")
+        if found.get("format") != wanted["format"]:
+            raise ConfigError(f"Setting {setting!r}: {root} holds a cache of another format. {fix}")
+        ft, wt = found["teacher"], wanted["teacher"]
+        diffs = [k for k in ("name", "args", "describe") if ft.get(k) != wt.get(k)]
+        a, b = ft.get("weights_checksum"), wt.get("weights_checksum")
+        if a is None or b is None or not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6):
+            diffs.append("weights")
+        if diffs:
+            raise ConfigError(
+                f"Setting {setting!r}: the cache in {root} was written by another teacher (differs in "
+                f"{', '.join(diffs)}: recorded {ft.get('name')!r} {ft.get('args')}, this run "
+                f"{wt.get('name')!r} {wt.get('args')}); its features would be wrong targets. {fix}"
+            )
+        if found["images"] != wanted["images"]:
+            old, new = set(found["images"]), set(wanted["images"])
+            what = (f"{len(new - old)} images not in the cache, {len(old - new)} cached images not in "
+                    f"this run" if old != new else "the same images in another order")
+            raise ConfigError(
+                f"Setting {setting!r}: the cache in {root} was written for another image list "
+                f"({len(found['images'])} recorded, {len(wanted['images'])} now; {what}). Check "
+                f"'data.images', 'data.max_images', 'data.val_fraction' and 'data.seed'. {fix}"
+            )
+        if found["levels"] != wanted["levels"]:
+            raise ConfigError(f"Setting {setting!r}: the cache in {root} holds other levels. {fix}")
+
+    # -- reading and writing ---------------------------------------------------------------------
+    def _shard(self, level: int, shard: int) -> np.memmap:
+        key = (level, shard)
+        if key not in self._shards:
+            path = self.root / f"{self.levels[level].name}-{shard:05d}.npy"
+            if path.exists():
+                self._shards[key] = np.load(path, mmap_mode="r+", allow_pickle=False)
+            else:
+                lvl = self.levels[level]
+                n = min(self.shard_size, self.num_images - shard * self.shard_size)
+                self._shards[key] = np.lib.format.open_memmap(
+                    path, mode="w+", dtype=np.float16, shape=(n, *lvl.grid, lvl.dim))
+        return self._shards[key]
+
+    def has(self, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Bool (B,): which of these images are already cached."""
+        idx = np.asarray(torch.as_tensor(index).cpu(), dtype=np.int64)
+        return torch.from_numpy(self.filled[idx].astype(bool))
+
+    def read(self, index: torch.Tensor | Sequence[int]) -> list[torch.Tensor]:
+        """Per level, float32 features (B, h, w, d) of cached images ``index``."""
+        idx = np.asarray(torch.as_tensor(index).cpu(), dtype=np.int64)
+        out = []
+        for j in range(len(self.levels)):
+            rows = [self._shard(j, i // self.shard_size)[i % self.shard_size] for i in idx]
+            out.append(torch.from_numpy(np.stack(rows).astype(np.float32)))
+        return out
+
+    def write(self, index: torch.Tensor | Sequence[int], feats: Sequence[torch.Tensor]) -> None:
+        """Store per-level features (B, h, w, d) of images ``index`` and mark them cached."""
+        idx = np.asarray(torch.as_tensor(index).cpu(), dtype=np.int64)
+        for j, f in enumerate(feats):
+            f = f.detach().to("cpu", torch.float16).numpy()
+            if not np.isfinite(f).all():
+                raise ConfigError(
+                    f"Setting 'model.feature_cache': level {self.levels[j].name!r} has values beyond "
+                    f"float16's range (|x| > 65504) or non-finite; unset the cache for this teacher."
+                )
+            for row, i in zip(f, idx):
+                self._shard(j, i // self.shard_size)[i % self.shard_size] = row
+        for mm in self._shards.values():
+            mm.flush()
+        self.filled[idx] = 1  # after the data: a killed run never marks half-written features
+        self.filled.flush()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.filled.all())

@@ -1,0 +1,643 @@
+"""Benchmark: what the APM student costs and saves, measured in one run on one device.
+
+    python experiments/bench.py --device cpu --json experiments/results/bench_cpu.json --quick
+
+Figures (keys of the JSON file; null where a figure does not apply to the device):
+
+1. ``train``: training throughput of our student at the paper's configuration (448 px, 32x32 grid,
+   MLP 2048-4096-4096-4096-2048-1024, one level of width 1024) with our defaults (factorized first
+   layer, the device's default precision) against the official forward (column repeated per
+   location, whole first layer per query, chunks of 512 concatenated, fp32); steps interleaved.
+   -> ``train_speedup_vs_baseline_ratio``.
+2. ``dense``: dense inference (all locations, all levels) of the student against the teacher's own
+   forward at 224, 448, 896 px: FLOPs (torch.utils.flop_counter), wall time, peak memory.
+3. ``streaming``: peak memory of chunked inference at a fixed chunk size across those sizes
+   -> ``streaming_memory_growth_ratio``.
+4. ``gpu``: the student step's achieved matmul FLOP/s as a fraction of a measured bf16 peak (GPU only).
+5. ``cache``: epoch time of a real Lightning fit without and with the teacher-feature cache.
+6. ``fidelity``: wall time to mean R^2 0.9 on one image, our default recipe against the official one
+   (Adam 1e-4, fp32, all queries every step, unnormalized MSE), same student
+   -> ``time_to_fidelity_vs_baseline_ratio``.
+
+Peak memory is the device's allocator peak on CUDA; on CPU it is the process's peak resident set
+size (Linux VmHWM, reset through /proc/self/clear_refs, glibc's mmap threshold pinned and free
+memory trimmed first) minus the resident size before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from apm import metrics  # noqa: E402
+from apm.precision import autocast, default_precision  # noqa: E402
+from apm.student import APMStudent  # noqa: E402
+from teachers import Level, create_teacher  # noqa: E402
+
+
+# -- settings ------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """Sizes of one benchmark run. ``quick`` fits a 2-core CPU in 10 minutes; ``tiny`` is for tests."""
+
+    # 1. training throughput at the paper's configuration
+    paper_image: int = 448
+    paper_hidden: list[int] = field(default_factory=lambda: [4096, 4096, 4096, 2048, 1024])
+    paper_pe: int = 1024
+    paper_width: int = 1024
+    train_batch: int = 2
+    train_rounds: int = 5
+    # 2./3. dense and streaming inference
+    teacher: str = "dinov2_small"
+    sizes: list[int] = field(default_factory=lambda: [224, 448, 896])
+    student_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024, 1024])
+    student_pe: int = 256
+    student_level: int = 64
+    infer_reps: int = 3
+    stream_chunk: int = 1024
+    # 5. epoch time with and without the cache
+    cache_image: int = 448
+    cache_images: int = 8
+    cache_epochs: int = 3
+    cache_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024, 1024])
+    # 6. time to fidelity
+    fid_image: int = 224
+    fid_levels: list[int] = field(default_factory=lambda: [4, 8, 12])
+    fid_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024, 1024])
+    fid_target: float = 0.9
+    fid_eval_every: int = 10
+    fid_budget_s: float = 900.0
+
+
+QUICK = dict(train_rounds=3, infer_reps=1, cache_epochs=3, fid_budget_s=150.0)
+TINY = dict(paper_image=56, paper_hidden=[64, 64], paper_pe=16, paper_width=16, train_batch=1,
+            train_rounds=1, teacher="dinov2_tiny", sizes=[28, 56], student_hidden=[32, 32],
+            student_pe=16, student_level=8, infer_reps=1, stream_chunk=16, cache_image=28,
+            cache_images=2, cache_epochs=2, cache_hidden=[32], fid_image=28, fid_levels=[1, 3],
+            fid_hidden=[64, 64], fid_target=0.5, fid_eval_every=5, fid_budget_s=8.0)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def median_time(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        wall(fn, device)
+    return statistics.median(wall(fn, device) for _ in range(reps))
+
+
+def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q, k, v)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of ``fn`` by torch.utils.flop_counter, with CPU fused attention counted too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    extra = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        extra[op] = _sdpa_flops
+    with FlopCounterMode(display=False, custom_mapping=extra) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+class Memory:
+    """Peak memory of a call above what was in use before it (bytes); None if not measurable."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda max_memory_allocated" if device.type == "cuda" else None
+        self._libc = None
+        if device.type == "cpu" and Path("/proc/self/clear_refs").exists():
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+                self._reset_hwm()
+                # Fixed threshold: every large tensor is its own mapping, returned to the OS on free,
+                # so the resident size follows live tensors (glibc otherwise keeps freed ones).
+                self._libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+                self.method = "peak RSS (VmHWM after clear_refs) minus RSS before"
+            except OSError:
+                self._libc = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    @staticmethod
+    def _reset_hwm() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def peak(self, fn: Callable[[], object]) -> int | None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            fn()
+            sync(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device) - before)
+        if self._libc is None:
+            return None
+        self._libc.malloc_trim(0)
+        self._reset_hwm()
+        before = self._status("VmRSS")
+        fn()
+        return int(self._status("VmHWM") - before)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 3) -> float:
+    """Achieved FLOP/s of an n x n x n matmul."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = median_time(lambda: a @ b, device, reps)
+    return 2 * n**3 / t
+
+
+# -- the official forward (baseline) -------------------------------------------------------------
+def official_forward(student: APMStudent, images: torch.Tensor, levels: list[int],
+                     chunk: int = 512) -> list[torch.Tensor]:
+    """The official APM forward as DESIGN.md describes it: the trigger column repeated at every
+    location, the whole first layer applied to each concatenated query, chunks of 512 queries run
+    one after another and concatenated. Same weights as ``student``; (B, N, d) per level."""
+    col = student.trigger(images)
+    out = []
+    for lvl in levels:
+        q = rearrange(student.query_vectors(col, lvl, student.coords(lvl)), "b n d -> (b n) d")
+        pred = torch.cat([student.decode(lvl, student.first(c)) for c in q.split(chunk)])
+        out.append(rearrange(pred, "(b n) d -> b n d", b=images.shape[0]))
+    return out
+
+
+def photo(size: int, device: torch.device, n: int = 1) -> torch.Tensor:
+    from apm.data import SKIMAGE_PHOTOS, ImageDataset
+
+    ds = ImageDataset(list(SKIMAGE_PHOTOS[:n]), size)
+    return torch.stack([ds[i] for i in range(n)]).to(device)
+
+
+# -- 1. training throughput ----------------------------------------------------------------------
+def bench_train(s: Settings, device: torch.device, precision: str, log) -> dict:
+    torch.manual_seed(0)
+    grid = s.paper_image // 14
+    level = Level("feat", (grid, grid), s.paper_width)
+    student = APMStudent([level], s.paper_image, 14, pe_dim=s.paper_pe, level_dim=0,
+                         hidden_dims=s.paper_hidden).to(device)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    images = photo(s.paper_image, device, s.train_batch)
+    target = torch.randn(s.train_batch, grid * grid, s.paper_width, device=device)
+    queries = s.train_batch * grid * grid
+
+    def ours():
+        with autocast(device, precision):
+            pred = student(images, [None])[0]
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def baseline():
+        pred = official_forward(student, images, [0])[0]
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def step_flops(fn):
+        return count_flops(fn)
+
+    flops_ours, flops_base = step_flops(ours), step_flops(baseline)  # also the warm-up steps
+    d_in = student.first.in_features
+    first_flops = 6 * d_in * student.first.out_features * queries  # fwd + grad W + grad input
+    t_ours, t_base = [], []
+    for r in range(s.train_rounds):  # interleaved, so load from elsewhere hits both alike
+        order = (ours, baseline) if r % 2 == 0 else (baseline, ours)
+        for fn in order:
+            (t_ours if fn is ours else t_base).append(wall(fn, device))
+        log(f"  round {r + 1}/{s.train_rounds}: ours {t_ours[-1]:.2f} s, baseline {t_base[-1]:.2f} s")
+    ratios = [b / o for o, b in zip(t_ours, t_base)]
+    to, tb = statistics.median(t_ours), statistics.median(t_base)
+    return {
+        "config": {"image": s.paper_image, "grid": grid, "hidden": s.paper_hidden,
+                   "pe_dim": s.paper_pe, "level_width": s.paper_width, "first_layer_in": d_in,
+                   "params": sum(p.numel() for p in student.parameters()),
+                   "batch_images": s.train_batch, "queries_per_step": queries},
+        "ours_precision": precision,
+        "baseline_precision": "32-true",
+        "step_s_ours": to, "step_s_baseline": tb,
+        "queries_per_s_ours": queries / to, "queries_per_s_baseline": queries / tb,
+        "images_per_s_ours": s.train_batch / to, "images_per_s_baseline": s.train_batch / tb,
+        "flops_per_step_ours": flops_ours, "flops_per_step_baseline": flops_base,
+        "flops_ratio_baseline_over_ours": flops_base / flops_ours,
+        "first_layer_flop_share_baseline": first_flops / flops_base,
+        "speedup_per_round": ratios,
+        "train_speedup_vs_baseline_ratio": statistics.median(ratios),
+    }
+
+
+# -- 2./3. dense and streaming inference ---------------------------------------------------------
+def inference_models(s: Settings, size: int, device: torch.device):
+    teacher = create_teacher(s.teacher, image_size=size, pretrained=False).to(device)
+    levels = list(teacher.levels) + [Level("rgb", teacher.levels[0].grid, 3)]
+    torch.manual_seed(0)
+    student = APMStudent(levels, size, teacher.patch_size, s.student_pe, s.student_level,
+                         s.student_hidden).to(device).eval()
+    return teacher, student
+
+
+def all_queries(student: APMStudent) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (level, location) query of the student, levels interleaved (any order works)."""
+    ids = torch.cat([torch.full((l.num_locations,), i) for i, l in enumerate(student.levels)])
+    coords = torch.cat([student.coords(i).cpu() for i in range(len(student.levels))])
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))
+    return ids[perm], coords[perm]
+
+
+def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memory, log) -> tuple[dict, dict]:
+    rows, stream_rows = [], []
+    for size in s.sizes:
+        teacher, student = inference_models(s, size, device)
+        images = photo(size, device)
+        ids, coords = all_queries(student)
+        ids, coords = ids.to(device), coords.to(device)
+
+        @torch.no_grad()
+        def run_student():
+            with autocast(device, precision):
+                return student.dense(images)
+
+        @torch.no_grad()
+        def run_teacher():
+            with autocast(device, precision):
+                return teacher(images)
+
+        @torch.no_grad()
+        def run_stream():
+            total = 0.0
+            with autocast(device, precision):
+                for _, _, pred in student.stream(images, ids, coords, s.stream_chunk):
+                    total += float(pred.float().sum())  # consume and drop each chunk
+            return total
+
+        row = {"image": size, "locations": student.levels[0].num_locations,
+               "levels": len(student.levels), "queries": int(len(ids)),
+               "student_flops": count_flops(run_student), "teacher_flops": count_flops(run_teacher),
+               "student_s": median_time(run_student, device, s.infer_reps),
+               "teacher_s": median_time(run_teacher, device, s.infer_reps),
+               "stream_s": median_time(run_stream, device, s.infer_reps)}
+        row["student_peak_bytes"] = mem.peak(run_student)
+        row["teacher_peak_bytes"] = mem.peak(run_teacher)
+        srow = {"image": size, "chunk": s.stream_chunk, "queries": int(len(ids)),
+                "peak_bytes": mem.peak(run_stream), "s": row["stream_s"]}
+        log(f"  {size}px: student {row['student_s']:.2f} s, teacher {row['teacher_s']:.2f} s, "
+            f"stream peak {_mb(srow['peak_bytes'])}, teacher peak {_mb(row['teacher_peak_bytes'])}")
+        rows.append(row)
+        stream_rows.append(srow)
+        del teacher, student
+
+    def growth(key, table):
+        a, b = table[0][key], table[-1][key]
+        return None if a in (None, 0) or b is None else b / a
+
+    dense = {"sizes": rows, "memory_method": mem.method,
+             "location_growth": rows[-1]["locations"] / rows[0]["locations"],
+             **{f"{k}_growth": growth(k, rows) for k in
+                ("student_flops", "teacher_flops", "student_s", "teacher_s", "student_peak_bytes",
+                 "teacher_peak_bytes")}}
+    streaming = {"sizes": stream_rows, "chunk": s.stream_chunk, "memory_method": mem.method,
+                 "streaming_memory_growth_ratio": growth("peak_bytes", stream_rows),
+                 "teacher_memory_growth_ratio": growth("teacher_peak_bytes", rows)}
+    return dense, streaming
+
+
+def _mb(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f} MB"
+
+
+# -- 4. GPU share of the bf16 peak ---------------------------------------------------------------
+def bench_gpu(s: Settings, device: torch.device, precision: str, train: dict) -> dict:
+    if device.type != "cuda":
+        return {"bf16_peak_flops": None, "student_step_flops_per_s": None,
+                "student_fraction_of_bf16_peak": None}
+    peak = max(matmul_rate(device, torch.bfloat16, 8192, reps=5) for _ in range(2))
+    achieved = train["flops_per_step_ours"] / train["step_s_ours"]
+    return {"bf16_peak_flops": peak, "student_step_flops_per_s": achieved,
+            "student_fraction_of_bf16_peak": achieved / peak}
+
+
+# -- 5. epoch time with and without the teacher cache --------------------------------------------
+def bench_cache(s: Settings, device: torch.device, precision: str, log) -> dict:
+    import lightning as L
+
+    from apm.cache import estimate_bytes
+    from apm.data import APMDataModule
+    from apm.module import APMModule
+
+    class EpochTimer(L.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            sync(device)
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            sync(device)
+            self.times.append(time.perf_counter() - self.t)
+
+    def fit(cache_dir: str | None) -> tuple[list[float], APMModule]:
+        L.seed_everything(0, verbose=False)
+        model = APMModule(teacher=s.teacher, teacher_args={"pretrained": False},
+                          image_size=s.cache_image, hidden_dims=s.cache_hidden,
+                          stats_images=2, feature_cache=cache_dir)
+        data = APMDataModule(image_size=s.cache_image, batch_size=4, val_fraction=0,
+                             max_images=s.cache_images, num_workers=0)
+        timer = EpochTimer()
+        trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision,
+                            max_epochs=s.cache_epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=[timer])
+        trainer.fit(model, datamodule=data)
+        return timer.times, model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, model = fit(None)
+        log(f"  without cache: epochs {[round(t, 2) for t in plain]} s")
+        cached, _ = fit(str(Path(tmp) / "cache"))
+        log(f"  with cache:    epochs {[round(t, 2) for t in cached]} s")
+    later = statistics.median(cached[1:]) if len(cached) > 1 else None
+    base = statistics.median(plain)
+    return {"images": s.cache_images, "image": s.cache_image, "epochs": s.cache_epochs,
+            "cache_bytes": estimate_bytes(model.teacher.levels, s.cache_images),
+            "epoch_s_no_cache": base, "epoch_s_cache_fill": cached[0], "epoch_s_cached": later,
+            "epoch_times_no_cache": plain, "epoch_times_cache": cached,
+            "cache_epoch_speedup_ratio": None if later is None else base / later}
+
+
+# -- 6. time to fidelity -------------------------------------------------------------------------
+def bench_fidelity(s: Settings, device: torch.device, precision: str, log) -> dict:
+    import lightning as L
+    import yaml
+
+    from apm.cache import FeatureCache, teacher_identity
+    from apm.module import APMModule
+
+    recipe = yaml.safe_load((ROOT / "configs" / "apm.yaml").read_text())["model"]
+    recipe.update(teacher=s.teacher, hidden_dims=s.fid_hidden, stats_images=1,
+                  teacher_args={"pretrained": False, "levels": s.fid_levels})
+    images = photo(s.fid_image, device)
+    index = torch.zeros(1, dtype=torch.long)
+
+    def fresh_module() -> APMModule:
+        torch.manual_seed(0)  # the same initial student for both recipes
+        return APMModule(**recipe, image_size=s.fid_image).to(device)
+
+    def mean_r2(preds, feats) -> float:
+        return float(torch.stack([metrics.r2(p, t).mean() for p, t in zip(preds, feats)]).mean())
+
+    def run(name, step, predict, feats) -> dict:
+        t_train, steps, curve, reached = 0.0, 0, [], None
+        while t_train < s.fid_budget_s:
+            for _ in range(s.fid_eval_every):
+                t_train += wall(step, device)
+                steps += 1
+            with torch.no_grad():
+                r2 = mean_r2(predict(), feats)
+            curve.append((steps, round(t_train, 3), round(r2, 4)))
+            if r2 >= s.fid_target:
+                reached = t_train
+                break
+        log(f"  {name}: R^2 {curve[-1][2]:.3f} after {steps} steps, {t_train:.1f} s"
+            + ("" if reached else " (target not reached within the budget)"))
+        return {"seconds": reached, "steps": steps, "train_s": t_train, "final_r2": curve[-1][2],
+                "curve": curve}
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # ours: the module's own training step, configs/apm.yaml's recipe, features cached once
+        module = fresh_module()
+        module.trainer = L.Trainer(barebones=True, max_steps=20000, accelerator=device.type,
+                                   devices=1, logger=False)
+        module.fit_statistics([images])
+        opt_cfg = module.configure_optimizers()
+        opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+        module.feature_cache = FeatureCache.open(
+            Path(tmp) / "cache", teacher_identity(recipe["teacher"], recipe["teacher_args"],
+                                                  module.teacher),
+            module.teacher.levels, ["photo"], verbose=False)
+        feats = module.targets(images, index)  # fills the cache: later steps skip the teacher
+        module.train()
+
+        def ours_step():
+            with autocast(device, precision):
+                loss = module.training_step((images, index), 0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+        ours = run("ours", ours_step, lambda: module.predict_features(images), feats)
+
+        # official: Adam 1e-4, fp32, every query every step, MSE on the raw features
+        student = fresh_module().student
+        off_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+        raw = [rearrange(f, "b h w d -> b (h w) d") for f in feats]
+        levels = list(range(len(raw)))
+
+        def official_step():
+            preds = official_forward(student, images, levels)
+            loss = torch.stack([F.mse_loss(p, t) for p, t in zip(preds, raw)]).sum()
+            off_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            off_opt.step()
+
+        official = run("official", official_step, lambda: student.dense(images), feats)
+    reached = ours["seconds"] is not None and official["seconds"] is not None
+    if ours["seconds"] is None:
+        ratio = None
+    else:  # the official recipe's time is at least its training time when it did not get there
+        ratio = (official["seconds"] or official["train_s"]) / ours["seconds"]
+    return {"image": s.fid_image, "teacher_levels": s.fid_levels, "levels": len(feats),
+            "student_hidden": s.fid_hidden, "target_r2": s.fid_target, "budget_s": s.fid_budget_s,
+            "ours": ours, "official": official, "both_reached": reached,
+            "ratio_is_lower_bound": ours["seconds"] is not None and official["seconds"] is None,
+            "time_to_fidelity_vs_baseline_ratio": ratio}
+
+
+# -- report --------------------------------------------------------------------------------------
+def device_info(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+        info["cpu"] = m.group(1).strip() if m else info["cpu"]
+    except OSError:
+        pass
+    from apm.precision import cpu_has_bf16
+
+    info["cpu_bf16"] = cpu_has_bf16()
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def table(res: dict) -> str:
+    def f(x, fmt="{:.2f}"):
+        return "n/a" if x is None else fmt.format(x)
+
+    tr, d, st, g, c, fi = (res[k] for k in ("train", "dense", "streaming", "gpu", "cache", "fidelity"))
+    lines = [
+        f"device: {res['env']['device']} ({res['env']['cpu']}, {res['env']['threads']} threads"
+        + (f", {res['env']['gpu']}" if "gpu" in res["env"] else "") + f"), torch {res['env']['torch']}",
+        "",
+        "1. training throughput at the paper's configuration   ours       official   ratio",
+        f"   queries/s                                    {tr['queries_per_s_ours']:10.0f} "
+        f"{tr['queries_per_s_baseline']:10.0f}   {tr['train_speedup_vs_baseline_ratio']:.2f}x",
+        f"   images/s                                     {tr['images_per_s_ours']:10.3f} "
+        f"{tr['images_per_s_baseline']:10.3f}",
+        f"   GFLOP per step                               {tr['flops_per_step_ours'] / 1e9:10.0f} "
+        f"{tr['flops_per_step_baseline'] / 1e9:10.0f}   {tr['flops_ratio_baseline_over_ours']:.2f}x less work",
+        f"   precision: ours {tr['ours_precision']}, official {tr['baseline_precision']}; first "
+        f"layer = {100 * tr['first_layer_flop_share_baseline']:.1f}% of the official step's FLOPs",
+        "",
+        "2./3. inference, 1 image, all locations and levels    (student = dense; stream = chunks of "
+        f"{st['chunk']})",
+        "   size  locs  student GFLOP  teacher GFLOP  student s  teacher s  stream s  "
+        "student MB  teacher MB  stream MB",
+    ]
+    for r, sr in zip(d["sizes"], st["sizes"]):
+        mb = lambda b: "n/a" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+        lines.append(
+            f"   {r['image']:4d} {r['locations']:5d} {r['student_flops'] / 1e9:14.1f} "
+            f"{r['teacher_flops'] / 1e9:14.1f} {r['student_s']:10.3f} {r['teacher_s']:10.3f} "
+            f"{r['stream_s']:9.3f} {mb(r['student_peak_bytes']):>11} {mb(r['teacher_peak_bytes']):>11} "
+            f"{mb(sr['peak_bytes']):>10}")
+    lines += [
+        f"   growth {d['sizes'][0]['image']}->{d['sizes'][-1]['image']} ({d['location_growth']:.0f}x "
+        f"locations): student FLOPs {f(d['student_flops_growth'])}x, teacher FLOPs "
+        f"{f(d['teacher_flops_growth'])}x, student time {f(d['student_s_growth'])}x, teacher time "
+        f"{f(d['teacher_s_growth'])}x",
+        f"   peak memory growth: streaming {f(st['streaming_memory_growth_ratio'])}x, teacher "
+        f"{f(st['teacher_memory_growth_ratio'])}x, dense student {f(d['student_peak_bytes_growth'])}x"
+        f"  ({d['memory_method']})",
+        "",
+        f"4. GPU: student step at {f(g['student_fraction_of_bf16_peak'], '{:.1%}')} of the measured "
+        f"bf16 peak ({f(None if g['bf16_peak_flops'] is None else g['bf16_peak_flops'] / 1e12, '{:.0f}')}"
+        " TFLOP/s)",
+        f"   matmul here: fp32 {res['matmul']['fp32_gflops']:.0f} GFLOP/s, bf16 "
+        f"{res['matmul']['bf16_gflops']:.1f} GFLOP/s",
+        "",
+        f"5. epoch ({c['images']} images at {c['image']} px): no cache {c['epoch_s_no_cache']:.2f} s, "
+        f"cache fill {c['epoch_s_cache_fill']:.2f} s, cached {f(c['epoch_s_cached'])} s -> "
+        f"{f(c['cache_epoch_speedup_ratio'])}x; cache {c['cache_bytes'] / 2**20:.1f} MB",
+        "",
+        f"6. time to mean R^2 {fi['target_r2']} on one image ({fi['levels']} levels, {fi['image']} px): "
+        f"ours {f(fi['ours']['seconds'], '{:.1f}')} s ({fi['ours']['steps']} steps), official "
+        f"{f(fi['official']['seconds'], '{:.1f}')} s ({fi['official']['steps']} steps, R^2 "
+        f"{fi['official']['final_r2']:.3f}) -> {f(fi['time_to_fidelity_vs_baseline_ratio'])}x"
+        + (" (lower bound)" if fi["ratio_is_lower_bound"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+KEYS = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
+        "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and steps (< 10 min on a 2-core CPU)")
+    p.add_argument("--tiny", action="store_true", help="tiny models and sizes (tests)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                   help="override a setting, e.g. sizes=[224,448] fid_budget_s=300")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    s = Settings(**{**(QUICK if args.quick else {}), **(TINY if args.tiny else {})})
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        if not hasattr(s, k):
+            p.error(f"--set: unknown setting {k!r}")
+        setattr(s, k, json.loads(v))
+    device = torch.device(args.device)
+    precision = default_precision(device)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
+
+    mem = Memory(device)  # first: pins the allocator before anything large is allocated
+    res: dict = {"env": device_info(device), "settings": asdict(s), "precision_default": precision,
+                 "command": "python experiments/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    n = 256 if args.tiny else 2048
+    res["matmul"] = {"fp32_gflops": matmul_rate(device, torch.float32, n) / 1e9,
+                     "bf16_gflops": matmul_rate(device, torch.bfloat16, 256 if device.type == "cpu" else n) / 1e9}
+    log(f"device {res['env']['cpu']}, default precision {precision}")
+    log("1. training throughput (paper configuration)")
+    res["train"] = bench_train(s, device, precision, log)
+    log("2./3. dense and streaming inference")
+    res["dense"], res["streaming"] = bench_inference(s, device, precision, mem, log)
+    res["gpu"] = bench_gpu(s, device, precision, res["train"])
+    log("5. epoch time with and without the teacher cache")
+    res["cache"] = bench_cache(s, device, precision, log)
+    log("6. time to fidelity")
+    res["fidelity"] = bench_fidelity(s, device, precision, log)
+    res["train_speedup_vs_baseline_ratio"] = res["train"]["train_speedup_vs_baseline_ratio"]
+    res["time_to_fidelity_vs_baseline_ratio"] = res["fidelity"]["time_to_fidelity_vs_baseline_ratio"]
+    res["streaming_memory_growth_ratio"] = res["streaming"]["streaming_memory_growth_ratio"]
+    res["student_fraction_of_bf16_peak"] = res["gpu"]["student_fraction_of_bf16_peak"]
+    res["cache_epoch_speedup_ratio"] = res["cache"]["cache_epoch_speedup_ratio"]
+    res["total_s"] = time.perf_counter() - t0
+    print()
+    print(table(res))
+    print(f"\ntotal {res['total_s']:.0f} s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Both shipped configs parse into the intended Trainer, model and data; the offline failure of a
+pretrained teacher is one clear paragraph."""
+
+import os
+import subprocess
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from apm.cli import build_cli
+from tests.conftest import CONFIGS, ROOT
+
+
+def _cli(*extra):
+    return build_cli(["-c", str(CONFIGS / "apm.yaml"), *extra], run=False)
+
+
+def test_apm_yaml_is_the_paper_setup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative run folders land in tmp_path
+    monkeypatch.setattr(sys, "argv", ["apm"])
+    # Same config, but random weights so no download is needed to build it.
+    cli = _cli("--model.teacher_args.pretrained", "false")
+    m, dm, tr = cli.model, cli.datamodule, cli.trainer
+    assert m.hparams.teacher == "dinov2_small" and m.hparams.image_size == 448 == dm.hparams.image_size
+    assert m.student.grid == (32, 32)  # 448 / 14: the paper's grid
+    assert [l.name for l in m.levels] == [f"block{i}" for i in range(1, 13)] + ["rgb"]
+    assert all(l.dim == 384 for l in m.levels[:-1]) and m.levels[-1].dim == 3
+    assert tr.max_steps == 20000
+    assert {type(l) for l in tr.loggers} == {CSVLogger, WandbLogger}
+    ck = [c for c in tr.callbacks if isinstance(c, ModelCheckpoint)]
+    # best by validation loss, and last.ckpt every few steps for --ckpt_path last
+    assert len(ck) == 2 and any(c.monitor == "val/loss" for c in ck) and any(c.save_last for c in ck)
+
+
+def test_smoke_yaml_layers_on_top(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["apm"])
+    cli = _cli("-c", str(CONFIGS / "smoke.yaml"))
+    m, dm, tr = cli.model, cli.datamodule, cli.trainer
+    assert m.hparams.teacher == "dinov2_tiny" and not m.hparams.teacher_args["pretrained"]
+    assert m.hparams.image_size == 224 == dm.hparams.image_size  # linked from data
+    assert m.hparams.hidden_dims == [256, 256]
+    assert tr.max_steps == 30 and str(tr.default_root_dir).endswith("runs/smoke")
+    ck = next(c for c in tr.callbacks if isinstance(c, ModelCheckpoint))
+    assert ck.dirpath.endswith("runs/smoke/checkpoints")
+
+
+def test_help_documents_the_options():
+    out = subprocess.run([sys.executable, "-m", "apm", "fit", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for opt, doc in [("--model.queries_per_image", "queries sampled per image"),
+                     ("--model.teacher", "Registered teacher name"),
+                     ("--data.images", "folder of images"),
+                     ("--model.level_weights", "Loss weight per level")]:
+        assert opt in out.stdout and doc in out.stdout, opt
+
+
+def test_offline_pretrained_teacher_fails_with_one_paragraph(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    out = subprocess.run([sys.executable, "-m", "apm", "fit", "-c", str(CONFIGS / "apm.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "facebook/dinov2-small" in out.stderr and "pretrained: false" in out.stderr
+
+
+def test_unknown_teacher_lists_the_registered_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "apm", "fit", "-c", str(CONFIGS / "apm.yaml"),
+                          "-c", str(CONFIGS / "smoke.yaml"), "--model.teacher", "dinov3_huge"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "'model.teacher'" in out.stderr and "dinov2_small" in out.stderr
