@@ -144,7 +144,7 @@ class FeatureCache:
 
     # -- reading and writing ---------------------------------------------------------------------
     def _shard(self, level: int, shard: int) -> np.memmap:
-        key = (level, shard)
+        key = (level, shard := int(shard))
         if key not in self._shards:
             path = self.root / f"{self.levels[level].name}-{shard:05d}.npy"
             if path.exists():
@@ -153,7 +153,7 @@ class FeatureCache:
                 lvl = self.levels[level]
                 n = min(self.shard_size, self.num_images - shard * self.shard_size)
                 self._shards[key] = np.lib.format.open_memmap(
-                    path, mode="w+", dtype=np.float16, shape=(n, *lvl.grid, lvl.dim))
+                    path, mode="w+", dtype=np.float16, shape=(n, *map(int, lvl.grid), int(lvl.dim)))
         return self._shards[key]
 
     def has(self, index: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import socket
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from apm.errors import APMError, ConfigError
 
 # Settings that change what is computed but not what a checkpoint holds.
 RUNTIME_ONLY = {"_instantiator", "_class_path", "compile", "feature_cache", "max_nonfinite_steps"}
+# Settings that decide the teacher's features or the student's parameter shapes.
+SHAPE_SETTINGS = {"teacher", "teacher_args", "image_size", "patch_size", "hidden_dims", "pe_dim",
+                  "level_dim", "rgb"}
 # Settings that the data module owns (linked into the model by the CLI).
 DATA_SETTINGS = {"image_size"}
 
@@ -73,7 +77,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # Same folder (os.replace is atomic within a file system); mode 0o666 minus the umask, as
+        # a plain open would give (mkstemp would make it private to the user).
+        tmp = path.parent / f"{_temp_prefix(path)}{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -90,6 +97,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+        _remove_stale_temps(path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -97,6 +105,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
         ckpt = read_checkpoint(path, "ckpt_path")
         return ckpt
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}."
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files of ``path`` that writers on this host left when killed mid-save."""
+    prefix = _temp_prefix(path)
+    for tmp in path.parent.glob(f"{prefix}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # still running: not ours to delete
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def _last_path(cb: ModelCheckpoint) -> str:
@@ -176,26 +204,28 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
     with another teacher or student shape than ``module`` (an APMModule)."""
     saved_hp = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in RUNTIME_ONLY}
     own_hp = {k: v for k, v in dict(module.hparams).items() if k not in RUNTIME_ONLY}
-    problems = []
     saved = (checkpoint.get("apm") or {}).get("teacher")
     teacher_changed = (saved is not None and _plain(saved) != _plain(module.teacher.describe())) or any(
         k in saved_hp and _plain(saved_hp[k]) != _plain(own_hp.get(k)) for k in ("teacher", "teacher_args"))
     sd, own = checkpoint.get("state_dict") or {}, module.state_dict()
-    shapes = [f"{k} is {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+    shapes = [f"parameter {k} is {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
               for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if not (teacher_changed or shapes or missing or unexpected):
         return
     diffs = [f"{_setting(k)} is {saved_hp.get(k)!r} in the checkpoint but {own_hp.get(k)!r} here"
-             for k in sorted(set(saved_hp) | set(own_hp)) if _plain(saved_hp.get(k)) != _plain(own_hp.get(k))]
+             for k in sorted(SHAPE_SETTINGS) if _plain(saved_hp.get(k)) != _plain(own_hp.get(k))]
     if teacher_changed and not any(d.startswith(("model.teacher", "data.image_size")) for d in diffs):
-        problems.append(f"its teacher was {_brief(saved)}, this run's is {_brief(module.teacher.describe())}")
-    problems += diffs
-    if shapes:
-        problems.append("parameter " + "; ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
-    if missing or unexpected:
-        problems.append(f"parameters missing from the checkpoint: {missing[:3]}, not in this model: {unexpected[:3]}")
+        diffs.append(f"its teacher was {_brief(saved)}, this run's is {_brief(module.teacher.describe())}")
+    details = shapes[:2]
+    if missing:
+        details.append(f"{len(missing)} parameters missing from the checkpoint ({missing[0]}, ...)")
+    if unexpected:
+        details.append(f"{len(unexpected)} parameters this model lacks ({unexpected[0]}, ...)")
+    problems = diffs or ["the parameters differ"]
+    if details:
+        problems[-1] += f" ({'; '.join(details)})"
     where = f"{str(path)!r}" if path else "the checkpoint"
     raise ConfigError(
         f"Setting {setting!r}: {where} was trained with another teacher or student shape, so it "

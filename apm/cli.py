@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 # Extra subcommands: name -> "module:function" taking argv (list[str]); lazily imported.
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    "islands": "apm.tools:islands_main",
+    "eval": "apm.tools:eval_main",
+    "interpolate": "apm.tools:interpolate_main",
+}
 
 
 def quiet_wandb() -> None:
@@ -50,6 +54,17 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             kwargs["plugins"], kwargs["callbacks"] = add_defaults(
                 kwargs.get("plugins", cfg.get("plugins")), kwargs.get("callbacks", cfg.get("callbacks")))
             return super().instantiate_trainer(**kwargs)
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads the hyperparameters of a given checkpoint file here: read it first
+            # ourselves, so that an unsafe or broken file is one clear error, not a traceback.
+            from apm.checkpoints import read_checkpoint
+
+            sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            if path and Path(path).is_file():
+                read_checkpoint(path, "ckpt_path")
+            super()._parse_ckpt_path()
 
         def after_fit(self) -> None:
             cbs = self.trainer.checkpoint_callbacks

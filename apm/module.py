@@ -278,13 +278,16 @@ class APMModule(L.LightningModule):
     def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
         res = self.evaluate(images)
         n = images.shape[0]
+        # sync_dist: under DDP every rank validates a shard; the epoch means cover all of them
+        # (and every rank's ModelCheckpoint sees the same val/loss).
         for name, m in res.items():
-            self.log_dict({f"val/{k}_{name}": v.mean() for k, v in m.items()}, batch_size=n)
+            self.log_dict({f"val/{k}_{name}": v.mean() for k, v in m.items()}, batch_size=n, sync_dist=True)
         for k in ("cos", "r2", "mse"):
-            self.log(f"val/{k}_mean", torch.stack([m[k].mean() for m in res.values()]).mean(), batch_size=n)
-        w = torch.tensor(self.weights)
-        loss = (torch.stack([m["mse"].mean() for m in res.values()]).cpu() * w).sum() / w.sum()
-        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+            self.log(f"val/{k}_mean", torch.stack([m[k].mean() for m in res.values()]).mean(),
+                     batch_size=n, sync_dist=True)
+        w = torch.tensor(self.weights, device=images.device)
+        loss = (torch.stack([m["mse"].mean() for m in res.values()]) * w).sum() / w.sum()
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
 
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -121,11 +121,13 @@ class SkippingDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         seen: set[str] = set()
-        for batch, failures in super().__iter__():
+        last = len(self) - 1
+        for i, (batch, failures) in enumerate(super().__iter__()):
             if failures:
                 self.skip_log.record(failures, seen)
+            if i == last:  # before the yield: Lightning stops at the batch count, never asks again
+                self.skip_log.end_pass(self.label, seen, len(self.dataset))
             yield batch
-        self.skip_log.end_pass(self.label, seen, len(self.dataset))
 
 
 def first_readable(dataset: Dataset) -> tuple[int | None, list[tuple[str, str]]]:

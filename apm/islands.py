@@ -1,0 +1,243 @@
+"""Islands of agreement per level: joint t-SNE colouring, k-means agreement, and figures.
+
+Teacher and student features of one level (one image) are embedded *together* into 3 components
+shown as RGB, so one colour means one place in one embedding: where the student's colours match the
+teacher's, it reproduces the teacher's islands. Island agreement is measured by clustering teacher
+and student features separately (k-means) and comparing the two label maps (ARI, NMI).
+
+Everything here is a pure function of arrays; nothing loads models or files.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+
+RGB_LEVEL = "rgb"
+# Below this many points sklearn's exact t-SNE is faster than its 3-D Barnes-Hut.
+_EXACT_MAX_POINTS = 1200
+
+
+def as_points(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Features (h, w, d) or (N, d) as a float64 (N, d) array."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(-1, x.shape[-1])
+
+
+def reduce_dims(x: np.ndarray, dims: int = 50, seed: int = 0) -> np.ndarray:
+    """PCA to ``dims`` components when the features are wider (t-SNE's cost grows with width)."""
+    from sklearn.decomposition import PCA
+
+    if x.shape[1] <= dims or x.shape[0] <= dims:
+        return x
+    return PCA(dims, random_state=seed).fit_transform(x)
+
+
+def minmax(y: np.ndarray) -> np.ndarray:
+    """Scale each column to [0, 1]; a constant column becomes 0.5."""
+    lo, hi = y.min(0, keepdims=True), y.max(0, keepdims=True)
+    span = hi - lo
+    return np.where(span > 0, (y - lo) / np.where(span > 0, span, 1), 0.5)
+
+
+def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
+              perplexity: float = 30.0, seed: int = 0, pca_dims: int = 50,
+              max_iter: int = 1000) -> list[np.ndarray]:
+    """Embed several feature sets of one level together into 3 components scaled to RGB [0, 1].
+
+    Args:
+        blocks: Feature sets (h, w, d) or (N, d) of the same width, e.g. [teacher, student].
+        method: ``tsne`` (sklearn t-SNE, 3 components) or ``pca`` (first 3 principal components).
+        perplexity: t-SNE perplexity; lowered automatically for small point sets.
+        seed: Random state of PCA and t-SNE.
+        pca_dims: Wider features are reduced to this many principal components before t-SNE.
+        max_iter: t-SNE iterations (at least 250).
+
+    Returns:
+        One array per block, shaped like the block with the last axis replaced by 3 (RGB in [0, 1]).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    pts = [as_points(b) for b in blocks]
+    x = np.concatenate(pts)
+    n = x.shape[0]
+    if method == "pca" or n < 8:
+        z = x - x.mean(0)
+        k = min(3, *z.shape)
+        y = PCA(k, random_state=seed).fit_transform(z) if np.abs(z).max() > 0 else np.zeros((n, k))
+        y = np.pad(y, ((0, 0), (0, 3 - k)))
+    elif method == "tsne":
+        x = reduce_dims(x, pca_dims, seed)
+        tsne = TSNE(n_components=3, perplexity=min(perplexity, (n - 1) / 3), init="pca",
+                    learning_rate="auto", random_state=seed, max_iter=max(250, max_iter),
+                    method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut")
+        y = tsne.fit_transform(x.astype(np.float32))
+    else:
+        raise ValueError(f"unknown embedding method {method!r}; use 'tsne' or 'pca'")
+    rgb = minmax(y)
+    out, start = [], 0
+    for b, p in zip(blocks, pts):
+        out.append(rgb[start : start + len(p)].reshape(*tuple(b.shape[:-1]), 3))
+        start += len(p)
+    return out
+
+
+def kmeans_labels(x: torch.Tensor | np.ndarray, k: int = 8, seed: int = 0,
+                  tries: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """k-means labels (N,) of features (h, w, d) or (N, d), best (lowest inertia) of ``tries``
+    k-means++ starts, and the indices (k,) of the locations that started the best run. k is
+    capped at the number of distinct feature vectors."""
+    from sklearn.cluster import KMeans, kmeans_plusplus
+
+    pts = as_points(x)
+    k = max(1, min(k, len(np.unique(pts, axis=0))))
+    rng = np.random.RandomState(seed)
+    best = None
+    for _ in range(max(1, tries)):
+        _, idx = kmeans_plusplus(pts, k, random_state=rng)
+        km = KMeans(k, init=pts[idx], n_init=1).fit(pts)
+        if best is None or km.inertia_ < best[0]:
+            best = (km.inertia_, km.labels_, idx)
+    return best[1], best[2]
+
+
+def island_agreement(teacher: torch.Tensor | np.ndarray, student: torch.Tensor | np.ndarray,
+                     k: int = 8, seed: int = 0) -> dict[str, float]:
+    """Adjusted Rand index and NMI between the k-means label maps of teacher and student features
+    of one image and level.
+
+    k-means runs on each separately, and both start from their own features at the same k
+    locations (the teacher's best k-means++ start): on features without sharp clusters (random
+    teachers) k-means has many near-equal optima, and separately seeded runs would differ by which
+    optimum they reach rather than by how the features differ.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    t, s = as_points(teacher), as_points(student)
+    if t.shape[0] != s.shape[0]:
+        raise ValueError(f"teacher has {t.shape[0]} locations, student {s.shape[0]}")
+    a, idx = kmeans_labels(t, k, seed)
+    with warnings.catch_warnings():  # a near-constant student may leave clusters empty: fine
+        warnings.simplefilter("ignore")
+        b = KMeans(len(idx), init=s[idx], n_init=1).fit_predict(s)
+    return {"ari": float(adjusted_rand_score(a, b)), "nmi": float(normalized_mutual_info_score(a, b))}
+
+
+def upsample_nearest(rgb: np.ndarray, size: int) -> np.ndarray:
+    """An (h, w, 3) map enlarged by nearest neighbour to (size, size, 3) (any h, w)."""
+    h, w = rgb.shape[:2]
+    rows = np.minimum((np.arange(size) * h) // size, h - 1)
+    cols = np.minimum((np.arange(size) * w) // size, w - 1)
+    return rgb[rows][:, cols]
+
+
+def image_to_array(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An image (3, H, W) tensor or (H, W, 3) array in [0, 1] as (H, W, 3) float array."""
+    if isinstance(image, torch.Tensor):
+        image = rearrange(image.detach().float().cpu(), "c h w -> h w c").numpy()
+    return np.clip(np.asarray(image, dtype=np.float64), 0, 1)
+
+
+@dataclass
+class LevelRow:
+    """One row of an island figure: a level's name, grid and its teacher / student colour maps."""
+
+    name: str
+    teacher: np.ndarray | None
+    student: np.ndarray | None = None
+    note: str = ""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        m = self.teacher if self.teacher is not None else self.student
+        return tuple(m.shape[:2])
+
+
+def level_rows(names: Sequence[str], teacher: Sequence[torch.Tensor | np.ndarray],
+               student: Sequence[torch.Tensor | np.ndarray] | None = None, method: str = "tsne",
+               perplexity: float = 30.0, seed: int = 0, max_iter: int = 1000) -> list[LevelRow]:
+    """Colour maps per level: teacher (and student) features (h, w, d) embedded together.
+
+    The ``rgb`` level (patch-mean colours) is shown as the colours themselves.
+    """
+    rows = []
+    for i, name in enumerate(names):
+        blocks = [teacher[i]] + ([student[i]] if student is not None else [])
+        if name == RGB_LEVEL and as_points(teacher[i]).shape[1] == 3:
+            maps = [np.clip(as_points(b), 0, 1).reshape(*tuple(b.shape[:-1]), 3) for b in blocks]
+        else:
+            maps = embed_rgb(blocks, method, perplexity, seed, max_iter=max_iter)
+        rows.append(LevelRow(name, maps[0], maps[1] if student is not None else None))
+    return rows
+
+
+def island_figure(image: torch.Tensor | np.ndarray, rows: Sequence[LevelRow],
+                  path: str | Path | None = None, display: int = 192, title: str | None = None):
+    """A figure with a row per level and columns input | teacher islands | student islands.
+
+    Coarse grids are drawn at their own resolution, enlarged by nearest neighbour to ``display``
+    pixels. The student column is left out when no row has one. Saves a PNG to ``path`` if given
+    and returns the matplotlib figure (closed when saved).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = image_to_array(image)
+    with_student = any(r.student is not None for r in rows)
+    cols = ["input", "teacher islands"] + (["student islands"] if with_student else [])
+    dpi = 100
+    pad_top = 0.45 + (0.3 if title else 0)
+    cell = display / dpi + 0.1
+    fig = plt.figure(figsize=(len(cols) * cell + 0.9, len(rows) * cell + pad_top), dpi=dpi)
+    fig.subplots_adjust(left=0.9 / fig.get_figwidth(), right=0.99, bottom=0.02,
+                        top=1 - pad_top / fig.get_figheight(), wspace=0.05, hspace=0.1)
+    axes = np.asarray(fig.subplots(len(rows), len(cols), squeeze=False))
+    inp = upsample_image(img, display)
+    for r, row in enumerate(rows):
+        panels = [inp, row.teacher] + ([row.student] if with_student else [])
+        for c, p in enumerate(panels):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if p is None:
+                ax.axis("off")
+                continue
+            ax.imshow(p if c == 0 else upsample_nearest(p, display), interpolation="nearest")
+            if r == 0:
+                ax.set_title(cols[c], fontsize=9)
+        h, w = row.grid
+        label = f"{row.name}\n{h}x{w}" + (f"\n{row.note}" if row.note else "")
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+    return fig
+
+
+def upsample_image(img: np.ndarray, size: int) -> np.ndarray:
+    """A photograph (H, W, 3) in [0, 1] resized to (size, size, 3) for display."""
+    from PIL import Image
+
+    pil = Image.fromarray((img * 255).round().astype(np.uint8))
+    return np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255
+
+
+def figure_image(fig) -> np.ndarray:
+    """The rendered figure as an (H, W, 3) uint8 array (for GIF frames and loggers)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

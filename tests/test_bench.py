@@ -1,0 +1,46 @@
+"""The benchmark script runs end to end at tiny sizes and writes every figure it promises."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOP = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
+       "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio")
+TRAIN = ("queries_per_s_ours", "queries_per_s_baseline", "images_per_s_ours", "images_per_s_baseline",
+         "flops_per_step_ours", "flops_per_step_baseline", "first_layer_flop_share_baseline")
+DENSE = ("image", "locations", "student_flops", "teacher_flops", "student_s", "teacher_s",
+         "student_peak_bytes", "teacher_peak_bytes")
+
+
+@pytest.mark.slow
+def test_bench_tiny_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--device", "cpu",
+                          "--tiny", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1. training throughput" in run.stdout and "6. time to mean R^2" in run.stdout  # the table
+    res = json.loads(out.read_text())
+    for k in TOP:
+        assert k in res, k
+    assert res["student_fraction_of_bf16_peak"] is None  # GPU-only figure on CPU
+    assert math.isfinite(res["train_speedup_vs_baseline_ratio"]) and res["train_speedup_vs_baseline_ratio"] > 0
+    assert res["streaming"]["memory_method"]  # says how memory was measured
+    for k in TRAIN:
+        assert res["train"][k] > 0, k
+    assert res["train"]["flops_per_step_baseline"] > res["train"]["flops_per_step_ours"]  # less work
+    assert [r["image"] for r in res["dense"]["sizes"]] == [28, 56]
+    for row in res["dense"]["sizes"]:
+        for k in DENSE:
+            assert row[k] is not None, k
+    assert {"epoch_s_no_cache", "epoch_s_cache_fill", "epoch_s_cached"} <= set(res["cache"])
+    assert {"ours", "official", "target_r2"} <= set(res["fidelity"])
+    assert res["env"]["torch"] and res["command"].startswith("python experiments/bench.py")
