@@ -29,6 +29,26 @@ def quiet_wandb() -> None:
     os.environ["WANDB_MODE"] = "offline"
 
 
+# Loggers and checkpoints that name no folder of their own: (argument, sub-folder of the run).
+_RUN_DIRS = {"ModelCheckpoint": ("dirpath", "checkpoints"), "CSVLogger": ("save_dir", ""),
+             "WandbLogger": ("save_dir", ""), "TensorBoardLogger": ("save_dir", "")}
+
+
+def fill_run_dirs(trainer_cfg) -> None:
+    """Put every logger and ModelCheckpoint without a folder under ``trainer.default_root_dir``
+    (checkpoints in its ``checkpoints/``), so one setting moves a whole run and ``--ckpt_path
+    last`` finds the previous run's ``last.ckpt``."""
+    root = Path(trainer_cfg.get("default_root_dir") or ".")
+    for key in ("logger", "callbacks"):
+        items = trainer_cfg.get(key)
+        for item in items if isinstance(items, list) else [items]:
+            name = str(getattr(item, "class_path", "")).rsplit(".", 1)[-1]
+            if name in _RUN_DIRS and item.get("init_args") is not None:
+                arg, sub = _RUN_DIRS[name]
+                if item.init_args.get(arg) in (None, "."):
+                    item.init_args[arg] = str(root / sub)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI over APMModule and APMDataModule (``data.image_size`` feeds the model)."""
     from lightning.pytorch.cli import LightningCLI
@@ -39,6 +59,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     class APMCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.image_size", "model.image_size")
+
+        def before_instantiate_classes(self) -> None:
+            sub = self.config.get("subcommand")
+            fill_run_dirs((self.config[sub] if sub else self.config).trainer)
 
         def instantiate_trainer(self, **kwargs):
             # trainer.precision null (the default) = bf16-mixed where bf16 is native, else 32-true.

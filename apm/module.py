@@ -160,6 +160,7 @@ class APMModule(L.LightningModule):
         seen = 0
         rank0 = self._trainer is None or self.trainer.is_global_zero
         for images in tqdm(batches, desc="level statistics", leave=False, disable=not rank0):
+            images = images[0] if isinstance(images, (tuple, list)) else images
             images = images[: self.hparams.stats_images - seen].to(self.device)
             self.standardizer.update(self.targets(images))
             seen += len(images)
@@ -181,9 +182,13 @@ class APMModule(L.LightningModule):
             dm.setup("fit")
             self.open_feature_cache(dm.train_set.sources)
             dm.train_set.with_index = True  # batches become (images, dataset indices)
-        if not bool(self.standardizer.ready):  # a resumed run restored them with the checkpoint
-            dm = self.trainer.datamodule
-            self.fit_statistics(dm.stats_dataloader() if dm is not None else self.trainer.train_dataloader)
+        dm = self.trainer.datamodule
+        if not bool(self.standardizer.ready) and hasattr(dm, "stats_dataloader"):
+            self.fit_statistics(dm.stats_dataloader())  # a resumed run restored them instead
+
+    def on_train_start(self) -> None:
+        if not bool(self.standardizer.ready):  # plain dataloaders: available only from here on
+            self.fit_statistics(self.trainer.train_dataloader)
 
     # -- steps -----------------------------------------------------------------------------------
     def sample_locations(self, batch: int, device: torch.device) -> list[torch.Tensor | None]:

@@ -2,8 +2,6 @@
 setting (exit status 2, no traceback): through ``apm.cli.main``, the function behind ``apm``."""
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
