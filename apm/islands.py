@@ -77,8 +77,10 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
         y = np.pad(y, ((0, 0), (0, 3 - k)))
     elif method == "tsne":
         x = reduce_dims(x, pca_dims, seed)
+        # sklearn's "auto" rate, n / 12 / 4, floored at 10 instead of 50: in 3-D, small sets
+        # (a few hundred points) diverge at 50 and near-copies of a point land far apart.
         tsne = TSNE(n_components=3, perplexity=min(perplexity, (n - 1) / 3), init="pca",
-                    learning_rate="auto", random_state=seed, max_iter=max(250, max_iter),
+                    learning_rate=max(n / 48, 10.0), random_state=seed, max_iter=max(250, max_iter),
                     method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut")
         y = tsne.fit_transform(x.astype(np.float32))
     else:

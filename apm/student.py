@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from apm.codes import grid_coords, sincos_2d
-from teachers.base import Level, normalize
+from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level
 
 
 class APMStudent(nn.Module):
@@ -59,8 +60,15 @@ class APMStudent(nn.Module):
 
     # -- the pieces of a query -------------------------------------------------------------------
     def trigger(self, images: torch.Tensor) -> torch.Tensor:
-        """The trigger column T (B, h*w) of images (B, 3, H, W) in [0, 1]."""
-        return rearrange(self.column(normalize(images)), "b 1 h w -> b (h w)")
+        """The trigger column T (B, h*w) of images (B, 3, H, W) in [0, 1]: the column filter on
+        ImageNet-normalized images. The normalization is folded into the filter, so no normalized
+        copy of the image is ever made (streaming memory stays independent of the image size)."""
+        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        w = self.column.weight / std
+        b = self.column.bias - (w * mean).sum()
+        col = F.conv2d(images, w.to(images.dtype), b.to(images.dtype), stride=self.patch_size)
+        return rearrange(col, "b 1 h w -> b (h w)")
 
     def coords(self, level: int) -> torch.Tensor:
         """Cell-centre coordinates (h*w, 2) of a level's grid, row-major, in [0, 1]."""
@@ -183,12 +191,13 @@ class APMStudent(nn.Module):
         col = self.column_term(self.trigger(images))  # (B, H1), once per image
         for start in range(0, coords.shape[0], chunk):
             lv = level_ids[start : start + chunk].to(col.device)
-            first = col[:, None] + (self.position_term(coords[start : start + chunk].to(col.device))
-                                    + self.level_term(lv))
-            hidden = self.trunk(first)  # (B, c, H_last): one pass for every level in the chunk
-            for lvl in lv.unique().tolist():
-                idx = (lv == lvl).nonzero().squeeze(1)
-                yield start + idx, lvl, self.heads[lvl](hidden[:, idx])
+            order = torch.argsort(lv, stable=True)  # group the chunk's queries by level
+            lv, c = lv[order], coords[start : start + chunk].to(col.device)[order]
+            hidden = self.trunk(col[:, None] + (self.position_term(c) + self.level_term(lv)))
+            counts = torch.bincount(lv, minlength=len(self.levels)).tolist()
+            for lvl, (pos, h) in enumerate(zip(order.split(counts), hidden.split(counts, dim=1))):
+                if len(pos):  # one pass through the trunk for every level in the chunk
+                    yield start + pos, lvl, self.heads[lvl](h)
 
     def predict_queries(self, images: torch.Tensor, level_ids: torch.Tensor, coords: torch.Tensor,
                         chunk: int = 4096) -> list[torch.Tensor]:
@@ -196,7 +205,7 @@ class APMStudent(nn.Module):
         (n_l = 0 for a level not asked)."""
         parts: list[list[torch.Tensor]] = [[] for _ in self.levels]
         for _, lvl, pred in self.stream(images, level_ids, coords, chunk):
-            parts[lvl].append(pred)  # chunks come in order and positions ascend within a chunk
+            parts[lvl].append(pred)  # chunks come in order; a stable sort keeps positions ascending
         b = images.shape[0]
         return [torch.cat(p, dim=1) if p else images.new_zeros(b, 0, l.dim)
                 for p, l in zip(parts, self.levels)]

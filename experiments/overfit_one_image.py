@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     a.json.write_text(json.dumps(res, indent=1) + "\n")
     for step, summ in res["steps"].items():
         per = " ".join(f"{n}={v['ari']:.2f}" for n, v in summ["levels"].items())
-        print(f"step {step:>5}: loss {res['loss'][step - 1] if step else float('nan'):.4f}  "
+        loss = f"{res['loss'][step - 1]:.4f}" if step else "   -  "
+        print(f"step {step:>5}: loss {loss}  "
               f"R2 {summ['mean']['r2']:.3f}  ARI mean {summ['mean']['ari']:.3f} ({per})")
     print(f"wrote {a.json} and figures under {a.out} ({res['seconds']:.0f} s)")
     return 0

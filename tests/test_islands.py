@@ -40,14 +40,14 @@ def test_agreement_is_one_for_identical_and_falls_with_noise(features):
 def test_joint_embedding_colours_are_rgb_in_unit_range(features):
     _, feats = features
     t = feats[2]
-    s = t + 0.01 * torch.randn_like(t)
+    s = t + 0.01 * t.std() * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
     for method in ("tsne", "pca"):
         ct, cs = islands.embed_rgb([t, s], method=method, perplexity=10)
         assert ct.shape == (8, 8, 3) and cs.shape == (8, 8, 3)
         both = np.concatenate([ct, cs])
         assert both.min() == 0 and both.max() == 1  # min-max scaled over the joint embedding
-        # one embedding: a near-copy of the teacher lands on (nearly) the teacher's colours
-        assert np.abs(ct - cs).mean() < 0.1 * np.abs(ct - ct.mean((0, 1))).mean() + 0.05
+        # one embedding: a near-copy of the teacher lands on nearly the teacher's colours
+        assert np.abs(ct - cs).mean() < 0.3 * np.abs(both - both.mean((0, 1))).mean(), method
 
 
 def test_nearest_upsampling_keeps_cells():

@@ -74,6 +74,14 @@ def test_factorized_equals_concatenated_float32():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_trigger_folds_normalization_into_the_filter():
+    from teachers.base import normalize
+
+    s, x = make_student(), images()
+    plain = rearrange(s.column(normalize(x)), "b 1 h w -> b (h w)")
+    torch.testing.assert_close(s.trigger(x), plain, rtol=1e-10, atol=1e-12)
+
+
 def test_dense_shares_positional_term_and_matches_forward():
     s, x = make_student(), images()
     with torch.no_grad():
