@@ -33,10 +33,13 @@ class IslandFigures(L.Callback):
                  levels: Sequence[str | int] | None = None, method: str = "tsne",
                  perplexity: float = 30.0, max_iter: int = 1000, k: int = 8, seed: int = 0,
                  display: int = 160):
-        if every_n_val_epochs < 1 or num_images < 1:
-            from apm.errors import ConfigError
+        from apm.errors import ConfigError
+        from apm.islands import METHODS
 
+        if every_n_val_epochs < 1 or num_images < 1:
             raise ConfigError("IslandFigures: 'every_n_val_epochs' and 'num_images' must be at least 1.")
+        if method not in METHODS:
+            raise ConfigError(f"IslandFigures: 'method' is {method!r}; use one of {', '.join(METHODS)}.")
         self.every, self.num_images, self.levels = every_n_val_epochs, num_images, levels
         self.method, self.perplexity, self.max_iter = method, perplexity, max_iter
         self.k, self.seed, self.display = k, seed, display

@@ -20,6 +20,7 @@ import torch
 from einops import rearrange
 
 RGB_LEVEL = "rgb"
+METHODS = ("tsne", "pca")
 # Below this many points sklearn's exact t-SNE is faster than its 3-D Barnes-Hut.
 _EXACT_MAX_POINTS = 1200
 
@@ -67,6 +68,8 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
+    if method not in METHODS:
+        raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
     pts = [as_points(b) for b in blocks]
     x = np.concatenate(pts)
     n = x.shape[0]
@@ -75,7 +78,7 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
         k = min(3, *z.shape)
         y = PCA(k, random_state=seed).fit_transform(z) if np.abs(z).max() > 0 else np.zeros((n, k))
         y = np.pad(y, ((0, 0), (0, 3 - k)))
-    elif method == "tsne":
+    else:
         x = reduce_dims(x, pca_dims, seed)
         # sklearn's "auto" rate, n / 12 / 4, floored at 10 instead of 50: in 3-D, small sets
         # (a few hundred points) diverge at 50 and near-copies of a point land far apart.
@@ -83,8 +86,6 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
                     learning_rate=max(n / 48, 10.0), random_state=seed, max_iter=max(250, max_iter),
                     method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut")
         y = tsne.fit_transform(x.astype(np.float32))
-    else:
-        raise ValueError(f"unknown embedding method {method!r}; use 'tsne' or 'pca'")
     rgb = minmax(y)
     out, start = [], 0
     for b, p in zip(blocks, pts):
@@ -237,9 +238,3 @@ def upsample_image(img: np.ndarray, size: int) -> np.ndarray:
 
     pil = Image.fromarray((img * 255).round().astype(np.uint8))
     return np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255
-
-
-def figure_image(fig) -> np.ndarray:
-    """The rendered figure as an (H, W, 3) uint8 array (for GIF frames and loggers)."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -3,6 +3,7 @@ trained once by the real CLI on the smoke configuration (shrunk to 112 px), offl
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -28,15 +29,9 @@ def run(tmp_path_factory):
     overlay = {
         "trainer": {
             "max_steps": 8, "check_val_every_n_epoch": 4, "default_root_dir": str(root),
-            "logger": [
-                {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                 "init_args": {"save_dir": str(root), "name": "csv"}},
-                {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                 "init_args": {"save_dir": str(root), "project": "apm-test", "offline": True}},
-            ],
-            "callbacks": [
+            "callbacks": [  # the configs' CSV and wandb loggers follow default_root_dir
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_top_k": 0, "save_last": True}},
+                 "init_args": {"save_top_k": 0, "save_last": True}},
                 {"class_path": "apm.callbacks.IslandFigures",
                  "init_args": {"every_n_val_epochs": 1, "num_images": 2, "method": "pca", "display": 64}},
             ],
@@ -50,7 +45,7 @@ def run(tmp_path_factory):
         [sys.executable, "-m", "apm", "fit", "-c", str(CONFIGS / "apm.yaml"), "-c",
          str(CONFIGS / "smoke.yaml"), "-c", str(root / "overlay.yaml")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, **env})
+        env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
