@@ -82,7 +82,7 @@ class Settings:
     cache_epochs: int = 3
     cache_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024, 1024])
     # 6. time to fidelity
-    fid_image: int = 224
+    fid_image: int = 448
     fid_levels: list[int] = field(default_factory=lambda: [4, 8, 12])
     fid_hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024, 1024])
     fid_target: float = 0.9
@@ -91,7 +91,7 @@ class Settings:
     fid_recipe: dict = field(default_factory=dict)  # overrides of configs/apm.yaml's model recipe
 
 
-QUICK = dict(train_rounds=3, infer_reps=1, cache_epochs=3, fid_budget_s=150.0)
+QUICK = dict(train_rounds=3, infer_reps=1, cache_epochs=3, fid_budget_s=200.0)
 TINY = dict(paper_image=56, paper_hidden=[64, 64], paper_pe=16, paper_width=16, train_batch=1,
             train_rounds=1, teacher="dinov2_tiny", sizes=[28, 56], student_hidden=[32, 32],
             student_pe=16, student_level=8, infer_reps=1, stream_chunk=16, cache_image=28,
