@@ -171,6 +171,8 @@ class APMModule(L.LightningModule):
         self.standardizer.finalize()
 
     def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:  # ranks sample different query locations, reproducibly
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
         if self.hparams.feature_cache:
             dm = self.trainer.datamodule
             if dm is None or not hasattr(dm, "train_set"):
