@@ -36,11 +36,11 @@ def teacher_identity(name: str, args: dict[str, Any] | None, teacher: Teacher) -
     checksum of the weights (so random teachers with other seeds, or other weights, differ)."""
     with torch.no_grad():
         checksum = float(sum(p.detach().double().sum().item() for p in teacher.parameters()))
-    return _plain({"name": name, "args": args or {}, "describe": teacher.describe(),
+    return json_normal({"name": name, "args": args or {}, "describe": teacher.describe(),
                    "weights_checksum": checksum})
 
 
-def _plain(x: Any) -> Any:
+def json_normal(x: Any) -> Any:
     """JSON-normal form (tuples become lists, keys sorted) so that comparisons ignore types."""
     return json.loads(json.dumps(x, sort_keys=True, default=str))
 
@@ -87,7 +87,7 @@ class FeatureCache:
         """
         root = Path(root)
         images = [str(s) for s in images]
-        wanted = _plain({"format": FORMAT, "teacher": identity, "images": images,
+        wanted = json_normal({"format": FORMAT, "teacher": identity, "images": images,
                          "levels": [(l.name, list(l.grid), l.dim) for l in levels]})
         path = root / MANIFEST
         if path.exists():

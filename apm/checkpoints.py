@@ -26,6 +26,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from apm.cache import json_normal
 from apm.errors import APMError, ConfigError
 
 # Settings that change what is computed but not what a checkpoint holds.
@@ -205,8 +206,8 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
     saved_hp = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in RUNTIME_ONLY}
     own_hp = {k: v for k, v in dict(module.hparams).items() if k not in RUNTIME_ONLY}
     saved = (checkpoint.get("apm") or {}).get("teacher")
-    teacher_changed = (saved is not None and _plain(saved) != _plain(module.teacher.describe())) or any(
-        k in saved_hp and _plain(saved_hp[k]) != _plain(own_hp.get(k)) for k in ("teacher", "teacher_args"))
+    teacher_changed = (saved is not None and json_normal(saved) != json_normal(module.teacher.describe())) or any(
+        k in saved_hp and json_normal(saved_hp[k]) != json_normal(own_hp.get(k)) for k in ("teacher", "teacher_args"))
     sd, own = checkpoint.get("state_dict") or {}, module.state_dict()
     shapes = [f"parameter {k} is {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
               for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -215,7 +216,7 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
     if not (teacher_changed or shapes or missing or unexpected):
         return
     diffs = [f"{_setting(k)} is {saved_hp.get(k)!r} in the checkpoint but {own_hp.get(k)!r} here"
-             for k in sorted(SHAPE_SETTINGS) if _plain(saved_hp.get(k)) != _plain(own_hp.get(k))]
+             for k in sorted(SHAPE_SETTINGS) if json_normal(saved_hp.get(k)) != json_normal(own_hp.get(k))]
     if teacher_changed and not any(d.startswith(("model.teacher", "data.image_size")) for d in diffs):
         diffs.append(f"its teacher was {_brief(saved)}, this run's is {_brief(module.teacher.describe())}")
     details = shapes[:2]
@@ -233,12 +234,6 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
         f"with (its run folder keeps them in config.yaml), point {setting!r} at a checkpoint of "
         f"this configuration, or drop {setting!r} to start a new run."
     )
-
-
-def _plain(x: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
 def _brief(desc: dict | None) -> str:

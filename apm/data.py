@@ -37,6 +37,19 @@ def skimage_photo(name: str) -> Image.Image:
     return to_rgb(Image.fromarray(np.asarray(arr)))
 
 
+def skimage_names(spec: str, setting: str) -> list[str]:
+    """The photograph names of a ``skimage:NAME[,NAME...]`` spec; ConfigError naming ``setting``
+    when one is not embedded in scikit-image."""
+    names = spec[len("skimage:"):].split(",")
+    bad = [n for n in names if n not in SKIMAGE_PHOTOS]
+    if bad:
+        raise ConfigError(
+            f"Setting {setting!r}: {bad} are not embedded scikit-image photographs; choose from "
+            f"{', '.join(SKIMAGE_PHOTOS)} (e.g. 'skimage:astronaut,coffee')."
+        )
+    return names
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB: EXIF orientation applied, alpha composited on white, 16-bit and
     float scaled, grayscale, palette and CMYK converted."""
@@ -196,14 +209,7 @@ class APMDataModule(L.LightningDataModule):
         if self.hparams.images is None:
             return list(SKIMAGE_PHOTOS)
         if self.hparams.images.startswith("skimage:"):
-            names = self.hparams.images[len("skimage:"):].split(",")
-            bad = [n for n in names if n not in SKIMAGE_PHOTOS]
-            if bad:
-                raise ConfigError(
-                    f"Setting 'data.images': {bad} are not embedded scikit-image photographs; choose "
-                    f"from {', '.join(SKIMAGE_PHOTOS)} (e.g. 'skimage:astronaut,coffee')."
-                )
-            return names
+            return skimage_names(self.hparams.images, "data.images")
         found = find_images(self.hparams.images)
         if not found:
             raise ConfigError(

@@ -25,19 +25,13 @@ from apm.errors import ConfigError
 def load_images(specs: Sequence[str], image_size: int, setting: str = "--images") -> list[tuple[str, torch.Tensor]]:
     """(name, image (3, S, S) in [0, 1]) for image files, folders (searched recursively) and
     ``skimage:NAME[,NAME...]`` (photographs embedded in scikit-image)."""
-    from apm.data import SKIMAGE_PHOTOS, find_images, image_transform, load_image, skimage_photo
+    from apm.data import find_images, image_transform, load_image, skimage_names, skimage_photo
 
     tf = image_transform(image_size)
     out: list[tuple[str, torch.Tensor]] = []
     for spec in specs:
         if spec.startswith("skimage:"):
-            for name in spec[len("skimage:"):].split(","):
-                if name not in SKIMAGE_PHOTOS:
-                    raise ConfigError(
-                        f"Setting {setting!r}: {name!r} is not an embedded scikit-image photograph; "
-                        f"choose from {', '.join(SKIMAGE_PHOTOS)} (e.g. skimage:astronaut,coffee)."
-                    )
-                out.append((name, tf(skimage_photo(name))))
+            out += [(name, tf(skimage_photo(name))) for name in skimage_names(spec, setting)]
             continue
         path = Path(spec)
         if not path.exists():
