@@ -270,10 +270,14 @@ class APMModule(L.LightningModule):
         """Per level: cosine, centred cosine, R^2 (teacher's scale) and MSE (standardized), each (B,)."""
         levels = list(range(len(self.levels))) if levels is None else list(levels)
         feats = self.targets(images)
-        preds = self.predict_features(images, levels)
+        return self.fidelity([feats[i] for i in levels], self.predict_features(images, levels), levels)
+
+    def fidelity(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                 levels: Sequence[int]) -> dict[str, dict[str, torch.Tensor]]:
+        """``evaluate``'s measures from features already computed: teacher and student (B, h, w, d)
+        on the teacher's scale, one of each per entry of ``levels``."""
         out = {}
-        for i, p in zip(levels, preds):
-            t = feats[i]
+        for i, t, p in zip(levels, teacher, student):
             out[self.levels[i].name] = {
                 "cos": metrics.cosine(p, t),
                 "cos_centered": metrics.centered_cosine(p, t),

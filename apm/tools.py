@@ -160,8 +160,8 @@ def island_scores(module, images: torch.Tensor, levels: Sequence[int] | None = N
     (cos, cos_centered, r2, mse) and the island agreement of k-means label maps (ari, nmi)."""
     levels = list(range(len(module.levels))) if levels is None else list(levels)
     images = images.to(module.device)
-    fidelity = module.evaluate(images, levels)
-    teacher, student = level_features(module, images, levels)
+    teacher, student = level_features(module, images, levels)  # the teacher runs once
+    fidelity = module.fidelity(teacher, student, levels)
     out: dict[str, dict[str, list[float]]] = {}
     for i, t, s in zip(levels, teacher, student):
         name = module.levels[i].name
