@@ -36,8 +36,11 @@ def teacher_identity(name: str, args: dict[str, Any] | None, teacher: Teacher) -
     checksum of the weights (so random teachers with other seeds, or other weights, differ)."""
     with torch.no_grad():
         checksum = float(sum(p.detach().double().sum().item() for p in teacher.parameters()))
-    return json_normal({"name": name, "args": args or {}, "describe": teacher.describe(),
-                   "weights_checksum": checksum})
+    identity = {"name": name, "args": args or {}, "describe": teacher.describe(),
+                "weights_checksum": checksum}
+    if teacher.precision != "32":  # fp32 caches written before teacher precision existed stay valid
+        identity["precision"] = teacher.precision
+    return json_normal(identity)
 
 
 def json_normal(x: Any) -> Any:
@@ -120,7 +123,7 @@ class FeatureCache:
         if found.get("format") != wanted["format"]:
             raise ConfigError(f"Setting {setting!r}: {root} holds a cache of another format. {fix}")
         ft, wt = found["teacher"], wanted["teacher"]
-        diffs = [k for k in ("name", "args", "describe") if ft.get(k) != wt.get(k)]
+        diffs = [k for k in ("name", "args", "describe", "precision") if ft.get(k) != wt.get(k)]
         a, b = ft.get("weights_checksum"), wt.get("weights_checksum")
         if a is None or b is None or not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6):
             diffs.append("weights")

@@ -51,7 +51,7 @@ def minmax(y: np.ndarray) -> np.ndarray:
 
 def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
               perplexity: float = 30.0, seed: int = 0, pca_dims: int = 50,
-              max_iter: int = 1000) -> list[np.ndarray]:
+              max_iter: int = 1000, device: str | torch.device | None = None) -> list[np.ndarray]:
     """Embed several feature sets of one level together into 3 components scaled to RGB [0, 1].
 
     Args:
@@ -61,6 +61,9 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
         seed: Random state of PCA and t-SNE.
         pca_dims: Wider features are reduced to this many principal components before t-SNE.
         max_iter: t-SNE iterations (at least 250).
+        device: Where t-SNE runs. On a GPU, ``apm.tsne`` (exact t-SNE in torch, the same
+            objective and schedule, a second or so per level); on the CPU (default), scikit-learn's
+            exact (up to 1,200 points) or Barnes-Hut t-SNE, which is faster there.
 
     Returns:
         One array per block, shaped like the block with the last axis replaced by 3 (RGB in [0, 1]).
@@ -82,10 +85,17 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
         x = reduce_dims(x, pca_dims, seed)
         # sklearn's "auto" rate, n / 12 / 4, floored at 10 instead of 50: in 3-D, small sets
         # (a few hundred points) diverge at 50 and near-copies of a point land far apart.
-        tsne = TSNE(n_components=3, perplexity=min(perplexity, (n - 1) / 3), init="pca",
-                    learning_rate=max(n / 48, 10.0), random_state=seed, max_iter=max(250, max_iter),
-                    method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut")
-        y = tsne.fit_transform(x.astype(np.float32))
+        perplexity, rate = min(perplexity, (n - 1) / 3), max(n / 48, 10.0)
+        if device is not None and torch.device(device).type != "cpu":
+            from apm.tsne import tsne
+
+            y = tsne(torch.from_numpy(x).to(device), 3, perplexity, rate, max(250, max_iter))
+            y = y.double().cpu().numpy()
+        else:
+            y = TSNE(n_components=3, perplexity=perplexity, init="pca", learning_rate=rate,
+                     random_state=seed, max_iter=max(250, max_iter),
+                     method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut",
+                     ).fit_transform(x.astype(np.float32))
     rgb = minmax(y)
     out, start = [], 0
     for b, p in zip(blocks, pts):
@@ -168,8 +178,10 @@ class LevelRow:
 
 def level_rows(names: Sequence[str], teacher: Sequence[torch.Tensor | np.ndarray],
                student: Sequence[torch.Tensor | np.ndarray] | None = None, method: str = "tsne",
-               perplexity: float = 30.0, seed: int = 0, max_iter: int = 1000) -> list[LevelRow]:
-    """Colour maps per level: teacher (and student) features (h, w, d) embedded together.
+               perplexity: float = 30.0, seed: int = 0, max_iter: int = 1000,
+               device: str | torch.device | None = None) -> list[LevelRow]:
+    """Colour maps per level: teacher (and student) features (h, w, d) embedded together (t-SNE
+    on ``device``, see ``embed_rgb``).
 
     The ``rgb`` level (patch-mean colours) is shown as the colours themselves.
     """
@@ -179,7 +191,7 @@ def level_rows(names: Sequence[str], teacher: Sequence[torch.Tensor | np.ndarray
         if name == RGB_LEVEL and as_points(teacher[i]).shape[1] == 3:
             maps = [np.clip(as_points(b), 0, 1).reshape(*tuple(b.shape[:-1]), 3) for b in blocks]
         else:
-            maps = embed_rgb(blocks, method, perplexity, seed, max_iter=max_iter)
+            maps = embed_rgb(blocks, method, perplexity, seed, max_iter=max_iter, device=device)
         rows.append(LevelRow(name, maps[0], maps[1] if student is not None else None))
     return rows
 

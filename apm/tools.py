@@ -92,6 +92,7 @@ def teacher_from_config(paths: Sequence[str], device: torch.device):
     image_size = int(data.get("image_size") or model.get("image_size") or 448)
     teacher = create_teacher(model.get("teacher", "dinov2_small"), image_size=image_size,
                              **(model.get("teacher_args") or {}))
+    teacher.set_precision(str(model.get("teacher_precision", "32")))
     return teacher.to(device), image_size
 
 
@@ -123,7 +124,7 @@ def island_figures(module, images: torch.Tensor, names: Sequence[str], out_dir: 
     paths = []
     for b, name in enumerate(names):
         t, s = [f[b] for f in teacher], [f[b] for f in student]
-        rows = islands.level_rows(lnames, t, s, method, perplexity, seed, max_iter)
+        rows = islands.level_rows(lnames, t, s, method, perplexity, seed, max_iter, module.device)
         for row, tf, sf in zip(rows, t, s):
             row.note = f"ARI {islands.island_agreement(tf, sf, k, seed)['ari']:.2f}"
         path = Path(out_dir) / f"{prefix}{name}.png"
@@ -143,7 +144,7 @@ def teacher_figures(teacher, images: torch.Tensor, names: Sequence[str], out_dir
     paths = []
     for b, name in enumerate(names):
         rows = islands.level_rows([lv[i].name for i in levels], [feats[i][b] for i in levels],
-                                  None, method, perplexity, seed, max_iter)
+                                  None, method, perplexity, seed, max_iter, feats[0].device)
         path = Path(out_dir) / f"{name}.png"
         islands.island_figure(images[b], rows, path, display, title=f"{name} (teacher only)")
         paths.append(path)
@@ -228,7 +229,7 @@ def interpolation_strip(module, image_a: torch.Tensor, image_b: torch.Tensor, st
         if module.levels[i].name == islands.RGB_LEVEL and f.shape[-1] == 3:
             maps.append(np.clip(f.cpu().numpy(), 0, 1))
         else:
-            maps.append(islands.embed_rgb([f], method, perplexity, seed)[0])
+            maps.append(islands.embed_rgb([f], method, perplexity, seed, device=module.device)[0])
     alphas = np.linspace(0, 1, steps)
     ends = [islands.upsample_image(islands.image_to_array(x), display) for x in (image_a, image_b)]
     ncol = steps + 2

@@ -18,6 +18,10 @@ Figures (keys of the JSON file; null where a figure does not apply to the device
 6. ``fidelity``: wall time to mean R^2 0.9 on one image, our default recipe against the official one
    (Adam 1e-4, fp32, all queries every step, unnormalized MSE), same student
    -> ``time_to_fidelity_vs_baseline_ratio``.
+7. ``islands``: the joint 3-D t-SNE of an island figure (teacher beside student, 2 x 1024 points per
+   level at 448 px, 12 levels of DINOv2-small): scikit-learn against ``apm.islands.embed_rgb`` on
+   the run's device (the torch t-SNE on a GPU), with the trustworthiness of each
+   -> ``islands_speedup_ratio``.
 
 Peak memory is the device's allocator peak on CUDA; on CPU it is the process's peak resident set
 size (Linux VmHWM, reset through /proc/self/clear_refs, glibc's mmap threshold pinned and free
@@ -89,14 +93,25 @@ class Settings:
     fid_eval_every: int = 10
     fid_budget_s: float = 900.0
     fid_recipe: dict = field(default_factory=dict)  # overrides of configs/apm.yaml's model recipe
+    # 7. island-figure embedding: levels of the figure, and how many of them each method embeds
+    # (the figure's time is the per-level mean times the levels: scikit-learn takes minutes)
+    isl_image: int = 448
+    isl_figure_levels: int = 12
+    isl_levels_ours: int = 12
+    isl_levels_sklearn: int = 2
 
 
-QUICK = dict(train_rounds=3, infer_reps=1, cache_epochs=3, fid_budget_s=200.0)
+QUICK = dict(train_rounds=3, infer_reps=1, cache_epochs=3, fid_budget_s=200.0, isl_levels_ours=1,
+             isl_levels_sklearn=1)
+# On a GPU, 2 images (2,048 queries) a step leave the device idle between kernel launches; 32 images
+# (32,768 queries, the same for both forwards) measure the arithmetic.
+CUDA = dict(train_batch=32)
 TINY = dict(paper_image=56, paper_hidden=[64, 64], paper_pe=16, paper_width=16, train_batch=1,
             train_rounds=1, teacher="dinov2_tiny", sizes=[28, 56], student_hidden=[32, 32],
             student_pe=16, student_level=8, infer_reps=1, stream_chunk=16, cache_image=28,
             cache_images=2, cache_epochs=2, cache_hidden=[32], fid_image=28, fid_levels=[1, 3],
-            fid_hidden=[64, 64], fid_target=0.5, fid_eval_every=5, fid_budget_s=2.0)
+            fid_hidden=[64, 64], fid_target=0.5, fid_eval_every=5, fid_budget_s=2.0, isl_image=56,
+            isl_figure_levels=3, isl_levels_ours=1, isl_levels_sklearn=1)
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -209,8 +224,8 @@ def official_forward(student: APMStudent, images: torch.Tensor, levels: list[int
 def photo(size: int, device: torch.device, n: int = 1) -> torch.Tensor:
     from apm.data import SKIMAGE_PHOTOS, ImageDataset
 
-    ds = ImageDataset(list(SKIMAGE_PHOTOS[:n]), size)
-    return torch.stack([ds[i] for i in range(n)]).to(device)
+    ds = ImageDataset(list(SKIMAGE_PHOTOS), size)
+    return torch.stack([ds[i % len(ds)] for i in range(n)]).to(device)
 
 
 # -- 1. training throughput ----------------------------------------------------------------------
@@ -273,8 +288,9 @@ def bench_train(s: Settings, device: torch.device, precision: str, log) -> dict:
 
 
 # -- 2./3. dense and streaming inference ---------------------------------------------------------
-def inference_models(s: Settings, size: int, device: torch.device):
+def inference_models(s: Settings, size: int, device: torch.device, precision: str):
     teacher = create_teacher(s.teacher, image_size=size, pretrained=False).to(device)
+    teacher.set_precision("bf16" if precision.startswith("bf16") else "32")  # its fast mode, as the student
     levels = list(teacher.levels) + [Level("rgb", teacher.levels[0].grid, 3)]
     torch.manual_seed(0)
     student = APMStudent(levels, size, teacher.patch_size, s.student_pe, s.student_level,
@@ -293,7 +309,7 @@ def all_queries(student: APMStudent) -> tuple[torch.Tensor, torch.Tensor]:
 def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memory, log) -> tuple[dict, dict]:
     rows, stream_rows = [], []
     for size in s.sizes:
-        teacher, student = inference_models(s, size, device)
+        teacher, student = inference_models(s, size, device, precision)
         images = photo(size, device)
         ids, coords = all_queries(student)
         ids, coords = ids.to(device), coords.to(device)
@@ -509,6 +525,42 @@ def bench_fidelity(s: Settings, device: torch.device, precision: str, log) -> di
             "time_to_fidelity_vs_baseline_ratio": ratio}
 
 
+# -- 7. island-figure embedding ------------------------------------------------------------------
+def bench_islands(s: Settings, device: torch.device, log) -> dict:
+    from sklearn.manifold import trustworthiness
+
+    from apm.islands import embed_rgb, reduce_dims
+
+    teacher = create_teacher(s.teacher, image_size=s.isl_image, pretrained=False,
+                             config_overrides={"layerscale_value": 1.0}).to(device)
+    feats = teacher(photo(s.isl_image, device))
+    g = torch.Generator(device=device).manual_seed(0)
+    pairs = [(f[0], f[0] + 0.3 * f.std() * torch.randn(f[0].shape, generator=g, device=device))
+             for f in feats]  # teacher beside a near copy (a student), as in a figure
+
+    def run(where: torch.device, count: int) -> tuple[float, float]:
+        times = []
+        for t, st in pairs[:count]:
+            times.append(wall(lambda: embed_rgb([t, st], "tsne", device=where), device))
+        x = reduce_dims(torch.cat([pairs[0][0], pairs[0][1]]).flatten(0, 1).double().cpu().numpy())
+        y = embed_rgb([x], "tsne", device=where)[0]
+        return statistics.mean(times), float(trustworthiness(x, y, n_neighbors=10))
+
+    n = s.isl_figure_levels
+    ours_s, ours_t = run(device, min(s.isl_levels_ours, len(pairs)))
+    log(f"  ours ({device.type}): {ours_s:.2f} s per level, trustworthiness {ours_t:.4f}")
+    sk_s, sk_t = run(torch.device("cpu"), min(s.isl_levels_sklearn, len(pairs)))
+    log(f"  scikit-learn (cpu): {sk_s:.2f} s per level, trustworthiness {sk_t:.4f}")
+    points = 2 * pairs[0][0].shape[0] * pairs[0][0].shape[1]
+    return {"image": s.isl_image, "points_per_level": points, "figure_levels": n,
+            "method_ours": "apm.tsne (torch, exact)" if device.type != "cpu" else "scikit-learn",
+            "level_s_ours": ours_s, "level_s_sklearn": sk_s, "figure_s_ours": n * ours_s,
+            "figure_s_sklearn": n * sk_s, "levels_timed_ours": min(s.isl_levels_ours, len(pairs)),
+            "levels_timed_sklearn": min(s.isl_levels_sklearn, len(pairs)),
+            "trustworthiness_ours": ours_t, "trustworthiness_sklearn": sk_t,
+            "islands_speedup_ratio": sk_s / ours_s}
+
+
 # -- report --------------------------------------------------------------------------------------
 def device_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
@@ -584,12 +636,19 @@ def table(res: dict) -> str:
         f"{f(fi['official']['seconds'], '{:.1f}')} s ({fi['official']['steps']} steps, R^2 "
         f"{fi['official']['final_r2']:.3f}) -> {f(fi['time_to_fidelity_vs_baseline_ratio'])}x"
         + (" (lower bound)" if fi["ratio_is_lower_bound"] else ""),
+        "",
+        f"7. island figure, {res['islands']['figure_levels']} levels of {res['islands']['points_per_level']} "
+        f"points: ours ({res['islands']['method_ours']}) {res['islands']['figure_s_ours']:.1f} s, "
+        f"scikit-learn {res['islands']['figure_s_sklearn']:.1f} s -> "
+        f"{res['islands']['islands_speedup_ratio']:.1f}x; trustworthiness "
+        f"{res['islands']['trustworthiness_ours']:.4f} vs {res['islands']['trustworthiness_sklearn']:.4f}",
     ]
     return "\n".join(lines)
 
 
 KEYS = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
-        "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio")
+        "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio",
+        "islands_speedup_ratio")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -604,7 +663,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    s = Settings(**{**(QUICK if args.quick else {}), **(TINY if args.tiny else {})})
+    s = Settings(**{**(CUDA if args.device == "cuda" else {}), **(QUICK if args.quick else {}),
+                    **(TINY if args.tiny else {})})
     for kv in args.set:
         k, _, v = kv.partition("=")
         if not hasattr(s, k):
@@ -633,11 +693,14 @@ def main(argv: list[str] | None = None) -> dict:
     res["cache"] = bench_cache(s, device, precision, log)
     log("6. time to fidelity")
     res["fidelity"] = bench_fidelity(s, device, precision, log)
+    log("7. island-figure embedding")
+    res["islands"] = bench_islands(s, device, log)
     res["train_speedup_vs_baseline_ratio"] = res["train"]["train_speedup_vs_baseline_ratio"]
     res["time_to_fidelity_vs_baseline_ratio"] = res["fidelity"]["time_to_fidelity_vs_baseline_ratio"]
     res["streaming_memory_growth_ratio"] = res["streaming"]["streaming_memory_growth_ratio"]
     res["student_fraction_of_bf16_peak"] = res["gpu"]["student_fraction_of_bf16_peak"]
     res["cache_epoch_speedup_ratio"] = res["cache"]["cache_epoch_speedup_ratio"]
+    res["islands_speedup_ratio"] = res["islands"]["islands_speedup_ratio"]
     res["total_s"] = time.perf_counter() - t0
     print()
     print(table(res))

@@ -17,6 +17,10 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Teacher precisions: "32" runs the teacher in fp32 whatever autocast is active around it (the
+# default: targets, level statistics and caches then never depend on trainer.precision); "bf16" and
+# "16" run it under autocast in that dtype, faster, at a small measured error (docs/benchmarks.md).
+TEACHER_PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Teacher(nn.Module, ABC):
 
     patch_size: int
     image_size: int
+    precision: str = "32"  # a key of TEACHER_PRECISIONS; set with ``set_precision``
 
     @property
     @abstractmethod
@@ -58,16 +63,26 @@ class Teacher(nn.Module, ABC):
             p.requires_grad_(False)
         return self.eval()
 
+    def set_precision(self, precision: str) -> "Teacher":
+        """Run the teacher in ``precision`` ("32", "bf16" or "16"), whatever autocast surrounds it."""
+        if str(precision) not in TEACHER_PRECISIONS:
+            raise ValueError(f"teacher precision {precision!r}; use one of {', '.join(TEACHER_PRECISIONS)}")
+        self.precision = str(precision)
+        return self
+
     def train(self, mode: bool = True) -> "Teacher":
         # Frozen: dropout and the like stay off even when the parent module trains.
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per-level features (B, h, w, d) of images (B, 3, H, W) in [0, 1]."""
+        """Per-level features (B, h, w, d), float32, of images (B, 3, H, W) in [0, 1], computed in
+        the teacher's ``precision`` (fp32 by default, even inside an autocast region)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects images (B, 3, H, W), got {tuple(images.shape)}")
-        feats = self.extract(images)
+        dtype = TEACHER_PRECISIONS[self.precision]
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            feats = [f.float() for f in self.extract(images)]
         for f, lvl in zip(feats, self.levels):
             if tuple(f.shape[1:]) != (*lvl.grid, lvl.dim):
                 raise RuntimeError(

@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 TOP = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
-       "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio")
+       "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio",
+       "islands_speedup_ratio")
 TRAIN = ("queries_per_s_ours", "queries_per_s_baseline", "images_per_s_ours", "images_per_s_baseline",
          "flops_per_step_ours", "flops_per_step_baseline", "first_layer_flop_share_baseline")
 DENSE = ("image", "locations", "student_flops", "teacher_flops", "student_s", "teacher_s",
@@ -43,4 +44,8 @@ def test_bench_tiny_writes_every_figure(tmp_path):
             assert row[k] is not None, k
     assert {"epoch_s_no_cache", "epoch_s_cache_fill", "epoch_s_cached"} <= set(res["cache"])
     assert {"ours", "official", "target_r2"} <= set(res["fidelity"])
+    isl = res["islands"]
+    assert "7. island figure" in run.stdout
+    assert isl["level_s_ours"] > 0 and isl["level_s_sklearn"] > 0
+    assert 0.5 < isl["trustworthiness_ours"] <= 1 and 0.5 < isl["trustworthiness_sklearn"] <= 1
     assert res["env"]["torch"] and res["command"].startswith("python experiments/bench.py")

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On a GPU machine, one command: the CUDA-only tests, the benchmark on the GPU, and a real-size
+# distillation (DINOv2-base architecture, 448 px, 13 levels, the default student) for MINUTES.
+#   experiments/gpu_run.sh [IMAGES_FOLDER] [MINUTES]
+# Writes experiments/results/bench_cuda.json and distill_cuda.json (OUTDIR to change);
+# PARTS="tests bench distill" selects parts, BENCH_ARGS passes options to bench.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IMAGES=${1:-}
+MINUTES=${2:-5}
+OUTDIR=${OUTDIR:-experiments/results}
+export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} PYTHONUNBUFFERED=1
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU here')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+for part in ${PARTS:-tests bench distill}; do
+  echo "== $part"
+  case $part in
+    tests)   python -m pytest -q -rs tests/test_cuda.py ;;
+    bench)   python experiments/bench.py --device cuda --json "$OUTDIR/bench_cuda.json" ${BENCH_ARGS:-} ;;
+    distill) python experiments/distill_gpu.py ${IMAGES:+--images "$IMAGES"} --minutes "$MINUTES" \
+               --json "$OUTDIR/distill_cuda.json" ;;
+    *) echo "unknown part $part (tests, bench, distill)"; exit 2 ;;
+  esac
+done
