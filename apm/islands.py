@@ -56,51 +56,69 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
 
     Args:
         blocks: Feature sets (h, w, d) or (N, d) of the same width, e.g. [teacher, student].
-        method: ``tsne`` (sklearn t-SNE, 3 components) or ``pca`` (first 3 principal components).
+        method: ``tsne`` (t-SNE, 3 components) or ``pca`` (first 3 principal components).
         perplexity: t-SNE perplexity; lowered automatically for small point sets.
         seed: Random state of PCA and t-SNE.
         pca_dims: Wider features are reduced to this many principal components before t-SNE.
         max_iter: t-SNE iterations (at least 250).
         device: Where t-SNE runs. On a GPU, ``apm.tsne`` (exact t-SNE in torch, the same
-            objective and schedule, a second or so per level); on the CPU (default), scikit-learn's
-            exact (up to 1,200 points) or Barnes-Hut t-SNE, which is faster there.
+            objective and schedule as scikit-learn's); on the CPU (default), scikit-learn's exact
+            (up to 1,200 points) or Barnes-Hut t-SNE, which is faster there.
 
     Returns:
         One array per block, shaped like the block with the last axis replaced by 3 (RGB in [0, 1]).
     """
+    return embed_rgb_levels([blocks], method, perplexity, seed, pca_dims, max_iter, device)[0]
+
+
+def embed_rgb_levels(levels: Sequence[Sequence[torch.Tensor | np.ndarray]], method: str = "tsne",
+                     perplexity: float = 30.0, seed: int = 0, pca_dims: int = 50,
+                     max_iter: int = 1000, device: str | torch.device | None = None) -> list[list[np.ndarray]]:
+    """``embed_rgb`` for several levels (each a list of blocks), each embedded on its own. On a
+    GPU the levels with equally many points are embedded in one batched t-SNE."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
     if method not in METHODS:
         raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
-    pts = [as_points(b) for b in blocks]
-    x = np.concatenate(pts)
-    n = x.shape[0]
-    if method == "pca" or n < 8:
-        z = x - x.mean(0)
-        k = min(3, *z.shape)
-        y = PCA(k, random_state=seed).fit_transform(z) if np.abs(z).max() > 0 else np.zeros((n, k))
-        y = np.pad(y, ((0, 0), (0, 3 - k)))
-    else:
-        x = reduce_dims(x, pca_dims, seed)
+    on_gpu = device is not None and torch.device(device).type != "cpu"
+    pts = [[as_points(b) for b in blocks] for blocks in levels]
+    xs = [np.concatenate(p) for p in pts]
+    ys: list[np.ndarray | None] = [None] * len(xs)
+    batches: dict[tuple[int, int], list[int]] = {}
+    for i, x in enumerate(xs):
+        n = x.shape[0]
+        if method == "pca" or n < 8:
+            z = x - x.mean(0)
+            k = min(3, *z.shape)
+            y = PCA(k, random_state=seed).fit_transform(z) if np.abs(z).max() > 0 else np.zeros((n, k))
+            ys[i] = np.pad(y, ((0, 0), (0, 3 - k)))
+            continue
+        xs[i] = reduce_dims(x, pca_dims, seed)
         # sklearn's "auto" rate, n / 12 / 4, floored at 10 instead of 50: in 3-D, small sets
         # (a few hundred points) diverge at 50 and near-copies of a point land far apart.
-        perplexity, rate = min(perplexity, (n - 1) / 3), max(n / 48, 10.0)
-        if device is not None and torch.device(device).type != "cpu":
-            from apm.tsne import tsne
-
-            y = tsne(torch.from_numpy(x).to(device), 3, perplexity, rate, max(250, max_iter))
-            y = y.double().cpu().numpy()
+        perp, rate = min(perplexity, (n - 1) / 3), max(n / 48, 10.0)
+        if on_gpu:
+            batches.setdefault(xs[i].shape, []).append(i)
         else:
-            y = TSNE(n_components=3, perplexity=perplexity, init="pca", learning_rate=rate,
-                     random_state=seed, max_iter=max(250, max_iter),
-                     method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut",
-                     ).fit_transform(x.astype(np.float32))
-    rgb = minmax(y)
-    out, start = [], 0
-    for b, p in zip(blocks, pts):
-        out.append(rgb[start : start + len(p)].reshape(*tuple(b.shape[:-1]), 3))
-        start += len(p)
+            ys[i] = TSNE(n_components=3, perplexity=perp, init="pca", learning_rate=rate,
+                         random_state=seed, max_iter=max(250, max_iter),
+                         method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut",
+                         ).fit_transform(xs[i].astype(np.float32))
+    for (n, _), idx in batches.items():
+        from apm.tsne import tsne
+
+        x = torch.from_numpy(np.stack([xs[i] for i in idx])).to(device)
+        y = tsne(x, 3, min(perplexity, (n - 1) / 3), max(n / 48, 10.0), max(250, max_iter))
+        for i, yi in zip(idx, y.double().cpu().numpy()):
+            ys[i] = yi
+    out = []
+    for blocks, p, y in zip(levels, pts, ys):
+        rgb, start, maps = minmax(y), 0, []
+        for b, q in zip(blocks, p):
+            maps.append(rgb[start : start + len(q)].reshape(*tuple(b.shape[:-1]), 3))
+            start += len(q)
+        out.append(maps)
     return out
 
 
@@ -185,13 +203,14 @@ def level_rows(names: Sequence[str], teacher: Sequence[torch.Tensor | np.ndarray
 
     The ``rgb`` level (patch-mean colours) is shown as the colours themselves.
     """
+    blocks = [[teacher[i]] + ([student[i]] if student is not None else []) for i in range(len(names))]
+    colour = [name == RGB_LEVEL and as_points(teacher[i]).shape[1] == 3 for i, name in enumerate(names)]
+    embedded = iter(embed_rgb_levels([b for b, c in zip(blocks, colour) if not c], method,
+                                     perplexity, seed, max_iter=max_iter, device=device))
     rows = []
-    for i, name in enumerate(names):
-        blocks = [teacher[i]] + ([student[i]] if student is not None else [])
-        if name == RGB_LEVEL and as_points(teacher[i]).shape[1] == 3:
-            maps = [np.clip(as_points(b), 0, 1).reshape(*tuple(b.shape[:-1]), 3) for b in blocks]
-        else:
-            maps = embed_rgb(blocks, method, perplexity, seed, max_iter=max_iter, device=device)
+    for name, b, c in zip(names, blocks, colour):
+        maps = ([np.clip(as_points(x), 0, 1).reshape(*tuple(x.shape[:-1]), 3) for x in b] if c
+                else next(embedded))
         rows.append(LevelRow(name, maps[0], maps[1] if student is not None else None))
     return rows
 

@@ -93,6 +93,7 @@ class Settings:
     fid_eval_every: int = 10
     fid_budget_s: float = 900.0
     fid_recipe: dict = field(default_factory=dict)  # overrides of configs/apm.yaml's model recipe
+    fid_seeds: int = 1  # races from different initial students; the ratio is their median
     # 7. island-figure embedding: levels of the figure, and how many of them each method embeds
     # (the figure's time is the per-level mean times the levels: scikit-learn takes minutes)
     isl_image: int = 448
@@ -105,7 +106,9 @@ QUICK = dict(train_rounds=3, infer_reps=1, cache_epochs=3, fid_budget_s=200.0, i
              isl_levels_sklearn=1)
 # On a GPU, 2 images (2,048 queries) a step leave the device idle between kernel launches; 32 images
 # (32,768 queries, the same for both forwards) measure the arithmetic.
-CUDA = dict(train_batch=32)
+# A race lasts seconds there: run several (one image at lr 1e-3 sometimes stalls, see
+# docs/benchmarks.md) and report the median.
+CUDA = dict(train_batch=32, fid_seeds=5, fid_budget_s=60.0)
 TINY = dict(paper_image=56, paper_hidden=[64, 64], paper_pe=16, paper_width=16, train_batch=1,
             train_rounds=1, teacher="dinov2_tiny", sizes=[28, 56], student_hidden=[32, 32],
             student_pe=16, student_level=8, infer_reps=1, stream_chunk=16, cache_image=28,
@@ -429,6 +432,19 @@ def bench_cache(s: Settings, device: torch.device, precision: str, log) -> dict:
 
 # -- 6. time to fidelity -------------------------------------------------------------------------
 def bench_fidelity(s: Settings, device: torch.device, precision: str, log) -> dict:
+    runs = []
+    for seed in range(s.fid_seeds):
+        if s.fid_seeds > 1:
+            log(f"  initial student {seed + 1}/{s.fid_seeds}")
+        runs.append(fidelity_race(s, device, precision, log, seed))
+    ratios = [r["time_to_fidelity_vs_baseline_ratio"] for r in runs]
+    reached = [x for x in ratios if x is not None]
+    return {**runs[0], "seeds": s.fid_seeds, "ratio_per_seed": ratios,
+            "ours_missed_target": len(ratios) - len(reached), "runs": runs[1:],
+            "time_to_fidelity_vs_baseline_ratio": statistics.median(reached) if reached else None}
+
+
+def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: int = 0) -> dict:
     import lightning as L
     import yaml
 
@@ -443,7 +459,7 @@ def bench_fidelity(s: Settings, device: torch.device, precision: str, log) -> di
     index = torch.zeros(1, dtype=torch.long)
 
     def fresh_module() -> APMModule:
-        torch.manual_seed(0)  # the same initial student for both recipes
+        torch.manual_seed(seed)  # the same initial student for both recipes
         return APMModule(**recipe, image_size=s.fid_image).to(device)
 
     def race(runs: dict[str, tuple[Callable, Callable]]) -> dict[str, dict]:
@@ -529,7 +545,7 @@ def bench_fidelity(s: Settings, device: torch.device, precision: str, log) -> di
 def bench_islands(s: Settings, device: torch.device, log) -> dict:
     from sklearn.manifold import trustworthiness
 
-    from apm.islands import embed_rgb, reduce_dims
+    from apm.islands import embed_rgb, embed_rgb_levels, reduce_dims
 
     teacher = create_teacher(s.teacher, image_size=s.isl_image, pretrained=False,
                              config_overrides={"layerscale_value": 1.0}).to(device)
@@ -539,12 +555,13 @@ def bench_islands(s: Settings, device: torch.device, log) -> dict:
              for f in feats]  # teacher beside a near copy (a student), as in a figure
 
     def run(where: torch.device, count: int) -> tuple[float, float]:
-        times = []
-        for t, st in pairs[:count]:
-            times.append(wall(lambda: embed_rgb([t, st], "tsne", device=where), device))
-        x = reduce_dims(torch.cat([pairs[0][0], pairs[0][1]]).flatten(0, 1).double().cpu().numpy())
+        """Seconds per level (``count`` levels embedded in one call, batched where the method
+        can) and the trustworthiness of the first level's embedding."""
+        blocks = [list(p) for p in pairs[:count]]
+        seconds = wall(lambda: embed_rgb_levels(blocks, "tsne", device=where), device) / count
+        x = reduce_dims(torch.cat(pairs[0]).flatten(0, 1).double().cpu().numpy())
         y = embed_rgb([x], "tsne", device=where)[0]
-        return statistics.mean(times), float(trustworthiness(x, y, n_neighbors=10))
+        return seconds, float(trustworthiness(x, y, n_neighbors=10))
 
     n = s.isl_figure_levels
     ours_s, ours_t = run(device, min(s.isl_levels_ours, len(pairs)))
@@ -636,6 +653,10 @@ def table(res: dict) -> str:
         f"{f(fi['official']['seconds'], '{:.1f}')} s ({fi['official']['steps']} steps, R^2 "
         f"{fi['official']['final_r2']:.3f}) -> {f(fi['time_to_fidelity_vs_baseline_ratio'])}x"
         + (" (lower bound)" if fi["ratio_is_lower_bound"] else ""),
+        *([f"   {fi['seeds']} initial students: ratios "
+           f"{', '.join(f(r) for r in fi['ratio_per_seed'])} -> median "
+           f"{f(fi['time_to_fidelity_vs_baseline_ratio'])}x; ours missed the target in "
+           f"{fi['ours_missed_target']}"] if fi["seeds"] > 1 else []),
         "",
         f"7. island figure, {res['islands']['figure_levels']} levels of {res['islands']['points_per_level']} "
         f"points: ours ({res['islands']['method_ours']}) {res['islands']['figure_s_ours']:.1f} s, "

@@ -65,34 +65,42 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=Path, default=None, help="folder of photographs (default: scikit-image's)")
     p.add_argument("--minutes", type=float, default=5.0, help="training time")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--workers", type=int, default=8, help="data loader processes")
+    p.add_argument("--tiny", action="store_true", help="a tiny teacher and student on the CPU (tests)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
     recipe = yaml.safe_load((ROOT / "configs" / "apm.yaml").read_text())
     m, d = recipe["model"], recipe["data"]
-    device = torch.device("cuda")
+    m.update(teacher="dinov2_base", teacher_args={"pretrained": False,
+                                                  "config_overrides": {"layerscale_value": 1.0}})
+    if a.tiny:
+        m.update(teacher="dinov2_tiny", teacher_args={"pretrained": False}, hidden_dims=[32],
+                 stats_images=4)
+        d.update(image_size=56, batch_size=2)
+    elif not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --tiny)")
+    device = torch.device("cpu" if a.tiny else "cuda")
     precision = default_precision(device)
     tmp = Path(tempfile.mkdtemp())
     images = a.images or photo_folder(tmp)
     L.seed_everything(0, verbose=False)
-    model = APMModule(**{**m, "teacher": "dinov2_base",
-                         "teacher_args": {"pretrained": False, "config_overrides": {"layerscale_value": 1.0}}},
-                      image_size=d["image_size"])
+    model = APMModule(**m, image_size=d["image_size"])
     data = APMDataModule(images=str(images), image_size=d["image_size"], batch_size=d["batch_size"],
                          val_fraction=0.1, num_workers=a.workers)
-    timer = StepTimer()
-    torch.cuda.reset_peak_memory_stats()
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision=precision,
-                        max_time={"minutes": a.minutes}, max_steps=recipe["trainer"]["max_steps"],
+    timer = StepTimer(warmup=2 if a.tiny else 20)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision,
+                        max_time={"minutes": a.minutes}, max_steps=a.steps or recipe["trainer"]["max_steps"],
                         logger=L.pytorch.loggers.CSVLogger(tmp, name="csv"), callbacks=[timer],
                         default_root_dir=tmp, check_val_every_n_epoch=10_000,
                         enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(model, datamodule=data)
     ckpt = tmp / "final.ckpt"
     trainer.save_checkpoint(ckpt)
-    peak_mem = torch.cuda.max_memory_allocated()
+    peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    model.to(device)  # Lightning hands the model back on the CPU
 
     batch = next(iter(data.train_dataloader()))
     batch = batch.to(device) if isinstance(batch, torch.Tensor) else batch[0].to(device)
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     flops = count_flops(student_step)
     step_s = statistics.median(timer.times)
-    peak = matmul_rate(device, torch.bfloat16, 8192, reps=5)
+    peak = matmul_rate(device, torch.bfloat16, 256 if a.tiny else 8192, reps=5)
     queries = d["batch_size"] * m["queries_per_image"]
     model.eval()
     with torch.no_grad():
@@ -121,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     figure_s = time.perf_counter() - t0
     val = model.evaluate(batch[:2])
     res = {
-        "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-        "precision": precision, "teacher": "dinov2_base (random, layer scale 1.0)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        "precision": precision, "teacher": f"{m['teacher']} (random weights)",
         "teacher_precision": model.hparams.teacher_precision,
         "levels": len(model.levels), "image": d["image_size"], "batch": d["batch_size"],
         "queries_per_image": m["queries_per_image"], "images": len(data.train_set),
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_r2_mean": float(torch.stack([v["r2"].mean() for v in val.values()]).mean()),
     }
     for k, v in res.items():
-        print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+        print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}", flush=True)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=1))
     return res

@@ -49,3 +49,14 @@ def test_embedding_keeps_neighbours_as_well_as_scikit_learn(features):
     # and it is a real embedding: far better than the PCA start it came from
     pca = reduce_dims(features, 3)
     assert t_ours > trustworthiness(features, pca, n_neighbors=10) + 0.01
+
+
+def test_a_batch_of_point_sets_embeds_each_as_alone(features):
+    # Float64 and the 250 early-exaggeration iterations: later (and sooner in float32), rounding
+    # differences between batched and single products flip the gains' sign test and the
+    # trajectories part (t-SNE is chaotic). A batch that leaks between sets is off far more.
+    a, b = torch.from_numpy(features[:200]), 3 * torch.from_numpy(features[300:500])
+    both = tsne(torch.stack([a, b]), 3, 20.0, 10.0, max_iter=250)
+    for x, y in zip((a, b), both):
+        alone = tsne(x, 3, 20.0, 10.0, max_iter=250)
+        torch.testing.assert_close(y, alone, rtol=0, atol=1e-3 * float(alone.abs().max()))
