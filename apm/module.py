@@ -16,7 +16,7 @@ from apm import metrics
 from apm.errors import ConfigError, NonFiniteLossError
 from apm.standardize import LevelStandardizer
 from apm.student import APMStudent
-from teachers import Level, Teacher, create_teacher
+from teachers import Level, create_teacher
 from teachers.base import TEACHER_PRECISIONS
 
 RGB = "rgb"
@@ -217,10 +217,11 @@ class APMModule(L.LightningModule):
                 out.append(torch.rand(batch, lvl.num_locations, device=device).argsort(1)[:, :n])
         return out
 
-    def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                      batch_idx: int) -> torch.Tensor:
-        images, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        feats = self.targets(images, index)
+    def distillation_loss(self, images: torch.Tensor, feats: Sequence[torch.Tensor]
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss on one batch, given its per-level targets (B, h, w, d) on the
+        teacher's scale: queries sampled per level, MSE on the standardized scale, weighted mean
+        over levels. Returns the loss and per-level ``train/loss_*`` and ``train/cos_*``."""
         locs = self.sample_locations(images.shape[0], images.device)
         preds = self.student(images, locs)
         total, wsum, logs = 0.0, 0.0, {}
@@ -233,7 +234,12 @@ class APMModule(L.LightningModule):
             total, wsum = total + self.weights[i] * loss, wsum + self.weights[i]
             cos = F.cosine_similarity(self.standardizer.decode(i, p.float()), t, dim=-1).mean()
             logs.update({f"train/loss_{lvl.name}": loss, f"train/cos_{lvl.name}": cos})
-        loss = total / max(wsum, 1e-12)
+        return total / max(wsum, 1e-12), logs
+
+    def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                      batch_idx: int) -> torch.Tensor:
+        images, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        loss, logs = self.distillation_loss(images, self.targets(images, index))
         # A non-finite loss still goes through backward (data-parallel ranks must all reduce
         # gradients); on_before_optimizer_step then drops the gradients, so nothing is updated.
         self._skip_update = not self.loss_is_finite(loss)

@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     batch = next(iter(data.train_dataloader()))
     batch = batch.to(device) if isinstance(batch, torch.Tensor) else batch[0].to(device)
-    model.feature_cache = None
-    feats = model.targets(batch)  # the teacher outside the count: the student's own FLOPs
-
-    def student_step():
+    def student_step():  # the student's own FLOPs: forward and backward, no teacher
         with autocast(device, precision):
             locs = model.sample_locations(batch.shape[0], device)
             preds = model.student(batch, locs)
