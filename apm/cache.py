@@ -31,12 +31,20 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 
+def teacher_fingerprint(teacher: Teacher | dict[str, Any]) -> dict[str, Any]:
+    """A teacher's ``describe()`` (or a recorded one) without its Python class path: a teacher is
+    known by its registered name and arguments, so moving or renaming its file changes nothing."""
+    desc = teacher if isinstance(teacher, dict) else teacher.describe()
+    return json_normal({k: v for k, v in desc.items() if k != "class"})
+
+
 def teacher_identity(name: str, args: dict[str, Any] | None, teacher: Teacher) -> dict[str, Any]:
-    """What makes two teachers' features interchangeable: name, arguments, ``describe()`` and a
-    checksum of the weights (so random teachers with other seeds, or other weights, differ)."""
+    """What makes two teachers' features interchangeable: registered name, arguments, the
+    fingerprint of ``describe()`` and a checksum of the weights (so random teachers with other
+    seeds, or other weights, differ)."""
     with torch.no_grad():
         checksum = float(sum(p.detach().double().sum().item() for p in teacher.parameters()))
-    identity = {"name": name, "args": args or {}, "describe": teacher.describe(),
+    identity = {"name": name, "args": args or {}, "describe": teacher_fingerprint(teacher),
                 "weights_checksum": checksum}
     if teacher.precision != "32":  # fp32 caches written before teacher precision existed stay valid
         identity["precision"] = teacher.precision
@@ -123,7 +131,9 @@ class FeatureCache:
         if found.get("format") != wanted["format"]:
             raise ConfigError(f"Setting {setting!r}: {root} holds a cache of another format. {fix}")
         ft, wt = found["teacher"], wanted["teacher"]
-        diffs = [k for k in ("name", "args", "describe", "precision") if ft.get(k) != wt.get(k)]
+        diffs = [k for k in ("name", "args", "precision") if ft.get(k) != wt.get(k)]
+        if teacher_fingerprint(ft.get("describe") or {}) != wt["describe"]:
+            diffs.append("describe")
         a, b = ft.get("weights_checksum"), wt.get("weights_checksum")
         if a is None or b is None or not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6):
             diffs.append("weights")

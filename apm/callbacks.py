@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from apm.analysis import island_figures, resolve_levels
+from apm.skipping import readable_items
 
 
 class IslandFigures(L.Callback):
@@ -44,14 +51,16 @@ class IslandFigures(L.Callback):
         self.method, self.perplexity, self.max_iter = method, perplexity, max_iter
         self.k, self.seed, self.display = k, seed, display
         self.val_epochs = 0
-        self.written: list[Path] = []
 
     def _images(self, trainer: L.Trainer) -> torch.Tensor | None:
-        ds = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule is not None else None
+        """The first ``num_images`` readable validation images; unreadable files are skipped with
+        the warning training gives them (the datamodule's SkipLog: once per file)."""
+        dm = trainer.datamodule
+        ds = getattr(dm, "val_set", None) if dm is not None else None
         if ds is not None and len(ds) > 0:
-            items = [ds[i] for i in range(min(self.num_images, len(ds)))]
+            items = readable_items(ds, self.num_images, getattr(dm, "skip_log", None))
             items = [x[0] if isinstance(x, (tuple, list)) else x for x in items]
-            return torch.stack(items)
+            return torch.stack(items) if items else None
         loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         got: list[torch.Tensor] = []
@@ -73,8 +82,6 @@ class IslandFigures(L.Callback):
         images = self._images(trainer)
         if images is None:
             return
-        from apm.tools import island_figures, resolve_levels
-
         levels = resolve_levels([l.name for l in pl_module.levels],
                                 [str(l) for l in self.levels] if self.levels else None)
         step = trainer.global_step
@@ -86,10 +93,77 @@ class IslandFigures(L.Callback):
                                    self.perplexity, self.seed, self.k, self.max_iter, self.display)
         finally:
             pl_module.train(was_training)
-        self.written += paths
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="islands", images=[str(p) for p in paths], step=step,
                                  caption=[p.stem for p in paths])
+
+
+def _last_path(cb: ModelCheckpoint) -> str:
+    if cb.last_model_path:
+        return cb.last_model_path
+    return os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
+
+
+class CheckpointOnStop(L.Callback):
+    """Save ``last.ckpt`` when a SIGTERM stops the run (Lightning raises at the end of the current
+    batch on every rank) and when training ends after the last periodic save.
+
+    The file is the one every ``ModelCheckpoint(save_last=True)`` writes, so ``--ckpt_path last``
+    resumes from it; without such a callback it goes next to the first ModelCheckpoint's files.
+    """
+
+    def _targets(self, trainer: L.Trainer, stopping: bool) -> list[tuple[ModelCheckpoint | None, str]]:
+        cbs = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        lasts = [cb for cb in cbs if cb.save_last and cb.dirpath]
+        if lasts:
+            return [(cb, _last_path(cb)) for cb in lasts]
+        if not stopping:
+            return []
+        folder = cbs[0].dirpath if cbs and cbs[0].dirpath else trainer.default_root_dir
+        return [(None, os.path.join(folder, "last.ckpt"))]
+
+    def _save(self, trainer: L.Trainer, stopping: bool) -> list[str]:
+        saved = []
+        for cb, path in self._targets(trainer, stopping):
+            if cb is not None:
+                if getattr(cb, "_last_global_step_saved", -1) == trainer.global_step and os.path.exists(path):
+                    continue  # already current
+                cb.last_model_path = path  # part of the saved state, as ModelCheckpoint does
+            trainer.save_checkpoint(path, weights_only=False)
+            if cb is not None and hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = trainer.global_step
+            saved.append(path)
+        return saved
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run:
+            self._save(trainer, stopping=False)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        saved = self._save(trainer, stopping=True)
+        if trainer.is_global_zero:
+            where = ", ".join(str(Path(p).resolve()) for p in saved) or "the last checkpoint (already current)"
+            print(f"Received SIGTERM: saved {where} at step {trainer.global_step}; continue the run "
+                  f"with the same command plus --ckpt_path last.", file=sys.stderr, flush=True)
+
+
+def add_defaults(plugins: Any, callbacks: Any) -> tuple[list, list]:
+    """The trainer's plugins and callbacks plus AtomicCheckpointIO and CheckpointOnStop, unless a
+    CheckpointIO plugin or a CheckpointOnStop callback is already given."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    from apm.checkpoints import AtomicCheckpointIO
+
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    if not any(isinstance(c, CheckpointOnStop) for c in callbacks):
+        callbacks.append(CheckpointOnStop())
+    return plugins, callbacks

@@ -1,12 +1,11 @@
-"""Checkpoints that survive interruptions and load safely.
+"""Checkpoint IO: files that survive interruptions and load safely (the SIGTERM checkpoint is
+``apm.callbacks.CheckpointOnStop``).
 
 - :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the same folder and moves
   it into place with ``os.replace``, so a process killed during a save leaves the previous file
   intact; it loads with ``weights_only=True`` (tensors and plain types only: no pickled code runs).
-- :class:`CheckpointOnStop` saves ``last.ckpt`` when the run receives SIGTERM (at the end of the
-  current batch) and when training ends between two periodic saves.
 - :func:`check_compatible` refuses a checkpoint of another teacher or student shape with a
-  ConfigError naming the settings that differ; :func:`load_module` loads a checkpoint for tools.
+  ConfigError naming the settings that differ (``APMModule.from_checkpoint`` loads one for tools).
 """
 
 from __future__ import annotations
@@ -15,22 +14,19 @@ import contextlib
 import os
 import pickle
 import socket
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from apm.cache import json_normal
+from apm.cache import json_normal, teacher_fingerprint
 from apm.errors import APMError, ConfigError
 
 # Settings that change what is computed but not what a checkpoint holds.
-RUNTIME_ONLY = {"_instantiator", "_class_path", "compile", "feature_cache", "max_nonfinite_steps"}
+RUNTIME_ONLY = {"_instantiator", "_class_path", "compile", "feature_cache", "max_nonfinite_steps",
+                "teacher_precision"}
 # Settings that decide the teacher's features or the student's parameter shapes.
 SHAPE_SETTINGS = {"teacher", "teacher_args", "image_size", "patch_size", "hidden_dims", "pe_dim",
                   "level_dim", "rgb"}
@@ -42,7 +38,7 @@ def _is_local(path: Any) -> bool:
     return "://" not in str(path)
 
 
-def read_checkpoint(path: str | Path, setting: str = "ckpt_path") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, setting: str = "ckpt_path", map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint file with ``weights_only=True``; APMError naming ``setting`` when it is
     missing, truncated, or holds pickled objects beyond tensors and plain types."""
     p = Path(path)
@@ -50,7 +46,7 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt_path") -> dict[str, A
         raise ConfigError(f"Setting {setting!r}: {str(path)!r} is not a file. Give the path of a .ckpt "
                           f"written by 'apm fit' (or 'last' to resume from the newest last.ckpt).")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(p, map_location=map_location or "cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise APMError(
             f"Setting {setting!r}: {p} holds Python objects beyond tensors and plain types, so it is "
@@ -104,8 +100,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only is False or not _is_local(path):
             return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
-        ckpt = read_checkpoint(path, "ckpt_path")
-        return ckpt
+        return read_checkpoint(path, "ckpt_path", map_location)
 
 
 def _temp_prefix(path: Path) -> str:
@@ -128,72 +123,6 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
-def _last_path(cb: ModelCheckpoint) -> str:
-    if cb.last_model_path:
-        return cb.last_model_path
-    return os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
-
-
-class CheckpointOnStop(L.Callback):
-    """Save ``last.ckpt`` when a SIGTERM stops the run (Lightning raises at the end of the current
-    batch on every rank) and when training ends after the last periodic save.
-
-    The file is the one every ``ModelCheckpoint(save_last=True)`` writes, so ``--ckpt_path last``
-    resumes from it; without such a callback it goes next to the first ModelCheckpoint's files.
-    """
-
-    def _targets(self, trainer: L.Trainer, stopping: bool) -> list[tuple[ModelCheckpoint | None, str]]:
-        cbs = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-        lasts = [cb for cb in cbs if cb.save_last and cb.dirpath]
-        if lasts:
-            return [(cb, _last_path(cb)) for cb in lasts]
-        if not stopping:
-            return []
-        folder = cbs[0].dirpath if cbs and cbs[0].dirpath else trainer.default_root_dir
-        return [(None, os.path.join(folder, "last.ckpt"))]
-
-    def _save(self, trainer: L.Trainer, stopping: bool) -> list[str]:
-        saved = []
-        for cb, path in self._targets(trainer, stopping):
-            if cb is not None:
-                if getattr(cb, "_last_global_step_saved", -1) == trainer.global_step and os.path.exists(path):
-                    continue  # already current
-                cb.last_model_path = path  # part of the saved state, as ModelCheckpoint does
-            trainer.save_checkpoint(path, weights_only=False)
-            if cb is not None and hasattr(cb, "_last_global_step_saved"):
-                cb._last_global_step_saved = trainer.global_step
-            saved.append(path)
-        return saved
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.fast_dev_run:
-            self._save(trainer, stopping=False)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                     exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.fast_dev_run:
-            return
-        saved = self._save(trainer, stopping=True)
-        if trainer.is_global_zero:
-            where = ", ".join(str(Path(p).resolve()) for p in saved) or "the last checkpoint (already current)"
-            print(f"Received SIGTERM: saved {where} at step {trainer.global_step}; continue the run "
-                  f"with the same command plus --ckpt_path last.", file=sys.stderr, flush=True)
-
-
-def add_defaults(plugins: Any, callbacks: Any) -> tuple[list, list]:
-    """The trainer's plugins and callbacks plus AtomicCheckpointIO and CheckpointOnStop, unless a
-    CheckpointIO plugin or a CheckpointOnStop callback is already given."""
-    from lightning.fabric.plugins import CheckpointIO
-
-    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-    if not any(isinstance(p, CheckpointIO) for p in plugins):
-        plugins.append(AtomicCheckpointIO())
-    if not any(isinstance(c, CheckpointOnStop) for c in callbacks):
-        callbacks.append(CheckpointOnStop())
-    return plugins, callbacks
-
-
 # -- compatibility -------------------------------------------------------------------------------
 def _setting(name: str) -> str:
     return f"data.{name}" if name in DATA_SETTINGS else f"model.{name}"
@@ -206,7 +135,7 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
     saved_hp = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in RUNTIME_ONLY}
     own_hp = {k: v for k, v in dict(module.hparams).items() if k not in RUNTIME_ONLY}
     saved = (checkpoint.get("apm") or {}).get("teacher")
-    teacher_changed = (saved is not None and json_normal(saved) != json_normal(module.teacher.describe())) or any(
+    teacher_changed = (saved is not None and teacher_fingerprint(saved) != teacher_fingerprint(module.teacher)) or any(
         k in saved_hp and json_normal(saved_hp[k]) != json_normal(own_hp.get(k)) for k in ("teacher", "teacher_args"))
     sd, own = checkpoint.get("state_dict") or {}, module.state_dict()
     shapes = [f"parameter {k} is {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
@@ -242,16 +171,3 @@ def _brief(desc: dict | None) -> str:
     levels = desc.get("levels") or []
     name = desc.get("model_name") or desc.get("class", "?")
     return f"{name} at {desc.get('image_size')} px with {len(levels)} levels"
-
-
-def load_module(path: str | Path, map_location: Any = "cpu", setting: str = "--ckpt", **overrides: Any):
-    """An APMModule from a checkpoint written by ``apm fit``, read with ``weights_only=True``
-    (``overrides`` replace saved hyperparameters; a change of shape is refused with ConfigError)."""
-    from apm.module import APMModule
-
-    ckpt = read_checkpoint(path, setting)
-    hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    module = APMModule(**{**hp, **overrides})
-    check_compatible(ckpt, module, path, setting)
-    module.load_state_dict(ckpt["state_dict"])
-    return module.to(map_location).eval()

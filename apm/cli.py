@@ -73,7 +73,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 acc = cfg.get("accelerator")
                 kwargs["precision"] = default_precision(acc if isinstance(acc, str) else None)
             # Atomic checkpoint writes, safe loads, and a checkpoint on SIGTERM, in every run.
-            from apm.checkpoints import add_defaults
+            from apm.callbacks import add_defaults
 
             kwargs["plugins"], kwargs["callbacks"] = add_defaults(
                 kwargs.get("plugins", cfg.get("plugins")), kwargs.get("callbacks", cfg.get("callbacks")))
@@ -98,9 +98,16 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     if path:
                         print(f"checkpoint ({kind}): {Path(path).resolve()}")
 
-    return APMCLI(APMModule, APMDataModule, args=args, run=run,
-                  save_config_kwargs={"overwrite": True},
-                  parser_kwargs={"description": "Distill a frozen teacher into an APM student."})
+    # LightningCLI reads sys.argv when given no args, and warns when given both: hand it the
+    # arguments as the command line they are.
+    saved_argv = sys.argv
+    if args is not None:
+        sys.argv = [saved_argv[0] if saved_argv else "apm", *args]
+    try:
+        return APMCLI(APMModule, APMDataModule, run=run, save_config_kwargs={"overwrite": True},
+                      parser_kwargs={"description": "Distill a frozen teacher into an APM student."})
+    finally:
+        sys.argv = saved_argv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,16 +147,24 @@ def image_transform(image_size: int, hflip: bool = False) -> T.Compose:
     return T.Compose(ops + [T.ToDtype(torch.float32, scale=True)])
 
 
+def batch_images(batch: torch.Tensor | Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, dataset indices) of a batch: APMDataModule's loaders give (images, indices); a
+    plain loader of image tensors gives images alone (indices None)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    return batch[0], batch[1]
+
+
 class ImageDataset(Dataset):
-    """Images from files or scikit-image names, as (3, S, S) tensors in [0, 1]; with
-    ``with_index`` (set by a module that caches teacher features) as (image, index) pairs."""
+    """Images from files or scikit-image names: item ``i`` is (image (3, S, S) in [0, 1], i); the
+    index lets a teacher-feature cache find the image's features."""
 
     def __init__(self, sources: Sequence[str | Path], image_size: int, hflip: bool = False,
-                 with_index: bool = False, min_side: int = 1, max_pixels: int = MAX_PIXELS):
+                 min_side: int = 1, max_pixels: int = MAX_PIXELS):
         self.sources = list(sources)
         self.image_size = image_size
+        self.hflip = hflip
         self.transform = image_transform(image_size, hflip)
-        self.with_index = with_index
         self.min_side, self.max_pixels = min_side, max_pixels
 
     def __len__(self) -> int:
@@ -169,9 +177,12 @@ class ImageDataset(Dataset):
             return load_image(s, self.image_size, self.min_side, self.max_pixels)
         return skimage_photo(s)
 
-    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
-        image = self.transform(self.load(i))
-        return (image, i) if self.with_index else image
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.load(i)), i
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` alone (3, S, S)."""
+        return self[i][0]
 
 
 class APMDataModule(L.LightningDataModule):
@@ -269,6 +280,15 @@ class APMDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False, label="prediction images")
+
+    def cache_sources(self) -> list:
+        """The training images in dataset order, which a teacher-feature cache is keyed by;
+        ConfigError when the training images are flipped (a cache holds unflipped features)."""
+        if self.hparams.hflip:
+            raise ConfigError("Setting 'model.feature_cache' stores the features of unflipped "
+                              "images; it cannot be used with 'data.hflip: true'. Unset one.")
+        self.setup("fit")
+        return list(self.train_set.sources)
 
     def stats_dataloader(self) -> DataLoader:
         """Training images in a fixed order, for the level statistics."""

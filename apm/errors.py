@@ -1,20 +1,14 @@
-"""Errors that reach the user as one paragraph, without a traceback."""
+"""Errors that reach the user as one paragraph, without a traceback.
 
+The base class and the teacher errors are defined in ``teachers.errors`` (teachers import nothing
+from apm) and re-exported here: ``APMError`` is ``teachers.errors.UserError``.
+"""
 
-class APMError(Exception):
-    """A problem the user can fix: a setting, a file, a missing download.
+from teachers.errors import ConfigError, TeacherUnavailableError
+from teachers.errors import UserError as APMError
 
-    The message is one paragraph that names what is wrong and how to fix it; the command line
-    prints it alone and exits with status 2.
-    """
-
-
-class ConfigError(APMError, ValueError):
-    """A setting in a config or on the command line is wrong."""
-
-
-class TeacherUnavailableError(APMError, RuntimeError):
-    """A teacher's pretrained weights could not be loaded (offline, no cache, bad path)."""
+__all__ = ["APMError", "ConfigError", "TeacherUnavailableError", "UnreadableImageError",
+           "NonFiniteLossError"]
 
 
 class UnreadableImageError(APMError, ValueError):

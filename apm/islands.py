@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-RGB_LEVEL = "rgb"
+RGB_LEVEL = "rgb"  # the level of patch-mean colours that APMModule adds after the teacher's
 METHODS = ("tsne", "pca")
 # Below this many points sklearn's exact t-SNE is faster than its 3-D Barnes-Hut.
 _EXACT_MAX_POINTS = 1200

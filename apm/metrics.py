@@ -1,4 +1,5 @@
-"""Fidelity of student features to teacher features, per image and level (see DESIGN.md)."""
+"""Fidelity of student features to teacher features, per image and level (docs/islands.md says
+what each measure means and why R^2 is the one to trust on nearly constant deep levels)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
@@ -13,13 +14,17 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from apm import metrics
+from apm.cache import teacher_fingerprint
+from apm.checkpoints import check_compatible, read_checkpoint
+from apm.data import batch_images
 from apm.errors import ConfigError, NonFiniteLossError
+from apm.islands import RGB_LEVEL as RGB
 from apm.standardize import LevelStandardizer
 from apm.student import APMStudent
 from teachers import Level, create_teacher
-from teachers.base import TEACHER_PRECISIONS
+from teachers.base import TEACHER_PRECISIONS, check_image_size, level_indices
 
-RGB = "rgb"
+LEGACY_PE_MAX_FREQ = 64.0  # the positional code's top frequency before it followed the grid
 log = logging.getLogger(__name__)
 
 
@@ -38,10 +43,15 @@ class APMModule(L.LightningModule):
         patch_size: Kernel and stride of the student's column filter; default the teacher's patch.
         hidden_dims: Widths of the shared field MLP's layers.
         pe_dim: Width of the 2-D sin-cos positional code.
+        pe_max_freq: Highest frequency of the positional code in cycles per image side; default
+            half the finest level's grid side (its Nyquist limit: higher frequencies alias on the
+            grid the student is trained on, see docs/architecture.md). Checkpoints written before this
+            setting existed used 64 and keep it.
         level_dim: Width of the learned level embedding.
         rgb: Also predict each patch's mean colour (the pixel level, named ``rgb``).
         rgb_weight: Loss weight of the ``rgb`` level.
-        level_weights: Loss weight per level name (default 1 each).
+        level_weights: Loss weight per level name (default 1 each; the ``rgb`` level's weight is
+            ``rgb_weight``).
         queries_per_image: (location, level) queries sampled per image and step, split evenly over
             levels; 0 or None for every location of every level.
         lr: Peak learning rate of AdamW.
@@ -68,6 +78,7 @@ class APMModule(L.LightningModule):
         patch_size: int | None = None,
         hidden_dims: list[int] = [1024, 1024, 1024, 1024],
         pe_dim: int = 256,
+        pe_max_freq: float | None = None,
         level_dim: int = 64,
         rgb: bool = True,
         rgb_weight: float = 1.0,
@@ -94,26 +105,28 @@ class APMModule(L.LightningModule):
                               f"independent of trainer.precision.")
         self.teacher.set_precision(str(teacher_precision))
         patch_size = patch_size or self.teacher.patch_size
-        if image_size % patch_size:
-            lo = image_size // patch_size * patch_size
-            raise ConfigError(
-                f"Setting 'data.image_size': {image_size} is not a multiple of the student's patch "
-                f"size {patch_size}; the nearest valid sizes are {max(lo, patch_size)} and "
-                f"{lo + patch_size}."
-            )
+        check_image_size(image_size, patch_size, "the student's patch size")
         self.levels: list[Level] = list(self.teacher.levels)
         grid = (image_size // patch_size,) * 2
         if rgb:
             self.levels.append(Level(RGB, grid, 3))
         names = [l.name for l in self.levels]
+        if RGB in (level_weights or {}):
+            raise ConfigError(
+                f"Setting 'model.level_weights': the {RGB!r} level is weighted by 'model.rgb_weight' "
+                f"(now {rgb_weight:g}); move {RGB}: {level_weights[RGB]} there."
+            )
         unknown = set(level_weights or {}) - set(names)
         if unknown:
             raise ConfigError(
                 f"Setting 'model.level_weights': {sorted(unknown)} are not levels of this run; the "
                 f"levels are {', '.join(names)}."
             )
-        self.weights = [(rgb_weight if n == RGB else (level_weights or {}).get(n, 1.0)) for n in names]
-        self.student = APMStudent(self.levels, image_size, patch_size, pe_dim, level_dim, hidden_dims)
+        self.loss_weights = [(rgb_weight if n == RGB else (level_weights or {}).get(n, 1.0)) for n in names]
+        if pe_max_freq is None:
+            pe_max_freq = max(max(l.grid) for l in self.levels) / 2
+        self.student = APMStudent(self.levels, image_size, patch_size, pe_dim, level_dim, hidden_dims,
+                                  pe_max_freq)
         if compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
             self.student.compile(**({} if compile is True else {"backend": compile}))
         self.feature_cache = None  # an apm.cache.FeatureCache, opened in on_fit_start
@@ -170,9 +183,8 @@ class APMModule(L.LightningModule):
         """Set each level's mean and std from the teacher's features of ``stats_images`` images."""
         seen = 0
         rank0 = self._trainer is None or self.trainer.is_global_zero
-        for images in tqdm(batches, desc="level statistics", leave=False, disable=not rank0):
-            images = images[0] if isinstance(images, (tuple, list)) else images
-            images = images[: self.hparams.stats_images - seen].to(self.device)
+        for batch in tqdm(batches, desc="level statistics", leave=False, disable=not rank0):
+            images = batch_images(batch)[0][: self.hparams.stats_images - seen].to(self.device)
             self.standardizer.update(self.targets(images))
             seen += len(images)
             if seen >= self.hparams.stats_images:
@@ -184,18 +196,12 @@ class APMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1:  # ranks sample different query locations, reproducibly
             torch.manual_seed(torch.initial_seed() + self.global_rank)
+        dm = self.trainer.datamodule
         if self.hparams.feature_cache:
-            dm = self.trainer.datamodule
-            if dm is None or not hasattr(dm, "train_set"):
+            if not hasattr(dm, "cache_sources"):
                 raise ConfigError("Setting 'model.feature_cache' needs the APMDataModule (it indexes "
                                   "the training images); unset it or use APMDataModule.")
-            if dm.hparams.get("hflip"):
-                raise ConfigError("Setting 'model.feature_cache' stores the features of unflipped "
-                                  "images; it cannot be used with 'data.hflip: true'. Unset one.")
-            dm.setup("fit")
-            self.open_feature_cache(dm.train_set.sources)
-            dm.train_set.with_index = True  # batches become (images, dataset indices)
-        dm = self.trainer.datamodule
+            self.open_feature_cache(dm.cache_sources())
         if not bool(self.standardizer.ready) and hasattr(dm, "stats_dataloader"):
             self.fit_statistics(dm.stats_dataloader())  # a resumed run restored them instead
 
@@ -231,14 +237,14 @@ class APMModule(L.LightningModule):
                 t = t.gather(1, loc[..., None].expand(-1, -1, t.shape[-1]))
             z = self.standardizer.encode(i, t)
             loss = F.mse_loss(p.float(), z)
-            total, wsum = total + self.weights[i] * loss, wsum + self.weights[i]
+            total, wsum = total + self.loss_weights[i] * loss, wsum + self.loss_weights[i]
             cos = F.cosine_similarity(self.standardizer.decode(i, p.float()), t, dim=-1).mean()
             logs.update({f"train/loss_{lvl.name}": loss, f"train/cos_{lvl.name}": cos})
         return total / max(wsum, 1e-12), logs
 
     def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                       batch_idx: int) -> torch.Tensor:
-        images, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        images, index = batch_images(batch)
         loss, logs = self.distillation_loss(images, self.targets(images, index))
         # A non-finite loss still goes through backward (data-parallel ranks must all reduce
         # gradients); on_before_optimizer_step then drops the gradients, so nothing is updated.
@@ -285,7 +291,7 @@ class APMModule(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Per level: cosine, centred cosine, R^2 (teacher's scale) and MSE (standardized), each (B,)."""
-        levels = list(range(len(self.levels))) if levels is None else list(levels)
+        levels = level_indices(self.levels, levels)
         feats = self.targets(images)
         return self.fidelity([feats[i] for i in levels], self.predict_features(images, levels), levels)
 
@@ -303,7 +309,9 @@ class APMModule(L.LightningModule):
             }
         return out
 
-    def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                        batch_idx: int) -> None:
+        images = batch_images(batch)[0]
         res = self.evaluate(images)
         n = images.shape[0]
         # sync_dist: under DDP every rank validates a shard; the epoch means cover all of them
@@ -313,7 +321,7 @@ class APMModule(L.LightningModule):
         for k in ("cos", "r2", "mse"):
             self.log(f"val/{k}_mean", torch.stack([m[k].mean() for m in res.values()]).mean(),
                      batch_size=n, sync_dist=True)
-        w = torch.tensor(self.weights, device=images.device)
+        w = torch.tensor(self.loss_weights, device=images.device)
         loss = (torch.stack([m["mse"].mean() for m in res.values()]) * w).sum() / w.sum()
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
 
@@ -322,23 +330,13 @@ class APMModule(L.LightningModule):
     def predict_features(self, images: torch.Tensor, levels: Sequence[int] | None = None,
                          chunk: int | None = None) -> list[torch.Tensor]:
         """The student's dense features on the teacher's scale, per level (B, h, w, d)."""
-        levels = list(range(len(self.levels))) if levels is None else list(levels)
+        levels = level_indices(self.levels, levels)
         preds = self.student.dense(images, levels, chunk)
         return [self.standardizer.decode(i, p.float()) for i, p in zip(levels, preds)]
 
-    def predict_step(self, images: torch.Tensor, batch_idx: int) -> list[torch.Tensor]:
-        return self.predict_features(images)
-
-    def level_index(self, name: str | int) -> int:
-        """Index of a level by name or index; ConfigError listing the levels otherwise."""
-        names = [l.name for l in self.levels]
-        if isinstance(name, int) or str(name).lstrip("-").isdigit():
-            i = int(name)
-            if -len(names) <= i < len(names):
-                return i % len(names)
-        elif name in names:
-            return names.index(name)
-        raise ConfigError(f"Level {name!r} is not a level of this model; its levels are {', '.join(names)}.")
+    def predict_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                     batch_idx: int) -> list[torch.Tensor]:
+        return self.predict_features(batch_images(batch)[0])
 
     # -- optimisation and checkpoints ------------------------------------------------------------
     def configure_optimizers(self):
@@ -360,11 +358,30 @@ class APMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["apm"] = {"teacher": self.teacher.describe(),
+        checkpoint["apm"] = {"teacher": teacher_fingerprint(self.teacher),
                              "levels": [(l.name, list(l.grid), l.dim) for l in self.levels]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from apm.checkpoints import check_compatible
-
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        self._adopt_legacy_settings(checkpoint)
         check_compatible(checkpoint, self, path, "ckpt_path")
+
+    def _adopt_legacy_settings(self, checkpoint: dict) -> None:
+        """Settings whose default changed: a checkpoint written before keeps its old value."""
+        if "pe_max_freq" not in (checkpoint.get("hyper_parameters") or {}):
+            self.student.pe_max_freq = self.hparams.pe_max_freq = LEGACY_PE_MAX_FREQ
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", setting: str = "--ckpt",
+                        **overrides: Any) -> "APMModule":
+        """A module in eval mode from a checkpoint of ``apm fit``, read with ``weights_only=True``
+        (``overrides`` replace saved hyperparameters; a change of shape is refused with
+        ConfigError naming ``setting``)."""
+        ckpt = read_checkpoint(path, setting)
+        hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        if "pe_max_freq" not in hp:
+            hp["pe_max_freq"] = LEGACY_PE_MAX_FREQ
+        module = cls(**{**hp, **overrides})
+        check_compatible(ckpt, module, path, setting)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.to(map_location).eval()

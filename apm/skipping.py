@@ -40,6 +40,16 @@ def failure_reason(e: BaseException, name: str) -> str:
     return msg if isinstance(e, UnreadableImageError) else f"{type(e).__name__}: {msg}"
 
 
+def try_item(dataset: Dataset, i: int) -> tuple[bool, Any]:
+    """``(True, item i)`` when it loads, else ``(False, (name, reason))``: one bad file must
+    never end a long run, so any exception counts as unreadable."""
+    try:
+        return True, dataset[i]
+    except Exception as e:
+        name = source_name(dataset, i)
+        return False, (name, failure_reason(e, name))
+
+
 class SkipBadImages(Dataset):
     """Wrap a dataset so that an item that raises is replaced by the next readable one.
 
@@ -57,12 +67,10 @@ class SkipBadImages(Dataset):
         failures: list[tuple[str, str]] = []
         n = len(self.dataset)
         for k in range(n):
-            j = (i + k) % n
-            try:
-                return Loaded(self.dataset[j], tuple(failures))
-            except Exception as e:  # one bad file must never end a long run
-                name = source_name(self.dataset, j)
-                failures.append((name, failure_reason(e, name)))
+            ok, got = try_item(self.dataset, (i + k) % n)
+            if ok:
+                return Loaded(got, tuple(failures))
+            failures.append(got)
         raise UnreadableImageError(
             f"None of the {n} images could be read: " + "; ".join(f"{a}: {b}" for a, b in failures[:5])
         )
@@ -130,14 +138,28 @@ class SkippingDataLoader(DataLoader):
             yield batch
 
 
+def readable_items(dataset: Dataset, n: int, skip_log: SkipLog | None = None) -> list[Any]:
+    """The first ``n`` items of ``dataset`` that load, in order (fewer when fewer do). Each
+    unreadable item met on the way is handed to ``skip_log`` (one warning per file)."""
+    items, failures = [], []
+    for i in range(len(dataset)):
+        if len(items) == n:
+            break
+        ok, got = try_item(dataset, i)
+        if ok:
+            items.append(got)
+        else:
+            failures.append(got)
+    (skip_log if skip_log is not None else SkipLog()).record(failures)
+    return items
+
+
 def first_readable(dataset: Dataset) -> tuple[int | None, list[tuple[str, str]]]:
     """Index of the first item that loads (None if none does) and the failures before it."""
     failures = []
     for i in range(len(dataset)):
-        try:
-            dataset[i]
+        ok, got = try_item(dataset, i)
+        if ok:
             return i, failures
-        except Exception as e:
-            name = source_name(dataset, i)
-            failures.append((name, failure_reason(e, name)))
+        failures.append(got)
     return None, failures

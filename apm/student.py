@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from apm.codes import grid_coords, sincos_2d
-from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level
+from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level, check_image_size, level_indices
 
 
 class APMStudent(nn.Module):
@@ -31,15 +31,15 @@ class APMStudent(nn.Module):
         level_dim: Width of the learned level embedding.
         hidden_dims: Widths of the shared MLP's layers (ReLU after each). The paper's MLP is
             [2048, 4096, 4096, 4096, 2048, 1024].
-        pe_max_freq: Highest frequency of the positional code, in cycles per image side.
+        pe_max_freq: Highest frequency of the positional code, in cycles per image side (APMModule
+            sets half the finest grid's side, its Nyquist limit).
     """
 
     def __init__(self, levels: Sequence[Level], image_size: int, patch_size: int, pe_dim: int = 256,
                  level_dim: int = 64, hidden_dims: Sequence[int] = (1024, 1024, 1024),
                  pe_max_freq: float = 64.0):
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        check_image_size(image_size, patch_size, "the student's patch size")
         if not hidden_dims:
             raise ValueError("hidden_dims needs at least one layer")
         self.levels = list(levels)
@@ -92,10 +92,6 @@ class APMStudent(nn.Module):
         LongTensor (N,) of levels."""
         w_l = self.first.weight[:, self.column_dim + self.pe_dim :]
         return self.level_embed.weight[level] @ w_l.T
-
-    def location_term(self, level: int, coords: torch.Tensor) -> torch.Tensor:
-        """W_P PE(coords) + W_L E(level): the query-specific part of the first layer. (N, H1)."""
-        return self.position_term(coords) + self.level_term(level)
 
     def query_vectors(self, column: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
         """The plain queries [T, PE(x, y), E(level)] (B, N, col+pe+level), as in the paper."""
@@ -156,7 +152,7 @@ class APMStudent(nn.Module):
         """All locations of the given levels (default all), each (B, h, w, d). Without ``chunk``,
         W_P PE is computed once per distinct grid and shared by the levels on it; with ``chunk``,
         per chunk, so that memory stays bounded by the chunk."""
-        levels = range(len(self.levels)) if levels is None else levels
+        levels = level_indices(self.levels, levels)
         col = self.column_term(self.trigger(images))
         pos: dict[tuple[int, int], torch.Tensor] = {}
         out = []

@@ -210,7 +210,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 3)
 # -- the official forward (baseline) -------------------------------------------------------------
 def official_forward(student: APMStudent, images: torch.Tensor, levels: list[int],
                      chunk: int = 512) -> list[torch.Tensor]:
-    """The official APM forward as DESIGN.md describes it: the trigger column repeated at every
+    """The official APM code's forward: the trigger column repeated at every
     location, the whole first layer applied to each concatenated query, chunks of 512 queries run
     one after another and concatenated. Same weights as ``student``; (B, N, d) per level."""
     col = student.trigger(images)
@@ -226,7 +226,7 @@ def photo(size: int, device: torch.device, n: int = 1) -> torch.Tensor:
     from apm.data import SKIMAGE_PHOTOS, ImageDataset
 
     ds = ImageDataset(list(SKIMAGE_PHOTOS), size)
-    return torch.stack([ds[i % len(ds)] for i in range(n)]).to(device)
+    return torch.stack([ds.image(i % len(ds)) for i in range(n)]).to(device)
 
 
 # -- 1. training throughput ----------------------------------------------------------------------

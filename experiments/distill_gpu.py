@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         images_a = batch[:1]
         teacher_t = statistics.median(
             [_wall(lambda: model.teacher(batch), device) for _ in range(5)])
-    from apm.tools import island_figures
+    from apm.analysis import island_figures
 
     t0 = time.perf_counter()
     island_figures(model, images_a, ["figure"], tmp / "islands")

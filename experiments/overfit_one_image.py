@@ -2,7 +2,7 @@
 
 A real Lightning Trainer fits the student to a single image, every location of every level per
 step. At several iteration counts the script saves the island figure (input | teacher | student)
-and measures fidelity and island agreement per level (``apm.tools.island_scores``); at the end it
+and measures fidelity and island agreement per level (``apm.analysis.island_scores``); at the end it
 draws the loss curve and writes every number to a JSON file.
 
     python experiments/overfit_one_image.py                       # tiny random DINOv2, offline
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from apm.analysis import island_figures, island_scores, load_images, summarize  # noqa: E402
 from apm.module import APMModule  # noqa: E402
-from apm.tools import island_figures, island_scores, load_images, summarize  # noqa: E402
 
 
 class Repeat(Dataset):
@@ -80,18 +80,19 @@ def overfit(image: torch.Tensor, name: str = "image", steps: Sequence[int] = (50
             hidden_dims: Sequence[int] = (256, 256, 256), pe_dim: int = 64, level_dim: int = 16,
             lr: float = 2e-3, k: int = 8, seed: int = 0, out: Path | None = None,
             figures: bool = True, method: str = "tsne", accelerator: str = "cpu",
-            save_ckpt: Path | None = None) -> dict[str, Any]:
+            save_ckpt: Path | None = None, pe_max_freq: float | None = None) -> dict[str, Any]:
     """Fit a fresh student to ``image`` (3, S, S) for ``max(steps)`` steps with a real Trainer.
 
     ``save_ckpt`` writes the final student as a checkpoint for ``apm islands`` and ``apm eval``.
-    Returns ``{"steps": {n: summary}, "loss": [...], ...}`` where a summary is ``apm.tools.summarize``
+    Returns ``{"steps": {n: summary}, "loss": [...], ...}`` where a summary is ``apm.analysis.summarize``
     of the scores at step n (step 0 = the untrained student).
     """
     L.seed_everything(seed, verbose=False)
     args = {"pretrained": False} if teacher_args is None else dict(teacher_args)
     module = APMModule(teacher=teacher, teacher_args=args, image_size=image.shape[-1],
                        hidden_dims=list(hidden_dims), pe_dim=pe_dim, level_dim=level_dim,
-                       queries_per_image=0, lr=lr, warmup_steps=10, min_lr_ratio=0.1, stats_images=1)
+                       pe_max_freq=pe_max_freq, queries_per_image=0, lr=lr, warmup_steps=10,
+                       min_lr_ratio=0.1, stats_images=1)
     module.fit_statistics([image[None]])  # the level statistics of this one image
     track = Milestones(image, name, steps, out, k, figures, method)
     trainer = L.Trainer(max_steps=max(steps), accelerator=accelerator, devices=1, logger=False,
@@ -104,6 +105,7 @@ def overfit(image: torch.Tensor, name: str = "image", steps: Sequence[int] = (50
         trainer.save_checkpoint(save_ckpt)
     return {"image": name, "teacher": teacher, "teacher_args": args, "image_size": image.shape[-1],
             "levels": [l.name for l in module.levels], "hidden_dims": list(hidden_dims), "lr": lr,
+            "pe_max_freq": module.student.pe_max_freq,
             "k": k, "seconds": time.perf_counter() - start,
             "steps": {int(s): v for s, v in sorted(track.scores.items())},
             "loss": [float(f"{x:.6g}") for x in track.losses]}

@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from teachers.errors import ConfigError, TeacherUnavailableError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Teacher precisions: "32" runs the teacher in fp32 whatever autocast is active around it (the
@@ -123,8 +125,6 @@ def select_levels(names: list[str], wanted: Sequence[int | str] | None, setting:
 
     Raises ConfigError naming ``setting`` and the valid choices when one is out of range.
     """
-    from apm.errors import ConfigError
-
     if wanted is None:
         return list(default if default is not None else range(len(names)))
     if isinstance(wanted, (int, str)):
@@ -151,3 +151,36 @@ def select_levels(names: list[str], wanted: Sequence[int | str] | None, setting:
     if len(set(out)) != len(out):
         raise ConfigError(f"Setting {setting!r}: a level is selected twice in {list(wanted)}.")
     return out
+
+
+def level_indices(levels: Sequence[Level], wanted: Sequence[int | str] | None = None,
+                  setting: str = "levels") -> list[int]:
+    """Indices into ``levels`` of the wanted ones (indices, negative indices or names); all of
+    them when ``wanted`` is None."""
+    return select_levels([l.name for l in levels], wanted, setting)
+
+
+def check_image_size(image_size: int, multiple: int, what: str) -> None:
+    """ConfigError naming 'data.image_size' and the two nearest valid sizes when ``image_size`` is
+    not a multiple of ``multiple`` (``what``: e.g. "DINOv2's patch size")."""
+    if image_size % multiple:
+        lo = image_size // multiple * multiple
+        raise ConfigError(
+            f"Setting 'data.image_size': {image_size} is not a multiple of {what} {multiple}; the "
+            f"nearest valid sizes are {max(lo, multiple)} and {lo + multiple}."
+        )
+
+
+def weights_unavailable(what: str, error: BaseException, cache: str,
+                        fixes: Sequence[str] = ()) -> TeacherUnavailableError:
+    """The one-paragraph error for pretrained weights that could not be loaded: ``what`` failed
+    with ``error``; ``cache`` says where downloaded weights are kept; ``fixes`` are ways forward
+    beside running once online and a random-weight teacher."""
+    reason = (str(error).splitlines() or [""])[0][:200]
+    ways = [f"run once with network access (the weights are cached under {cache})", *fixes,
+            "set 'model.teacher_args.pretrained: false' to distill a random-weight teacher of the "
+            "same architecture"]
+    return TeacherUnavailableError(
+        f"Could not load {what} ({type(error).__name__}: {reason}). This machine is probably "
+        f"offline and the weights are not in that cache. Either {', '.join(ways[:-1])}, or {ways[-1]}."
+    )

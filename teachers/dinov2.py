@@ -7,14 +7,20 @@ By default every block is a level; ``levels`` selects a subset by index or name.
 
 from __future__ import annotations
 
-from typing import Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from einops import rearrange
 
-from apm.errors import ConfigError, TeacherUnavailableError
-from teachers.base import Level, Teacher, normalize, seeded, select_levels
+from teachers.base import (Level, Teacher, check_image_size, normalize, seeded, select_levels,
+                           weights_unavailable)
+from teachers.errors import ConfigError, TeacherUnavailableError
 from teachers.registry import register_teacher
+
+if TYPE_CHECKING:
+    import transformers
 
 # Architectures of the released checkpoints, so that ``pretrained=False`` builds them offline.
 _ARCH = {
@@ -41,7 +47,7 @@ class DINOv2Teacher(Teacher):
         size: Architecture for ``pretrained=False`` (small, base, large, giant, tiny); default read
             from ``model_name``.
         registers: Number of register tokens for ``pretrained=False``; default 4 when ``model_name``
-            says "registers", else 0.
+            says "registers", else 0. Pretrained weights use the count of their own config.
         config_overrides: Extra ``Dinov2Config`` fields for ``pretrained=False`` (e.g. a tiny model).
         seed: Seed of the random weights when ``pretrained=False``.
     """
@@ -53,12 +59,7 @@ class DINOv2Teacher(Teacher):
                  size: str | None = None, registers: int | None = None,
                  config_overrides: dict | None = None, seed: int = 0):
         super().__init__()
-        if image_size % self.patch_size:
-            lo = image_size // self.patch_size * self.patch_size
-            raise ConfigError(
-                f"Setting 'data.image_size': {image_size} is not a multiple of DINOv2's patch size "
-                f"14; the nearest valid sizes are {max(lo, 14)} and {lo + 14}."
-            )
+        check_image_size(image_size, self.patch_size, "DINOv2's patch size")
         self.image_size = image_size
         self.model_name = model_name
         self.model = self._load(model_name, pretrained, size, registers, config_overrides or {}, seed)
@@ -75,30 +76,15 @@ class DINOv2Teacher(Teacher):
     def _load(model_name, pretrained, size, registers, overrides, seed):
         import transformers
 
+        if pretrained:
+            if overrides or size or registers is not None:
+                raise ConfigError(
+                    "Settings 'model.teacher_args.size', 'registers' and 'config_overrides' only apply "
+                    "with 'pretrained: false'; pretrained weights fix the architecture."
+                )
+            return _load_pretrained(model_name)
         with_regs = "registers" in model_name if registers is None else registers > 0
         Model = transformers.Dinov2WithRegistersModel if with_regs else transformers.Dinov2Model
-        if pretrained:
-            if overrides or size:
-                raise ConfigError(
-                    "Settings 'model.teacher_args.size' and 'config_overrides' only apply with "
-                    "'pretrained: false'; pretrained weights fix the architecture."
-                )
-            try:  # the cache first: offline with cached weights needs no network round trips
-                return Model.from_pretrained(model_name, local_files_only=True)
-            except (OSError, ValueError):
-                pass
-            try:
-                return Model.from_pretrained(model_name)
-            except (OSError, ValueError) as e:
-                raise TeacherUnavailableError(
-                    f"Could not load the pretrained DINOv2 weights {model_name!r} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}). This machine is probably offline and the "
-                    f"weights are not in the Hugging Face cache. Either run once with network access "
-                    f"(they are cached under ~/.cache/huggingface), set 'model.teacher_args.model_name' "
-                    f"to a local folder made with save_pretrained, set HF_HOME to a cache that has "
-                    f"them, or set 'model.teacher_args.pretrained: false' to distill a random-weight "
-                    f"teacher of the same architecture."
-                ) from None
         if size is None:
             size = next((s for s in ("small", "base", "large", "giant") if s in model_name), None)
         if size not in _ARCH:
@@ -123,16 +109,60 @@ class DINOv2Teacher(Teacher):
         return self._levels
 
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        g = images.shape[-1] // self.patch_size
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         out = self.model(pixel_values=normalize(images), output_hidden_states=True)
         return [
-            rearrange(out.hidden_states[i][:, self.num_prefix:], "b (h w) d -> b h w d", h=g)
+            rearrange(out.hidden_states[i][:, self.num_prefix:], "b (h w) d -> b h w d", h=h, w=w)
             for i in self.level_index
         ]
 
     def describe(self) -> dict:
         return {**super().describe(), "model_name": self.model_name,
                 "prefix_tokens": self.num_prefix}
+
+
+def _cache_first(load: Callable[..., Any], model_name: str) -> Any:
+    """``load(model_name)`` from the Hugging Face cache (or a local folder) if it is there, so that
+    offline runs with cached weights make no network round trips; else with network access."""
+    try:
+        return load(model_name, local_files_only=True)
+    except (OSError, ValueError):
+        return load(model_name)
+
+
+def _load_pretrained(model_name: str) -> transformers.PreTrainedModel:
+    """The DINOv2 saved under ``model_name`` (hub id or local folder), as the class its own config
+    names: the name says nothing reliable about registers once it is a local folder."""
+    import transformers
+
+    models = {"dinov2": transformers.Dinov2Model,
+              "dinov2_with_registers": transformers.Dinov2WithRegistersModel}
+    try:
+        config = _cache_first(transformers.AutoConfig.from_pretrained, model_name)
+        Model = models.get(config.model_type)
+        if Model is not None:
+            return _cache_first(partial(Model.from_pretrained, config=config), model_name)
+    except (OSError, ValueError) as e:
+        if Path(model_name).is_dir():
+            cause = ("The folder holds no model saved with save_pretrained (config.json and weights). "
+                     "Set 'model.teacher_args.model_name' to such a folder or to a Hugging Face id "
+                     "(facebook/dinov2-small, ...)")
+        else:
+            raise weights_unavailable(
+                f"the pretrained DINOv2 weights {model_name!r}", e, "~/.cache/huggingface",
+                ["set 'model.teacher_args.model_name' to a local folder made with save_pretrained",
+                 "set HF_HOME to a cache that has them"]) from None
+        raise TeacherUnavailableError(
+            f"Could not load the pretrained DINOv2 weights {model_name!r} ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}). {cause}, or set "
+            f"'model.teacher_args.pretrained: false' to distill a random-weight teacher of the same "
+            f"architecture."
+        ) from None
+    raise ConfigError(
+        f"Setting 'model.teacher_args.model_name': {model_name!r} is a {config.model_type!r} model, "
+        f"not DINOv2 ({' or '.join(models)}); pick a DINOv2 checkpoint, or teacher 'timm' for "
+        f"other vision transformers."
+    )
 
 
 def _variant(size: str, registers: bool):

@@ -22,8 +22,9 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from apm.errors import ConfigError, TeacherUnavailableError
-from teachers.base import Level, Teacher, normalize, seeded, select_levels
+from teachers.base import (Level, Teacher, check_image_size, normalize, seeded, select_levels,
+                           weights_unavailable)
+from teachers.errors import ConfigError
 from teachers.registry import register_teacher
 
 # What the Kinetics-400 weights of torchvision's mvit_v2_s were trained with (its transforms()).
@@ -77,13 +78,7 @@ class MViTv2Teacher(Teacher):
             )
         if frames < 1:
             raise ConfigError(f"Setting 'model.teacher_args.frames': {frames} must be at least 1.")
-        if image_size % patch_size:
-            lo = image_size // patch_size * patch_size
-            raise ConfigError(
-                f"Setting 'data.image_size': {image_size} is not a multiple of the MViT teacher's "
-                f"patch size {patch_size}; the nearest valid sizes are {max(lo, patch_size)} and "
-                f"{lo + patch_size}."
-            )
+        check_image_size(image_size, patch_size, "the MViT teacher's patch size")
         self.model, self.name = model, name
         self.image_size, self.patch_size, self.frames = image_size, patch_size, frames
         self.time_reduce, self.mean, self.std = time_reduce, tuple(mean), tuple(std)
@@ -157,15 +152,10 @@ def mvitv2_s(pretrained: bool = True, image_size: int = 224, seed: int = 0, **kw
         try:
             model = build(weights=weights)
         except (OSError, RuntimeError, ValueError) as e:
-            raise TeacherUnavailableError(
-                f"Could not load the Kinetics-400 weights of mvit_v2_s ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}). This machine is probably offline "
-                f"and the file is not in the torch hub cache. Either run once with network access "
-                f"(the weights are cached under $TORCH_HOME/hub/checkpoints, default "
-                f"~/.cache/torch), copy {weights.url.rsplit('/', 1)[-1]} into that folder, or set "
-                f"'model.teacher_args.pretrained: false' to distill a random-weight teacher of the "
-                f"same architecture."
-            ) from None
+            raise weights_unavailable(
+                "the Kinetics-400 weights of mvit_v2_s", e,
+                "$TORCH_HOME/hub/checkpoints, default ~/.cache/torch",
+                [f"copy {weights.url.rsplit('/', 1)[-1]} into that folder"]) from None
     else:
         with seeded(seed):
             model = build(weights=None)

@@ -12,6 +12,7 @@ import pkgutil
 from typing import Callable
 
 from teachers.base import Teacher
+from teachers.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., Teacher]] = {}
 _DISCOVERED = False
@@ -40,7 +41,7 @@ def _discover() -> None:
     import teachers
 
     for info in pkgutil.iter_modules(teachers.__path__):
-        if info.name not in {"base", "registry"} and not info.name.startswith("_"):
+        if info.name not in {"base", "errors", "registry"} and not info.name.startswith("_"):
             importlib.import_module(f"teachers.{info.name}")
     _DISCOVERED = True
 
@@ -57,8 +58,6 @@ def create_teacher(name: str, **kwargs) -> Teacher:
     ``name`` may be ``"package.module:registered_name"`` to import a teacher module that lives
     outside this package before looking the name up.
     """
-    from apm.errors import ConfigError
-
     _discover()
     if ":" in name:
         module, _, name = name.partition(":")

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 import torch
 from einops import rearrange
 
-from apm.errors import ConfigError, TeacherUnavailableError
-from teachers.base import Level, Teacher, normalize, seeded, select_levels
+from teachers.base import (IMAGENET_MEAN, IMAGENET_STD, Level, Teacher, check_image_size, normalize,
+                           seeded, select_levels, weights_unavailable)
+from teachers.errors import ConfigError
 from teachers.registry import register_teacher
 
 
@@ -70,20 +71,15 @@ class TimmTeacher(Teacher):
         self.level_index = select_levels(names, levels, "model.teacher_args.levels",
                                          default=range(blocks_from, len(names)))
         for i in self.level_index:
-            if image_size % specs[i][0]:
-                r = specs[i][0]
-                raise ConfigError(
-                    f"Setting 'data.image_size': {image_size} is not a multiple of {r}, the "
-                    f"reduction of level {names[i]!r} of {model_name!r}; the nearest valid sizes are "
-                    f"{max(image_size // r * r, r)} and {image_size // r * r + r}."
-                )
+            check_image_size(image_size, specs[i][0],
+                             f"the reduction of level {names[i]!r} of {model_name!r},")
         self._levels = [Level(names[i], (image_size // specs[i][0],) * 2, specs[i][1])
                         for i in self.level_index]
         self.block_index = [i - blocks_from for i in self.level_index if i >= blocks_from]
         self.patch_size = patch_size or self._patch() or 16
         cfg = getattr(m, "pretrained_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(cfg.get("std", IMAGENET_STD))
         self._embed: torch.Tensor | None = None
         if self.has_embed and 0 in self.level_index:
             m.norm_pre.register_forward_hook(self._keep_embed)
@@ -124,14 +120,9 @@ class TimmTeacher(Teacher):
         try:
             return create(**kw)
         except (OSError, RuntimeError, ValueError) as e:
-            raise TeacherUnavailableError(
-                f"Could not load the pretrained timm weights of {model_name!r} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}). This machine is probably offline "
-                f"and the weights are not in the Hugging Face cache. Either run once with network "
-                f"access (timm caches them under ~/.cache/huggingface), set HF_HOME to a cache that "
-                f"has them, or set 'model.teacher_args.pretrained: false' to distill a random-weight "
-                f"teacher of the same architecture."
-            ) from None
+            raise weights_unavailable(
+                f"the pretrained timm weights of {model_name!r}", e, "~/.cache/huggingface",
+                ["set HF_HOME to a cache that has them"]) from None
 
     @property
     def levels(self) -> list[Level]:
@@ -147,7 +138,7 @@ class TimmTeacher(Teacher):
         offset = 1 if self.has_embed else 0
         out = {i + offset: rearrange(f, "b d h w -> b h w d") for i, f in zip(wanted, maps)}
         if self._embed is not None:
-            h, w = self._levels[self.level_index.index(0)].grid
+            h, w = self.model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
             out[0] = rearrange(self._embed[:, self.num_prefix:], "b (h w) d -> b h w d", h=h, w=w)
             self._embed = None
         return [out[i] for i in self.level_index]

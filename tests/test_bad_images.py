@@ -136,7 +136,7 @@ def test_skipping_loader_keeps_batches_full_and_names_failures_once(collection, 
     assert isinstance(loader, SkippingDataLoader) and isinstance(loader.dataset, SkipBadImages)
     with caplog.at_level("WARNING", logger="apm"):
         for _ in range(2):  # two epochs: each file warned once, counted every epoch
-            sizes = [b.shape[0] for b in loader]
+            sizes = [b[0].shape[0] for b in loader]
             assert sizes[:-1] == [4] * (len(sizes) - 1)
             assert sum(sizes) == len(good) + len(bad)  # replaced, not dropped
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped image")]
@@ -155,6 +155,36 @@ def test_folder_without_usable_images_is_a_config_error(tmp_path):
         dm.setup("fit")
     msg = str(e.value)
     assert "'data.images'" in msg and "a.jpg" in msg and "none of the 3" in msg
+
+
+@pytest.mark.slow
+def test_island_figures_skip_an_unreadable_validation_image(tmp_path, caplog):
+    import lightning as L
+
+    from apm.callbacks import IslandFigures
+    from apm.module import APMModule
+
+    d = tmp_path / "images"
+    d.mkdir()
+    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket", "cat"]):
+        _photo(name).save(d / f"{i}.png")
+    split = dict(image_size=56, batch_size=3, val_fraction=0.4, num_workers=0)
+    probe = APMDataModule(str(d), **split)
+    probe.setup("fit")
+    bad = Path(probe.val_set.sources[0])  # the first validation image (2 of 5) becomes unreadable
+    bad.write_text("not an image any more\n")
+
+    module = APMModule(teacher="dinov2_tiny", teacher_args={"pretrained": False}, image_size=56,
+                       hidden_dims=[32], pe_dim=16, level_dim=8, queries_per_image=32, stats_images=3)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path), precision="32-true",
+                        callbacks=[IslandFigures(num_images=1, method="pca", display=32)])
+    with caplog.at_level("WARNING", logger="apm"):
+        trainer.fit(module, APMDataModule(str(d), **split))
+    assert trainer.global_step == 1
+    assert [p.name for p in (tmp_path / "islands").glob("*.png")] == ["step000001-0.png"]
+    assert any(f"skipped image {bad}" in m for m in caplog.messages)
 
 
 @pytest.mark.slow

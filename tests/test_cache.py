@@ -25,7 +25,7 @@ def teacher(seed: int = 0):
 
 def photos() -> torch.Tensor:
     ds = ImageDataset(PHOTOS, 56)
-    return torch.stack([ds[i] for i in range(len(ds))])
+    return torch.stack([ds.image(i) for i in range(len(ds))])
 
 
 def open_cache(root, t, images=PHOTOS, **kw) -> FeatureCache:

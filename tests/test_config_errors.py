@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from apm.checkpoints import load_module, read_checkpoint
+from apm.checkpoints import read_checkpoint
+from apm.module import APMModule
 from apm.cli import main
 from apm.errors import APMError, ConfigError
 from tests.conftest import CONFIGS
@@ -101,12 +102,12 @@ def test_checkpoint_file_at_another_image_size(capsys, run_dir, monkeypatch):
 
 
 def test_load_module_for_tools(run_dir):
-    m = load_module(run_dir / LAST)
+    m = APMModule.from_checkpoint(run_dir / LAST)
     assert m.hparams.hidden_dims == [64] and bool(m.standardizer.ready)
     feats = m.predict_features(torch.rand(1, 3, 56, 56))
     assert [tuple(f.shape) for f in feats] == [(1, 4, 4, 32)] * 3 + [(1, 4, 4, 3)]
     with pytest.raises(ConfigError, match="'--ckpt'.*model.hidden_dims is \\[64\\] in the checkpoint"):
-        load_module(run_dir / LAST, hidden_dims=[32])
+        APMModule.from_checkpoint(run_dir / LAST, hidden_dims=[32])
 
 
 class _Payload:
@@ -128,7 +129,7 @@ def test_checkpoints_with_pickled_code_are_refused_unrun(capsys, run_dir, tmp_pa
     msg = _fails(capsys, "--ckpt_path", "evil.ckpt")
     assert "'ckpt_path'" in msg and "Python objects" in msg
     with pytest.raises(APMError, match="Python objects"):
-        load_module(tmp_path / "evil.ckpt")
+        APMModule.from_checkpoint(tmp_path / "evil.ckpt")
     assert not marker.exists()
 
 

@@ -18,7 +18,18 @@ import pytest
 import torch
 
 from apm.module import APMModule
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, ROOT
+
+
+class RecordLocations(L.Callback):
+    """Saves the query locations each rank draws at its first step to $RECORD_DIR/rank<N>.pt."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            state = torch.get_rng_state()  # draw exactly what the step is about to draw
+            locs = pl_module.sample_locations(1, pl_module.device)
+            torch.set_rng_state(state)
+            torch.save(locs, os.path.join(os.environ["RECORD_DIR"], f"rank{trainer.global_rank}.pt"))
 
 OVERLAY = """
 trainer:
@@ -54,7 +65,8 @@ def _fit(cwd, *extra) -> dict:
     (cwd / "t.yaml").write_text(OVERLAY)
     cmd = [sys.executable, "-m", "apm", "fit", "-c", str(CONFIGS / "apm.yaml"), "-c",
            str(CONFIGS / "smoke.yaml"), "-c", "t.yaml", *extra]
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", RECORD_DIR=str(cwd),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return torch.load(cwd / "runs/t/checkpoints/last.ckpt", weights_only=True)
@@ -81,3 +93,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert moved > 0, k
         # Training moved every tensor; the two runs differ by float summation order only.
         assert apart <= 1e-3 * moved + 1e-6, (k, float(apart), float(moved))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_sample_different_query_locations(tmp_path):
+    """With sampled queries, each rank offsets the seed by its rank: otherwise both ranks would draw
+    the same locations for their images every step, and half the batch would add no coverage."""
+    _fit(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "2",
+         "--trainer.max_steps", "1", "--model.queries_per_image", "16",
+         "--trainer.callbacks+", "tests.test_ddp.RecordLocations")
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(x is not None for x in a)  # 16 queries over 4 levels: 4 of 16 locations each
+    assert any(not torch.equal(x, y) for x, y in zip(a, b))

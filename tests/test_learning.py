@@ -27,7 +27,7 @@ def test_student_fits_every_level_of_a_tiny_dinov2_on_one_photograph():
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(model, data)
     data.setup()
-    image = data.val_set[0][None]
+    image = data.val_set.image(0)[None]
     res = model.evaluate(image)
     untrained = APMModule(**{**model.hparams, "lr": 0.0})
     untrained.standardizer.load_state_dict(model.standardizer.state_dict())

@@ -42,6 +42,33 @@ def test_level_selection_by_name_and_index_in_any_order():
         create_teacher("mvitv2_tiny", image_size=96, levels=["block9"])
 
 
+@pytest.mark.parametrize("size", [(96, 96), (96, 128)])
+@pytest.mark.parametrize("row, col", [(5, 9), (0, 0), (-1, -1)])
+def test_perturbing_one_pixel_changes_only_its_embedding_token(size, row, col):
+    """Tokens are read as (t h w) with the class token dropped: a wrong order or keeping the class
+    token moves the changed token. The patch embedding (kernel 7, stride 4, padding 3 in space)
+    gives overlapping receptive fields; the pixel (4i, 4j) is the one seen by token (i, j) alone."""
+    t = create_teacher("mvitv2_tiny", image_size=96, levels=["embed", "block1"])
+    conv = t.model.conv_proj
+    assert (conv.kernel_size[1:], conv.stride[1:], conv.padding[1:]) == ((7, 7), (4, 4), (3, 3))
+    rows, cols = size[0] // 4, size[1] // 4
+    row, col = row % rows, col % cols
+    x = torch.rand(1, 3, *size)
+    y = x.clone()
+    y[..., 4 * row, 4 * col] += 0.5
+    with torch.no_grad():  # extract, not forward: the level specs are for square 96x96 images
+        (ex, bx), (ey, by) = t.extract(x), t.extract(y)
+    assert ex.shape == (1, rows, cols, 16)
+    changed = (ex[0] - ey[0]).abs().amax(-1) > 1e-6
+    expected = torch.zeros(rows, cols, dtype=torch.bool)
+    expected[row, col] = True
+    assert torch.equal(changed, expected)
+    # block1 (same grid) mixes tokens through pooling and attention, but its largest change stays put
+    block_change = (bx[0] - by[0]).norm(dim=-1)
+    assert (block_change > 1e-6).sum() > 1
+    assert divmod(int(block_change.argmax()), cols) == (row, col)
+
+
 def test_mvit_v2_s_architecture_at_224():
     """The real mvit_v2_s (random weights): 16 blocks on grids 56, 28 (x2), 14 (x11), 7 (x2) with
     widths 96, 192 (x2), 384 (x11), 768 (x2), read at the middle of T'=8 output frames."""
@@ -131,7 +158,7 @@ def test_heterogeneous_levels_flow_through_training_metrics_and_checkpoints(tmp_
     for n in names:
         assert torch.isfinite(logged[f"val/r2_{n}"]) and torch.isfinite(logged[f"train/loss_{n}"])
 
-    images = next(iter(data.val_dataloader()))
+    images, _ = next(iter(data.val_dataloader()))  # (images, dataset indices)
     res = model.evaluate(images)
     assert list(res) == names
     for n, m in res.items():
@@ -163,7 +190,7 @@ def test_student_learns_every_level_of_a_tiny_mvit_on_one_photograph():
     cosine gap closed by >= 0.74 on every level.
     """
     L.seed_everything(0)
-    image = ImageDataset(["astronaut"], 96)[0]
+    image = ImageDataset(["astronaut"], 96).image(0)
     model = APMModule(teacher="mvitv2_tiny", teacher_args={"pretrained": False}, image_size=96,
                       hidden_dims=[256, 256, 256], pe_dim=64, level_dim=16, queries_per_image=None,
                       lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, stats_images=1)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from apm.errors import ConfigError
+import teachers.errors as teacher_errors
+from apm.errors import APMError, ConfigError, TeacherUnavailableError
 from apm.module import APMModule
 from teachers import create_teacher
 
@@ -37,6 +38,18 @@ def test_the_guide_example_is_a_working_teacher(tmp_path, monkeypatch):
     assert [tuple(f.shape) for f in t(torch.rand(2, 3, 128, 128))] == [(2, 4, 4, 512), (2, 16, 16, 128)]
     with pytest.raises(ConfigError, match="unknown teacher 'nope'"):
         create_teacher(f"{module}:nope", image_size=128)
+
+
+def test_teachers_import_nothing_from_apm():
+    """The dependency points one way: every teacher module imports without apm, whose user-facing
+    errors are the teachers' own classes (one ``except APMError`` catches both)."""
+    code = ("import sys, teachers; teachers.list_teachers(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'apm'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+    assert (APMError, ConfigError, TeacherUnavailableError) == (
+        teacher_errors.UserError, teacher_errors.ConfigError, teacher_errors.TeacherUnavailableError)
 
 
 @pytest.mark.slow  # a subprocess: ~10 s of imports plus 3 steps; ~30 s on a loaded machine

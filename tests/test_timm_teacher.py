@@ -46,6 +46,27 @@ def test_perturbing_one_patch_changes_only_its_embedding_token(row, col):
     assert ((bx[0] - by[0]).abs().amax(-1) > 1e-6).sum() > 1  # attention spreads it further up
 
 
+@pytest.mark.parametrize("height, width", [(56, 84), (84, 56)])
+def test_non_square_images_with_dynamic_img_size(height, width):
+    """A ViT built with ``dynamic_img_size`` takes any size; the embed level's grid then comes from
+    the image (rows from its height, columns from its width), not from the square level spec."""
+    t = create_teacher("timm", model_name=REG4, pretrained=False, image_size=56,
+                       model_args={**TINY, "dynamic_img_size": True}, levels=["embed", "block2"])
+    p = t.patch_size
+    rows, cols = height // p, width // p
+    row, col = rows - 2, cols - 1
+    x = torch.rand(1, 3, height, width)
+    y = x.clone()
+    y[..., row * p:(row + 1) * p, col * p:(col + 1) * p] = torch.rand(3, p, p)
+    with torch.no_grad():  # extract, not forward: the level specs are for square 56x56 images
+        (ex, bx), (ey, _) = t.extract(x), t.extract(y)
+    assert ex.shape == bx.shape == (1, rows, cols, 48)
+    changed = (ex[0] - ey[0]).abs().amax(-1) > 1e-6
+    expected = torch.zeros(rows, cols, dtype=torch.bool)
+    expected[row, col] = True
+    assert torch.equal(changed, expected)
+
+
 def test_block_tokens_equal_a_manual_pass_without_prefix_tokens():
     t = tiny_vit()
     m = t.model

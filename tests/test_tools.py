@@ -1,5 +1,6 @@
 """``apm islands``, ``apm eval``, ``apm interpolate`` and the IslandFigures callback, on a checkpoint
-trained once by the real CLI on the smoke configuration (shrunk to 112 px), offline."""
+trained once by the real CLI on the smoke configuration (shrunk to 112 px), offline; and the numbers
+of ``apm.analysis`` (scores, controls, interpolation) against independent computations."""
 
 import json
 import math
@@ -9,15 +10,18 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+from apm.analysis import interpolate_features, island_scores
 from apm.cli import main
-from apm.data import skimage_photo
+from apm.data import image_transform, skimage_photo
+from apm.module import APMModule
 from tests.conftest import CONFIGS, ROOT
 
 LEVELS = {"block1", "block2", "block3", "rgb"}
-METRICS = {"cos", "cos_centered", "r2", "mse", "ari", "nmi"}
+METRICS = {"cos", "cos_centered", "r2", "mse", "ari", "nmi", "ari_control", "nmi_control"}
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +113,26 @@ def test_eval_json_has_every_level_and_metric(run, tmp_path, capsys):
         assert set(m) == METRICS, name
         assert all(math.isfinite(v) for v in m.values()), (name, m)
         assert -1 <= m["ari"] <= 1 and 0 <= m["nmi"] <= 1
+        assert -1 <= m["ari_control"] <= 1.0  # 1.0: the ARI of identical features
     assert set(res["mean"]) == METRICS
     assert res["mean"]["r2"] == pytest.approx(np.mean([m["r2"] for m in res["levels"].values()]))
+    assert res["control"] == "the teacher of the next image"
     table = capsys.readouterr().out
-    assert all(n in table for n in [*LEVELS, "mean", "ari", "nmi"])
+    assert all(n in table for n in [*LEVELS, "mean", "ari", "nmi", "ari_control", "nmi_control"])
+
+    # image i's control is image (i + 1) mod N however the images are batched
+    one = tmp_path / "batch1.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--images", "skimage:astronaut,coffee", "--json",
+                 str(one), "--k", "6", "--batch-size", "1"]) == 0
+    batched = json.loads(one.read_text())["levels"]
+    assert all(batched[n] == pytest.approx(m, abs=1e-4) for n, m in res["levels"].items())
+
+    single = tmp_path / "single.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--images", "skimage:astronaut", "--json", str(single)]) == 0
+    res = json.loads(single.read_text())
+    assert res["control"] == "the teacher of the image flipped left-right"
+    assert all(-1 <= m["ari_control"] <= 1.0 for m in res["levels"].values())
+    assert "flipped left-right" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -138,6 +158,74 @@ def test_callback_writes_figures_to_run_folder_and_wandb(run):
                                       "step000008-0.png", "step000008-1.png"]
     assert_not_blank(open_rgb(figs[-1]))
     assert list((root / "wandb").glob("offline-run-*/files/media/images/islands_*.png"))
+
+
+# -- the numbers, against independent computations ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    """A fresh module on the tiny random DINOv2 at 112 px (8x8 grid), statistics set on three
+    photographs; and those photographs (3, 3, 112, 112)."""
+    torch.manual_seed(0)
+    module = APMModule(teacher="dinov2_tiny", teacher_args={"pretrained": False}, image_size=112,
+                       hidden_dims=[32, 32], pe_dim=16, level_dim=8, stats_images=3)
+    images = torch.stack([image_transform(112)(skimage_photo(n)) for n in ("astronaut", "coffee", "chelsea")])
+    module.fit_statistics([images])
+    return module.eval(), images
+
+
+def numpy_r2(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """R^2 per image of (B, h, w, d) features: 1 - SSE / the teacher's sum of squares around its
+    mean over the image's locations."""
+    s, t = (x.reshape(x.shape[0], -1, x.shape[-1]).astype(np.float64) for x in (student, teacher))
+    return 1 - ((s - t) ** 2).sum((1, 2)) / ((t - t.mean(1, keepdims=True)) ** 2).sum((1, 2))
+
+
+def test_scores_of_identical_and_of_other_images_features(tiny, monkeypatch):
+    module, images = tiny
+    teacher = module.targets(images)
+
+    def student_is(feats):  # the student's predictions for the first len(imgs) images replaced
+        monkeypatch.setattr(module, "predict_features",
+                            lambda imgs, levels: [feats[i][: len(imgs)] for i in levels])
+
+    student_is(teacher)  # identical features
+    for name, m in island_scores(module, images, k=6).items():
+        assert m["r2"] == pytest.approx([1.0] * 3, abs=1e-6), name
+        assert m["cos"] == pytest.approx([1.0] * 3, abs=1e-6), name
+        assert m["ari"] == [1.0] * 3 and m["nmi"] == pytest.approx([1.0] * 3), name
+        assert all(abs(a) < 0.2 for a in m["ari_control"]), (name, m["ari_control"])  # another photo
+
+    # image i's student predicts image (i + 1)'s teacher features: near chance, except the
+    # control, which pairs image i's student with image (i + 1)'s teacher: identical features
+    student_is([t.roll(-1, 0) for t in teacher])
+    for (name, m), t in zip(island_scores(module, images, k=6).items(), teacher):
+        t = t.numpy()
+        assert m["r2"] == pytest.approx(numpy_r2(np.roll(t, -1, 0), t), rel=1e-5, abs=1e-6), name
+        assert all(abs(a) < 0.2 for a in m["ari"]), (name, m["ari"])
+        assert m["ari_control"] == [1.0] * 3, name
+
+    # a batch's last image takes the next batch's first as its control; one image alone, its mirror
+    rolled = island_scores(module, images[:2], k=6, next_image=images[2])
+    assert all(m["ari_control"] == [1.0, 1.0] for m in rolled.values())
+    student_is([t.flip(2) for t in teacher])
+    assert all(m["ari_control"] == [1.0] for m in island_scores(module, images[:1], k=6).values())
+
+
+def test_interpolation_ends_are_the_images_and_midpoint_mixes_columns(tiny):
+    module, images = tiny
+    st, levels = module.student, list(range(len(module.levels)))
+    feats = interpolate_features(module, images[0], images[1], 3, levels)  # a = 0, 0.5, 1
+    ends = module.predict_features(images[:2], levels)
+    with torch.no_grad():
+        mid = (st.trigger(images[:1]) + st.trigger(images[1:2])) / 2  # (1, h*w)
+        for lvl, f, e in zip(levels, feats, ends):
+            torch.testing.assert_close(f[0], e[0])
+            torch.testing.assert_close(f[2], e[1])
+            # the plain query [T, PE, E] through the unfactorized first layer, not column_term etc.
+            q = st.query_vectors(mid, lvl, st.coords(lvl))
+            want = module.standardizer.decode(lvl, st.heads[lvl](st.trunk(st.first(q))))[0]
+            torch.testing.assert_close(f[1], want.reshape(f[1].shape), rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(f[1], f[0]) and not torch.allclose(f[1], f[2])
 
 
 def test_help_and_user_errors(tmp_path, capsys):
