@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from apm.analysis import island_figures, resolve_levels
+from apm.data import batch_images
 from apm.skipping import readable_items
 
 
@@ -59,13 +60,13 @@ class IslandFigures(L.Callback):
         ds = getattr(dm, "val_set", None) if dm is not None else None
         if ds is not None and len(ds) > 0:
             items = readable_items(ds, self.num_images, getattr(dm, "skip_log", None))
-            items = [x[0] if isinstance(x, (tuple, list)) else x for x in items]
+            items = [image for image, _ in items]  # APMDataModule items are (image, index)
             return torch.stack(items) if items else None
         loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         got: list[torch.Tensor] = []
         for batch in loader or []:
-            got += list(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            got += list(batch_images(batch)[0])
             if len(got) >= self.num_images:
                 break
         return torch.stack(got[: self.num_images]) if got else None
