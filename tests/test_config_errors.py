@@ -101,7 +101,7 @@ def test_checkpoint_file_at_another_image_size(capsys, run_dir, monkeypatch):
     assert "'ckpt_path'" in msg and "data.image_size is 56 in the checkpoint but 112 here" in msg
 
 
-def test_load_module_for_tools(run_dir):
+def test_from_checkpoint_for_tools(run_dir):
     m = APMModule.from_checkpoint(run_dir / LAST)
     assert m.hparams.hidden_dims == [64] and bool(m.standardizer.ready)
     feats = m.predict_features(torch.rand(1, 3, 56, 56))
