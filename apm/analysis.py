@@ -226,8 +226,7 @@ def interpolate_features(module, image_a: torch.Tensor, image_b: torch.Tensor, s
     out = []
     for lvl in levels:
         h, w = module.levels[lvl].grid
-        first = (col + st.level_term(lvl))[:, None] + st.position_term(st.coords(lvl))
-        pred = module.standardizer.decode(lvl, st.decode(lvl, first).float())
+        pred = module.standardizer.decode(lvl, st.answer(col, lvl, st.position_term(st.coords(lvl))).float())
         out.append(rearrange(pred, "s (h w) d -> s h w d", h=h, w=w))
     return out
 

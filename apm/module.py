@@ -20,11 +20,13 @@ from apm.data import batch_images
 from apm.errors import ConfigError, NonFiniteLossError
 from apm.islands import RGB_LEVEL as RGB
 from apm.standardize import LevelStandardizer
-from apm.student import APMStudent
+from apm.student import LEVEL_ENTRIES, APMStudent
 from teachers import Level, create_teacher
 from teachers.base import TEACHER_PRECISIONS, check_image_size, level_indices
 
 LEGACY_PE_MAX_FREQ = 64.0  # the positional code's top frequency before it followed the grid
+LEGACY_LEVEL_ENTRY = "first"  # where the level code entered before it was a setting
+DEFAULT_LEVEL_ENTRY = "late"
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +50,10 @@ class APMModule(L.LightningModule):
             grid the student is trained on, see docs/architecture.md). Checkpoints written before this
             setting existed used 64 and keep it.
         level_dim: Width of the learned level embedding.
+        level_entry: Where the level code enters the student: ``late`` (default; the last hidden
+            layer, so the layers before it run once per location for all levels) or ``first`` (the
+            paper's design; every (location, level) runs the whole MLP). Checkpoints written before
+            this setting existed are ``first``. See docs/architecture.md.
         rgb: Also predict each patch's mean colour (the pixel level, named ``rgb``).
         rgb_weight: Loss weight of the ``rgb`` level.
         level_weights: Loss weight per level name (default 1 each; the ``rgb`` level's weight is
@@ -80,6 +86,7 @@ class APMModule(L.LightningModule):
         pe_dim: int = 256,
         pe_max_freq: float | None = None,
         level_dim: int = 64,
+        level_entry: str = DEFAULT_LEVEL_ENTRY,
         rgb: bool = True,
         rgb_weight: float = 1.0,
         level_weights: dict[str, float] | None = None,
@@ -125,12 +132,20 @@ class APMModule(L.LightningModule):
         self.loss_weights = [(rgb_weight if n == RGB else (level_weights or {}).get(n, 1.0)) for n in names]
         if pe_max_freq is None:
             pe_max_freq = max(max(l.grid) for l in self.levels) / 2
-        self.student = APMStudent(self.levels, image_size, patch_size, pe_dim, level_dim, hidden_dims,
-                                  pe_max_freq)
-        if compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
-            self.student.compile(**({} if compile is True else {"backend": compile}))
+        if level_entry not in LEVEL_ENTRIES:
+            raise ConfigError(f"Setting 'model.level_entry': {level_entry!r} is not one of "
+                              f"{', '.join(LEVEL_ENTRIES)}.")
+        self.student = self._new_student(patch_size, pe_max_freq, level_entry)
         self.feature_cache = None  # an apm.cache.FeatureCache, opened in on_fit_start
         self.standardizer = LevelStandardizer([l.dim for l in self.levels])
+
+    def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str) -> APMStudent:
+        hp = self.hparams
+        student = APMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, hp.level_dim,
+                             hp.hidden_dims, pe_max_freq, level_entry)
+        if hp.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
+            student.compile(**({} if hp.compile is True else {"backend": hp.compile}))
+        return student
 
     # -- targets ---------------------------------------------------------------------------------
     def targets(self, images: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -212,15 +227,22 @@ class APMModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------------
     def sample_locations(self, batch: int, device: torch.device) -> list[torch.Tensor | None]:
         """Per level, (B, n) random distinct locations, n = queries_per_image / levels; or None
-        (all locations) when sampling is off or n covers the grid."""
+        (all locations) when sampling is off or n covers the grid. With the level code entering
+        late, levels on one grid get the same tensor: the student then runs the level-free work
+        once per sampled location and supervises every level there."""
         q = self.hparams.queries_per_image
+        share = self.student.entry > 0  # a level-free layer to share
+        drawn: dict[tuple[int, int], torch.Tensor] = {}  # per grid, when shared
         out: list[torch.Tensor | None] = []
         for lvl in self.levels:
             n = math.ceil(q / len(self.levels)) if q else lvl.num_locations
             if n >= lvl.num_locations:
                 out.append(None)
-            else:
-                out.append(torch.rand(batch, lvl.num_locations, device=device).argsort(1)[:, :n])
+                continue
+            loc = drawn.get(lvl.grid) if share else None
+            if loc is None:
+                loc = drawn[lvl.grid] = torch.rand(batch, lvl.num_locations, device=device).argsort(1)[:, :n]
+            out.append(loc)
         return out
 
     def distillation_loss(self, images: torch.Tensor, feats: Sequence[torch.Tensor]
@@ -368,8 +390,15 @@ class APMModule(L.LightningModule):
 
     def _adopt_legacy_settings(self, checkpoint: dict) -> None:
         """Settings whose default changed: a checkpoint written before keeps its old value."""
-        if "pe_max_freq" not in (checkpoint.get("hyper_parameters") or {}):
+        saved = checkpoint.get("hyper_parameters") or {}
+        if "pe_max_freq" not in saved:
             self.student.pe_max_freq = self.hparams.pe_max_freq = LEGACY_PE_MAX_FREQ
+        if "level_entry" not in saved and self.student.level_entry != LEGACY_LEVEL_ENTRY:
+            # another shape: rebuilt before the weights are loaded (and before the optimizer exists)
+            st = self.student
+            self.hparams.level_entry = LEGACY_LEVEL_ENTRY
+            self.student = self._new_student(st.patch_size, st.pe_max_freq, LEGACY_LEVEL_ENTRY).to(
+                st.first.weight.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", setting: str = "--ckpt",
@@ -379,8 +408,8 @@ class APMModule(L.LightningModule):
         ConfigError naming ``setting``)."""
         ckpt = read_checkpoint(path, setting)
         hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-        if "pe_max_freq" not in hp:
-            hp["pe_max_freq"] = LEGACY_PE_MAX_FREQ
+        hp.setdefault("pe_max_freq", LEGACY_PE_MAX_FREQ)
+        hp.setdefault("level_entry", LEGACY_LEVEL_ENTRY)
         module = cls(**{**hp, **overrides})
         check_compatible(ckpt, module, path, setting)
         module.load_state_dict(ckpt["state_dict"])

@@ -1,10 +1,15 @@
 """The APM student: one CNN filter writes the image into a trigger column; one shared MLP answers
 queries [T, PE(x, y), E(level)] independently, one per (location, level).
 
-The first layer is applied factorized: W [T, PE, E] + b = (W_T T + b) + W_P PE + W_L E. The column
-term is computed once per image, the positional term once per grid, the level term once per level;
-a query then costs one add before the second layer. ``query_vectors`` builds the plain
-concatenated query for reference and tests.
+Where the level code E enters is a setting. ``level_entry="first"`` (the paper's design): the query
+is [T, PE, E], so every (location, level) runs the whole MLP. ``level_entry="late"``: [T, PE] runs
+the trunk once per location, and E enters the last hidden layer, [h, E]; that layer's h part is
+level-free too, so a level asked at a location costs one add, a ReLU and its head.
+
+The layer E enters is applied factorized: W [x, E] + b = (W_x x + b) + W_L E, and the first layer
+likewise (W_T T + b) + W_P PE (+ W_L E). The column term is computed once per image, the positional
+term once per grid, the level-free work once per location, the level term once per level.
+``query_vectors`` and ``decode`` give the plain, unfactorized path for reference and tests.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from torch import nn
 
 from apm.codes import grid_coords, sincos_2d
 from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level, check_image_size, level_indices
+
+LEVEL_ENTRIES = ("first", "late")
 
 
 class APMStudent(nn.Module):
@@ -33,15 +40,23 @@ class APMStudent(nn.Module):
             [2048, 4096, 4096, 4096, 2048, 1024].
         pe_max_freq: Highest frequency of the positional code, in cycles per image side (APMModule
             sets half the finest grid's side, its Nyquist limit).
+        level_entry: Where the level code enters: ``"first"`` layer (the paper's design) or the last
+            hidden layer, ``"late"`` (with a single hidden layer, that is the first).
     """
 
     def __init__(self, levels: Sequence[Level], image_size: int, patch_size: int, pe_dim: int = 256,
                  level_dim: int = 64, hidden_dims: Sequence[int] = (1024, 1024, 1024),
-                 pe_max_freq: float = 64.0):
+                 pe_max_freq: float = 64.0, level_entry: str = "first"):
         super().__init__()
         check_image_size(image_size, patch_size, "the student's patch size")
+        if level_entry not in LEVEL_ENTRIES:
+            raise ValueError(f"level_entry must be one of {LEVEL_ENTRIES}, got {level_entry!r}")
         if not hidden_dims:
             raise ValueError("hidden_dims needs at least one layer")
+        self.level_entry = level_entry
+        # index of the hidden layer the level code enters; with one layer, late is the first
+        self.entry = len(hidden_dims) - 1 if level_entry == "late" else 0
+        late = level_dim if self.entry else 0
         self.levels = list(levels)
         self.patch_size = patch_size
         self.grid = (image_size // patch_size, image_size // patch_size)
@@ -49,10 +64,10 @@ class APMStudent(nn.Module):
         self.pe_dim, self.level_dim, self.pe_max_freq = pe_dim, level_dim, pe_max_freq
         self.column = nn.Conv2d(3, 1, kernel_size=patch_size, stride=patch_size)
         self.level_embed = nn.Embedding(len(self.levels), level_dim)
-        self.first = nn.Linear(self.column_dim + pe_dim + level_dim, hidden_dims[0])
+        self.first = nn.Linear(self.column_dim + pe_dim + level_dim - late, hidden_dims[0])
         layers: list[nn.Module] = [nn.ReLU()]
-        for a, b in zip(hidden_dims[:-1], hidden_dims[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
+        for i, (a, b) in enumerate(zip(hidden_dims[:-1], hidden_dims[1:])):
+            layers += [nn.Linear(a + (late if i == len(hidden_dims) - 2 else 0), b), nn.ReLU()]
         self.trunk = nn.Sequential(*layers)
         self.heads = nn.ModuleList(nn.Linear(hidden_dims[-1], l.dim) for l in self.levels)
         for i, l in enumerate(self.levels):
@@ -87,22 +102,54 @@ class APMStudent(nn.Module):
         w_p = self.first.weight[:, self.column_dim : self.column_dim + self.pe_dim]
         return self.positional(coords).to(w_p.dtype) @ w_p.T
 
+    @property
+    def entry_layer(self) -> nn.Linear:
+        """The layer the level code enters: ``first``, or the last hidden layer when late."""
+        return self.trunk[-2] if self.entry else self.first
+
+    def _before_entry(self, first: torch.Tensor) -> torch.Tensor:
+        """The level-free layers between the first layer's pre-activations and the entry layer."""
+        return self.trunk[:-2](first) if self.entry else first
+
+    def _after_entry(self, pre: torch.Tensor) -> torch.Tensor:
+        """From the entry layer's pre-activations to the last hidden activations."""
+        return self.trunk[-1:](pre) if self.entry else self.trunk(pre)
+
     def level_term(self, level: int | torch.Tensor) -> torch.Tensor:
-        """W_L E(level): the level's part of the first layer; (H1,) for one level, (N, H1) for a
+        """W_L E(level): the level's part of the entry layer; (H,) for one level, (N, H) for a
         LongTensor (N,) of levels."""
-        w_l = self.first.weight[:, self.column_dim + self.pe_dim :]
+        w_l = self.entry_layer.weight[:, -self.level_dim :]
         return self.level_embed.weight[level] @ w_l.T
 
+    def locate(self, first: torch.Tensor) -> torch.Tensor:
+        """The level-free part of the entry layer's pre-activations, from the first layer's [T, PE]
+        pre-activations (..., H1): the work done once per location, whatever levels are asked there."""
+        if not self.entry:
+            return first
+        w = self.entry_layer.weight[:, : -self.level_dim]
+        return F.linear(self._before_entry(first), w, self.entry_layer.bias)
+
+    def answer(self, col: torch.Tensor, level: int, pos: torch.Tensor) -> torch.Tensor:
+        """One level's predictions (B, N, d) from the column term (B, H1) and W_P PE (N, H1)."""
+        return self.heads[level](self._after_entry(self.locate(col[:, None] + pos) + self.level_term(level)))
+
     def query_vectors(self, column: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
-        """The plain queries [T, PE(x, y), E(level)] (B, N, col+pe+level), as in the paper."""
+        """The plain first-layer inputs (B, N, ...): [T, PE(x, y), E(level)] as in the paper, or
+        [T, PE(x, y)] when the level enters late (``decode`` then appends E)."""
         b, n = column.shape[0], coords.shape[0]
-        pe = self.positional(coords).expand(b, n, -1)
-        e = self.level_embed.weight[level].expand(b, n, -1)
-        return torch.cat([column[:, None].expand(b, n, -1), pe, e], dim=-1)
+        parts = [column[:, None].expand(b, n, -1), self.positional(coords).expand(b, n, -1)]
+        if not self.entry:
+            parts.append(self.level_embed.weight[level].expand(b, n, -1))
+        return torch.cat(parts, dim=-1)
 
     def decode(self, level: int, first: torch.Tensor) -> torch.Tensor:
-        """Rest of the field MLP and the level's head, from first-layer pre-activations."""
-        return self.heads[level](self.trunk(first))
+        """Rest of the field MLP and the level's head, unfactorized, from the first layer's
+        pre-activations of ``query_vectors``; a late level code is concatenated where it enters."""
+        if not self.entry:
+            return self.heads[level](self.trunk(first))
+        h = self._before_entry(first)
+        e = self.level_embed.weight[level].expand(*h.shape[:-1], -1)
+        return self.heads[level](self._after_entry(self.entry_layer(torch.cat([h, e], dim=-1))))
 
     # -- whole forwards --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor,
@@ -112,57 +159,54 @@ class APMStudent(nn.Module):
         Args:
             images: (B, 3, H, W) in [0, 1].
             locations: Per level, either a LongTensor (B, n) of row-major location indices into that
-                level's grid, or None for all its locations.
+                level's grid, or None for all its locations. Levels on one grid given the same
+                tensor object (or None) share the level-free work of those locations.
 
         Returns:
             Per level, predictions (B, n, d) in the order of ``locations``.
         """
         col = self.column_term(self.trigger(images))  # (B, H1)
         pos: dict[tuple[int, int], torch.Tensor] = {}  # W_P PE once per distinct grid, per step
-        firsts, sizes = [], []
+        sites: list[tuple[tuple[int, int], torch.Tensor | None, torch.Tensor]] = []
+        pres, sizes = [], []
         for lvl, loc in enumerate(locations):
             grid = self.levels[lvl].grid
             if grid not in pos:
                 pos[grid] = self.position_term(self.coords(lvl))  # (N_l, H1)
-            q = pos[grid] if loc is None else pos[grid][loc]  # (N_l, H1) or (B, n, H1)
-            firsts.append((col + self.level_term(lvl))[:, None] + q)
-            sizes.append(q.shape[-2])
-        hidden = self.trunk(torch.cat(firsts, dim=1))  # one pass for all levels' queries
+            site = next((x for g, l, x in sites if g == grid and l is loc), None)
+            if site is None:  # the level-free work, once per distinct set of locations
+                site = self.locate(col[:, None] + (pos[grid] if loc is None else pos[grid][loc]))
+                sites.append((grid, loc, site))
+            pres.append(site + self.level_term(lvl))
+            sizes.append(site.shape[-2])
+        hidden = self._after_entry(torch.cat(pres, dim=1))  # one pass for all levels' queries
         return [head(h) for head, h in zip(self.heads, hidden.split(sizes, dim=1))]
 
     def query(self, images: torch.Tensor, level: int, coords: torch.Tensor,
               chunk: int | None = None) -> torch.Tensor:
         """Predict one level at arbitrary coordinates (N, 2) in [0, 1], in chunks of ``chunk``
         queries. Returns (B, N, d); queries are independent, so chunking changes nothing."""
-        return self._answer(self.column_term(self.trigger(images)), level, coords, chunk)
-
-    def _answer(self, col: torch.Tensor, level: int, coords: torch.Tensor, chunk: int | None,
-                pos: torch.Tensor | None = None) -> torch.Tensor:
-        """One level's predictions (B, N, d) from the column term, chunk by chunk; ``pos`` is a
-        precomputed W_P PE(coords) to reuse (only without chunking)."""
-        base = col + self.level_term(level)  # (B, H1)
-        if pos is not None:
-            return self.decode(level, base[:, None] + pos)
-        chunk = chunk or coords.shape[0]
-        return torch.cat([self.decode(level, base[:, None] + self.position_term(c))
-                          for c in coords.split(chunk)], dim=1)
+        col = self.column_term(self.trigger(images))
+        return torch.cat([self.answer(col, level, self.position_term(c))
+                          for c in coords.split(chunk or coords.shape[0])], dim=1)
 
     def dense(self, images: torch.Tensor, levels: Sequence[int] | None = None,
               chunk: int | None = None) -> list[torch.Tensor]:
-        """All locations of the given levels (default all), each (B, h, w, d). Without ``chunk``,
-        W_P PE is computed once per distinct grid and shared by the levels on it; with ``chunk``,
-        per chunk, so that memory stays bounded by the chunk."""
+        """All locations of the given levels (default all), each (B, h, w, d). Per grid and chunk of
+        its locations (default all at once), W_P PE and the level-free work are done once and
+        shared by every level on that grid; ``chunk`` bounds memory."""
         levels = level_indices(self.levels, levels)
         col = self.column_term(self.trigger(images))
-        pos: dict[tuple[int, int], torch.Tensor] = {}
-        out = []
-        for lvl in levels:
-            (h, w), coords = self.levels[lvl].grid, self.coords(lvl)
-            if chunk is None and (h, w) not in pos:
-                pos[(h, w)] = self.position_term(coords)
-            pred = self._answer(col, lvl, coords, chunk, pos.get((h, w)) if chunk is None else None)
-            out.append(rearrange(pred, "b (h w) d -> b h w d", h=h, w=w))
-        return out
+        preds: dict[int, list[torch.Tensor]] = {lvl: [] for lvl in levels}
+        for grid in dict.fromkeys(self.levels[lvl].grid for lvl in levels):
+            on_grid = [lvl for lvl in levels if self.levels[lvl].grid == grid]
+            coords = self.coords(on_grid[0])
+            for c in coords.split(chunk or coords.shape[0]):
+                site = self.locate(col[:, None] + self.position_term(c))
+                for lvl in on_grid:
+                    preds[lvl].append(self.heads[lvl](self._after_entry(site + self.level_term(lvl))))
+        return [rearrange(torch.cat(preds[lvl], dim=1), "b (h w) d -> b h w d",
+                          h=self.levels[lvl].grid[0], w=self.levels[lvl].grid[1]) for lvl in levels]
 
     # -- streaming: any queries, any order, bounded memory ---------------------------------------
     def stream(self, images: torch.Tensor, level_ids: torch.Tensor, coords: torch.Tensor,
@@ -170,7 +214,8 @@ class APMStudent(nn.Module):
         """Answer an arbitrary list of (level, location) queries, ``chunk`` queries at a time.
 
         Beyond the inputs and the weights, memory is set by ``chunk`` (one chunk's activations),
-        not by the number of queries or the image size; run it under ``torch.no_grad()``.
+        not by the number of queries or the image size; run it under ``torch.no_grad()``. Queries
+        of one chunk at the same coordinates share the level-free work.
 
         Args:
             images: (B, 3, H, W) in [0, 1].
@@ -189,7 +234,9 @@ class APMStudent(nn.Module):
             lv = level_ids[start : start + chunk].to(col.device)
             order = torch.argsort(lv, stable=True)  # group the chunk's queries by level
             lv, c = lv[order], coords[start : start + chunk].to(col.device)[order]
-            hidden = self.trunk(col[:, None] + (self.position_term(c) + self.level_term(lv)))
+            where, which = torch.unique(c, dim=0, return_inverse=True)
+            site = self.locate(col[:, None] + self.position_term(where))[:, which]
+            hidden = self._after_entry(site + self.level_term(lv))
             counts = torch.bincount(lv, minlength=len(self.levels)).tolist()
             for lvl, (pos, h) in enumerate(zip(order.split(counts), hidden.split(counts, dim=1))):
                 if len(pos):  # one pass through the trunk for every level in the chunk
