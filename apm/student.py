@@ -118,7 +118,8 @@ class APMStudent(nn.Module):
     def level_term(self, level: int | torch.Tensor) -> torch.Tensor:
         """W_L E(level): the level's part of the entry layer; (H,) for one level, (N, H) for a
         LongTensor (N,) of levels."""
-        w_l = self.entry_layer.weight[:, -self.level_dim :]
+        layer = self.entry_layer
+        w_l = layer.weight[:, layer.in_features - self.level_dim :]  # (no [-0:]: level_dim may be 0)
         return self.level_embed.weight[level] @ w_l.T
 
     def locate(self, first: torch.Tensor) -> torch.Tensor:
@@ -126,8 +127,9 @@ class APMStudent(nn.Module):
         pre-activations (..., H1): the work done once per location, whatever levels are asked there."""
         if not self.entry:
             return first
-        w = self.entry_layer.weight[:, : -self.level_dim]
-        return F.linear(self._before_entry(first), w, self.entry_layer.bias)
+        layer = self.entry_layer
+        w = layer.weight[:, : layer.in_features - self.level_dim]
+        return F.linear(self._before_entry(first), w, layer.bias)
 
     def answer(self, col: torch.Tensor, level: int, pos: torch.Tensor) -> torch.Tensor:
         """One level's predictions (B, N, d) from the column term (B, H1) and W_P PE (N, H1)."""

@@ -10,14 +10,16 @@ Figures (keys of the JSON file; null where a figure does not apply to the device
    location, whole first layer per query, chunks of 512 concatenated, fp32); steps interleaved.
    -> ``train_speedup_vs_baseline_ratio``.
 2. ``dense``: dense inference (all locations, all levels) of the student against the teacher's own
-   forward at 224, 448, 896 px: FLOPs (torch.utils.flop_counter), wall time, peak memory.
+   forward at 224, 448, 896 px: FLOPs (torch.utils.flop_counter), wall time, peak memory; FLOPs
+   and time of both student designs (``level_entry`` first and late) side by side
+   -> ``dense_flops_vs_teacher_ratio_448`` (the default design's).
 3. ``streaming``: peak memory of chunked inference at a fixed chunk size across those sizes
    -> ``streaming_memory_growth_ratio``.
 4. ``gpu``: the student step's achieved matmul FLOP/s as a fraction of a measured bf16 peak (GPU only).
 5. ``cache``: epoch time of a real Lightning fit without and with the teacher-feature cache.
 6. ``fidelity``: wall time to mean R^2 0.9 on one image, our default recipe against the official one
-   (Adam 1e-4, fp32, all queries every step, unnormalized MSE), same student
-   -> ``time_to_fidelity_vs_baseline_ratio``.
+   (Adam 1e-4, fp32, all queries every step, unnormalized MSE, the paper's student), and our recipe
+   with each student design -> ``time_to_fidelity_vs_baseline_ratio`` (the default design's).
 7. ``islands``: the joint 3-D t-SNE of an island figure (teacher beside student, 2 x 1024 points per
    level at 448 px, 12 levels of DINOv2-small): scikit-learn against ``apm.islands.embed_rgb`` on
    the run's device (the torch t-SNE on a GPU), with the trustworthiness of each
@@ -54,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 from apm import metrics  # noqa: E402
 from apm.precision import autocast, default_precision  # noqa: E402
-from apm.student import APMStudent  # noqa: E402
+from apm.module import DEFAULT_LEVEL_ENTRY  # noqa: E402
+from apm.student import LEVEL_ENTRIES, APMStudent  # noqa: E402
 from teachers import Level, create_teacher  # noqa: E402
 
 
@@ -290,13 +293,16 @@ def bench_train(s: Settings, device: torch.device, precision: str, log) -> dict:
 
 # -- 2./3. dense and streaming inference ---------------------------------------------------------
 def inference_models(s: Settings, size: int, device: torch.device, precision: str):
+    """The teacher and a student of each design (``level_entry``), for one image size."""
     teacher = create_teacher(s.teacher, image_size=size, pretrained=False).to(device)
     teacher.set_precision("bf16" if precision.startswith("bf16") else "32")  # its fast mode, as the student
     levels = list(teacher.levels) + [Level("rgb", teacher.levels[0].grid, 3)]
-    torch.manual_seed(0)
-    student = APMStudent(levels, size, teacher.patch_size, s.student_pe, s.student_level,
-                         s.student_hidden).to(device).eval()
-    return teacher, student
+    students = {}
+    for entry in LEVEL_ENTRIES:
+        torch.manual_seed(0)
+        students[entry] = APMStudent(levels, size, teacher.patch_size, s.student_pe, s.student_level,
+                                     s.student_hidden, level_entry=entry).to(device).eval()
+    return teacher, students
 
 
 def all_queries(student: APMStudent) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,15 +316,20 @@ def all_queries(student: APMStudent) -> tuple[torch.Tensor, torch.Tensor]:
 def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memory, log) -> tuple[dict, dict]:
     rows, stream_rows = [], []
     for size in s.sizes:
-        teacher, student = inference_models(s, size, device, precision)
+        teacher, students = inference_models(s, size, device, precision)
+        student = students[DEFAULT_LEVEL_ENTRY]
         images = photo(size, device)
         ids, coords = all_queries(student)
         ids, coords = ids.to(device), coords.to(device)
 
-        @torch.no_grad()
-        def run_student():
-            with autocast(device, precision):
-                return student.dense(images)
+        def dense_of(model: APMStudent) -> Callable[[], list[torch.Tensor]]:
+            @torch.no_grad()
+            def run():
+                with autocast(device, precision):
+                    return model.dense(images)
+            return run
+
+        run_student = dense_of(student)
 
         @torch.no_grad()
         def run_teacher():
@@ -339,6 +350,10 @@ def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memo
                "student_s": median_time(run_student, device, s.infer_reps),
                "teacher_s": median_time(run_teacher, device, s.infer_reps),
                "stream_s": median_time(run_stream, device, s.infer_reps)}
+        row["dense_flops_vs_teacher_ratio"] = row["student_flops"] / row["teacher_flops"]
+        row["designs"] = {e: {"flops": count_flops(dense_of(m)),
+                              "s": median_time(dense_of(m), device, s.infer_reps)}
+                          for e, m in students.items()}
         row["student_peak_bytes"] = mem.peak(run_student)
         row["teacher_peak_bytes"] = mem.peak(run_teacher)
         srow = {"image": size, "chunk": s.stream_chunk, "queries": int(len(ids)),
@@ -347,13 +362,15 @@ def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memo
             f"stream peak {_mb(srow['peak_bytes'])}, teacher peak {_mb(row['teacher_peak_bytes'])}")
         rows.append(row)
         stream_rows.append(srow)
-        del teacher, student
+        del teacher, student, students
 
     def growth(key, table):
         a, b = table[0][key], table[-1][key]
         return None if a in (None, 0) or b is None else b / a
 
-    dense = {"sizes": rows, "memory_method": mem.method,
+    at_448 = [r["dense_flops_vs_teacher_ratio"] for r in rows if r["image"] == 448]
+    dense = {"sizes": rows, "memory_method": mem.method, "level_entry": DEFAULT_LEVEL_ENTRY,
+             "dense_flops_vs_teacher_ratio_448": at_448[0] if at_448 else None,
              "location_growth": rows[-1]["locations"] / rows[0]["locations"],
              **{f"{k}_growth": growth(k, rows) for k in
                 ("student_flops", "teacher_flops", "student_s", "teacher_s", "student_peak_bytes",
@@ -454,9 +471,9 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
     recipe.update(s.fid_recipe)
     images = photo(s.fid_image, device)
 
-    def fresh_module() -> APMModule:
+    def fresh_module(level_entry: str) -> APMModule:
         torch.manual_seed(seed)  # the same initial student for both recipes
-        return APMModule(**recipe, image_size=s.fid_image).to(device)
+        return APMModule(**{**recipe, "level_entry": level_entry}, image_size=s.fid_image).to(device)
 
     def race(runs: dict[str, tuple[Callable, Callable]]) -> dict[str, dict]:
         """Train the recipes in lockstep (a few steps each in turn, so that load from elsewhere
@@ -488,26 +505,32 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # ours: the module's loss (its query sampling, standardization, level weights), AdamW
-        # with configs/apm.yaml's schedule, the device's default precision
-        module = fresh_module()
-        module.trainer = L.Trainer(barebones=True, max_steps=20000, accelerator=device.type,
-                                   devices=1, logger=False)
-        module.fit_statistics([images])
-        opt_cfg = module.configure_optimizers()
-        opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
-        feats = module.targets(images)  # once: both recipes train on these targets in memory
-        module.train()
+        # with configs/apm.yaml's schedule, the device's default precision; one per student design
+        def ours(level_entry: str) -> tuple[Callable, Callable, list[torch.Tensor]]:
+            module = fresh_module(level_entry)
+            module.trainer = L.Trainer(barebones=True, max_steps=20000, accelerator=device.type,
+                                       devices=1, logger=False)
+            module.fit_statistics([images])
+            opt_cfg = module.configure_optimizers()
+            opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+            feats = module.targets(images)  # once: every recipe trains on these targets in memory
+            module.train()
 
-        def ours_step():  # the targets in memory for both recipes: only the recipes differ
-            with autocast(device, precision):
-                loss, _ = module.distillation_loss(images, feats)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            def step():
+                with autocast(device, precision):
+                    loss, _ = module.distillation_loss(images, feats)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+
+            return step, lambda: module.predict_features(images), feats
+
+        contenders = {e: ours(e) for e in LEVEL_ENTRIES}
+        feats = contenders[DEFAULT_LEVEL_ENTRY][2]
 
         # official: Adam 1e-4, fp32, every query every step, MSE on the raw features
-        student = fresh_module().student
+        student = fresh_module("first").student  # the paper's design
         off_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
         raw = [rearrange(f, "b h w d -> b (h w) d") for f in feats]
         levels = list(range(len(raw)))
@@ -519,9 +542,9 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
             loss.backward()
             off_opt.step()
 
-        res = race({"ours": (ours_step, lambda: module.predict_features(images)),
+        res = race({**{e: c[:2] for e, c in contenders.items()},
                     "official": (official_step, lambda: student.dense(images))})
-        ours, official = res["ours"], res["official"]
+        ours, official = res[DEFAULT_LEVEL_ENTRY], res["official"]
     reached = ours["seconds"] is not None and official["seconds"] is not None
     if ours["seconds"] is None:
         ratio = None
@@ -530,6 +553,7 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
     return {"image": s.fid_image, "teacher_levels": s.fid_levels, "levels": len(feats),
             "student_hidden": s.fid_hidden, "target_r2": s.fid_target, "budget_s": s.fid_budget_s,
             "ours": ours, "official": official, "both_reached": reached,
+            "level_entry": DEFAULT_LEVEL_ENTRY, "designs": {e: res[e] for e in LEVEL_ENTRIES},
             "ratio_is_lower_bound": ours["seconds"] is not None and official["seconds"] is None,
             "time_to_fidelity_vs_baseline_ratio": ratio}
 
@@ -622,6 +646,11 @@ def table(res: dict) -> str:
             f"{r['teacher_flops'] / 1e9:14.1f} {r['student_s']:10.3f} {r['teacher_s']:10.3f} "
             f"{r['stream_s']:9.3f} {mb(r['student_peak_bytes']):>11} {mb(r['teacher_peak_bytes']):>11} "
             f"{mb(sr['peak_bytes']):>10}")
+    lines.append(f"   student = level_entry {d['level_entry']}; dense by design, GFLOP (s):")
+    for r in d["sizes"]:
+        lines.append(f"   {r['image']:4d} " + ", ".join(
+            f"{e} {v['flops'] / 1e9:.2f} ({v['s']:.3f} s, {v['flops'] / r['teacher_flops']:.2f}x the "
+            f"teacher)" for e, v in r["designs"].items()))
     lines += [
         f"   growth {d['sizes'][0]['image']}->{d['sizes'][-1]['image']} ({d['location_growth']:.0f}x "
         f"locations): student FLOPs {f(d['student_flops_growth'])}x, teacher FLOPs "
@@ -646,6 +675,9 @@ def table(res: dict) -> str:
         f"{f(fi['official']['seconds'], '{:.1f}')} s ({fi['official']['steps']} steps, R^2 "
         f"{fi['official']['final_r2']:.3f}) -> {f(fi['time_to_fidelity_vs_baseline_ratio'])}x"
         + (" (lower bound)" if fi["ratio_is_lower_bound"] else ""),
+        "   our recipe by student design: " + ", ".join(
+            f"{e} {f(v['seconds'], '{:.1f}')} s ({v['steps']} steps, R^2 {v['final_r2']:.3f})"
+            for e, v in fi["designs"].items()),
         *([f"   {fi['seeds']} initial students: ratios "
            f"{', '.join(f(r) for r in fi['ratio_per_seed'])} -> median "
            f"{f(fi['time_to_fidelity_vs_baseline_ratio'])}x; ours missed the target in "
@@ -662,7 +694,7 @@ def table(res: dict) -> str:
 
 KEYS = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
         "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio",
-        "islands_speedup_ratio")
+        "islands_speedup_ratio", "dense_flops_vs_teacher_ratio_448")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -710,6 +742,7 @@ def main(argv: list[str] | None = None) -> dict:
     log("7. island-figure embedding")
     res["islands"] = bench_islands(s, device, log)
     res["train_speedup_vs_baseline_ratio"] = res["train"]["train_speedup_vs_baseline_ratio"]
+    res["dense_flops_vs_teacher_ratio_448"] = res["dense"]["dense_flops_vs_teacher_ratio_448"]
     res["time_to_fidelity_vs_baseline_ratio"] = res["fidelity"]["time_to_fidelity_vs_baseline_ratio"]
     res["streaming_memory_growth_ratio"] = res["streaming"]["streaming_memory_growth_ratio"]
     res["student_fraction_of_bf16_peak"] = res["gpu"]["student_fraction_of_bf16_peak"]

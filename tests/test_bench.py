@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TOP = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
        "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio",
-       "islands_speedup_ratio")
+       "islands_speedup_ratio", "dense_flops_vs_teacher_ratio_448")
 TRAIN = ("queries_per_s_ours", "queries_per_s_baseline", "images_per_s_ours", "images_per_s_baseline",
          "flops_per_step_ours", "flops_per_step_baseline", "first_layer_flop_share_baseline")
 DENSE = ("image", "locations", "student_flops", "teacher_flops", "student_s", "teacher_s",
@@ -39,11 +39,19 @@ def test_bench_tiny_writes_every_figure(tmp_path):
         assert res["train"][k] > 0, k
     assert res["train"]["flops_per_step_baseline"] > res["train"]["flops_per_step_ours"]  # less work
     assert [r["image"] for r in res["dense"]["sizes"]] == [28, 56]
+    assert res["dense_flops_vs_teacher_ratio_448"] is None  # 448 px is not among the tiny sizes
     for row in res["dense"]["sizes"]:
         for k in DENSE:
             assert row[k] is not None, k
+        first, late = row["designs"]["first"], row["designs"]["late"]
+        assert late["flops"] < first["flops"] and late["s"] > 0 and first["s"] > 0
+        assert row["dense_flops_vs_teacher_ratio"] == row["student_flops"] / row["teacher_flops"]
+        assert row["student_flops"] == row["designs"][res["dense"]["level_entry"]]["flops"]
     assert {"epoch_s_no_cache", "epoch_s_cache_fill", "epoch_s_cached"} <= set(res["cache"])
     assert {"ours", "official", "target_r2"} <= set(res["fidelity"])
+    designs = res["fidelity"]["designs"]
+    assert set(designs) == {"first", "late"} and all(d["steps"] > 0 for d in designs.values())
+    assert "our recipe by student design" in run.stdout
     isl = res["islands"]
     assert "7. island figure" in run.stdout
     assert isl["level_s_ours"] > 0 and isl["level_s_sklearn"] > 0
