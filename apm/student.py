@@ -56,7 +56,6 @@ class APMStudent(nn.Module):
         self.level_entry = level_entry
         # index of the hidden layer the level code enters; with one layer, late is the first
         self.entry = len(hidden_dims) - 1 if level_entry == "late" else 0
-        late = level_dim if self.entry else 0
         self.levels = list(levels)
         self.patch_size = patch_size
         self.grid = (image_size // patch_size, image_size // patch_size)
@@ -64,10 +63,11 @@ class APMStudent(nn.Module):
         self.pe_dim, self.level_dim, self.pe_max_freq = pe_dim, level_dim, pe_max_freq
         self.column = nn.Conv2d(3, 1, kernel_size=patch_size, stride=patch_size)
         self.level_embed = nn.Embedding(len(self.levels), level_dim)
-        self.first = nn.Linear(self.column_dim + pe_dim + level_dim - late, hidden_dims[0])
+        code = [level_dim if i == self.entry else 0 for i in range(len(hidden_dims))]  # E's inputs
+        self.first = nn.Linear(self.column_dim + pe_dim + code[0], hidden_dims[0])
         layers: list[nn.Module] = [nn.ReLU()]
-        for i, (a, b) in enumerate(zip(hidden_dims[:-1], hidden_dims[1:])):
-            layers += [nn.Linear(a + (late if i == len(hidden_dims) - 2 else 0), b), nn.ReLU()]
+        for i, (a, b) in enumerate(zip(hidden_dims[:-1], hidden_dims[1:]), start=1):
+            layers += [nn.Linear(a + code[i], b), nn.ReLU()]
         self.trunk = nn.Sequential(*layers)
         self.heads = nn.ModuleList(nn.Linear(hidden_dims[-1], l.dim) for l in self.levels)
         for i, l in enumerate(self.levels):
