@@ -24,8 +24,10 @@ from apm.student import LEVEL_ENTRIES, APMStudent
 from teachers import Level, create_teacher
 from teachers.base import TEACHER_PRECISIONS, check_image_size, level_indices
 
-LEGACY_PE_MAX_FREQ = 64.0  # the positional code's top frequency before it followed the grid
-LEGACY_LEVEL_ENTRY = "first"  # where the level code entered before it was a setting
+# Settings whose default changed, with the value a checkpoint written before them was trained with:
+# the positional code's top frequency before it followed the grid, and where the level code
+# entered before that was a setting.
+LEGACY_DEFAULTS = {"pe_max_freq": 64.0, "level_entry": "first"}
 DEFAULT_LEVEL_ENTRY = "late"
 log = logging.getLogger(__name__)
 
@@ -392,12 +394,13 @@ class APMModule(L.LightningModule):
         """Settings whose default changed: a checkpoint written before keeps its old value."""
         saved = checkpoint.get("hyper_parameters") or {}
         if "pe_max_freq" not in saved:
-            self.student.pe_max_freq = self.hparams.pe_max_freq = LEGACY_PE_MAX_FREQ
-        if "level_entry" not in saved and self.student.level_entry != LEGACY_LEVEL_ENTRY:
+            self.student.pe_max_freq = self.hparams.pe_max_freq = LEGACY_DEFAULTS["pe_max_freq"]
+        entry = LEGACY_DEFAULTS["level_entry"]
+        if "level_entry" not in saved and self.student.level_entry != entry:
             # another shape: rebuilt before the weights are loaded (and before the optimizer exists)
             st = self.student
-            self.hparams.level_entry = LEGACY_LEVEL_ENTRY
-            self.student = self._new_student(st.patch_size, st.pe_max_freq, LEGACY_LEVEL_ENTRY).to(
+            self.hparams.level_entry = entry
+            self.student = self._new_student(st.patch_size, st.pe_max_freq, entry).to(
                 st.first.weight.device)
 
     @classmethod
@@ -408,9 +411,7 @@ class APMModule(L.LightningModule):
         ConfigError naming ``setting``)."""
         ckpt = read_checkpoint(path, setting)
         hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-        hp.setdefault("pe_max_freq", LEGACY_PE_MAX_FREQ)
-        hp.setdefault("level_entry", LEGACY_LEVEL_ENTRY)
-        module = cls(**{**hp, **overrides})
+        module = cls(**{**LEGACY_DEFAULTS, **hp, **overrides})
         check_compatible(ckpt, module, path, setting)
         module.load_state_dict(ckpt["state_dict"])
         return module.to(map_location).eval()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench import count_flops, matmul_rate, sync  # noqa: E402
+from bench import count_flops, matmul_rate, sync, wall  # noqa: E402
 
 from apm.data import APMDataModule, SKIMAGE_PHOTOS  # noqa: E402
 from apm.module import APMModule  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         images_a = batch[:1]
         teacher_t = statistics.median(
-            [_wall(lambda: model.teacher(batch), device) for _ in range(5)])
+            [wall(lambda: model.teacher(batch), device) for _ in range(5)])
     from apm.analysis import island_figures
 
     t0 = time.perf_counter()
@@ -144,14 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=1))
     return res
-
-
-def _wall(fn, device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

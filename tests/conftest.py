@@ -24,3 +24,14 @@ def astronaut_224() -> torch.Tensor:
     from apm.data import image_transform, skimage_photo
 
     return image_transform(224)(skimage_photo("astronaut"))[None]
+
+
+def saved_checkpoint(module, path: Path) -> dict:
+    """Write ``module``'s checkpoint through a real Trainer to ``path``; return it as loaded, for
+    tests that edit it (e.g. drop a setting, as a file from an older version would lack it)."""
+    import lightning as L
+
+    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return torch.load(path, weights_only=True)

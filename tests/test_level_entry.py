@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from apm.module import APMModule
 from apm.student import APMStudent
 from teachers import Level
+from tests.conftest import saved_checkpoint
 
 LEVELS = [Level("a", (8, 8), 12), Level("b", (4, 4), 20), Level("c", (8, 8), 6), Level("rgb", (8, 8), 3)]
 DESIGNS = ("first", "late")
@@ -137,11 +138,8 @@ def test_a_checkpoint_without_the_setting_loads_as_the_first_design(tmp_path, im
     old = APMModule(**TINY, level_entry="first")
     old.standardizer.update(old.targets(image[None]))
     old.standardizer.finalize()
-    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False)
-    trainer.strategy.connect(old)
     path = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = saved_checkpoint(old, path)
     del ckpt["hyper_parameters"]["level_entry"]
     torch.save(ckpt, path)
     want = old.eval().predict_features(image[None])

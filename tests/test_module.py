@@ -10,6 +10,7 @@ import torch
 
 from apm.errors import ConfigError
 from apm.module import APMModule
+from tests.conftest import saved_checkpoint
 
 TINY = dict(teacher="dinov2_tiny", teacher_args={"pretrained": False}, image_size=56,
             hidden_dims=[32], pe_dim=16, level_dim=4, stats_images=1)
@@ -89,11 +90,8 @@ def test_positional_code_top_frequency_follows_the_finest_grid_and_old_checkpoin
     assert APMModule(**{**TINY, "image_size": 448}).student.pe_max_freq == 16.0
     assert APMModule(**TINY, pe_max_freq=5.0).student.pe_max_freq == 5.0
     # a checkpoint written before the setting existed has no pe_max_freq: it keeps 64
-    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False)
-    trainer.strategy.connect(m)
     path = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = saved_checkpoint(m, path)
     del ckpt["hyper_parameters"]["pe_max_freq"]
     torch.save(ckpt, path)
     assert APMModule.from_checkpoint(path).student.pe_max_freq == 64.0
@@ -106,11 +104,8 @@ def test_a_moved_teacher_class_still_loads_its_checkpoints_and_caches(tmp_path, 
     from apm.cache import FeatureCache, teacher_identity
 
     m = fitted(image)
-    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=False)
-    trainer.strategy.connect(m)
     path = tmp_path / "m.ckpt"
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = saved_checkpoint(m, path)
     assert "class" not in ckpt["apm"]["teacher"]  # recorded by name and arguments
     ckpt["apm"]["teacher"]["class"] = "old_package.old_file.DINOv2Teacher"  # as written before
     torch.save(ckpt, path)
