@@ -148,12 +148,16 @@ class Adaptation:
         weights: Loss weight per level.
         queries_per_image: Queries per image and step, split evenly over levels; None or 0 = all.
         generators: One per image for the query draws (reproducible per image); None = global RNG.
+        scales: Per level, the targets' standardization (mean (N, d), std (N,)); ``r2`` then
+            scores on the teacher's scale (it matters only for one-location levels, see metrics.r2).
     """
 
     def __init__(self, student, images: torch.Tensor, targets: Sequence[torch.Tensor],
                  weights: Sequence[float], queries_per_image: int | None,
-                 generators: Sequence[torch.Generator] | None = None):
+                 generators: Sequence[torch.Generator] | None = None,
+                 scales: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.student, self.images, self.generators = student, images, generators
+        self.scales = list(scales) if scales is not None else None  # per level (mean (N, d), std (N,))
         self.targets = [rearrange(t, "n h w d -> n (h w) d") for t in targets]
         self.weights = list(weights)
         levels = student.levels
@@ -167,6 +171,8 @@ class Adaptation:
         """Keep only these images (indices into the current batch)."""
         self.images = self.images[keep]
         self.targets = [t[keep] for t in self.targets]
+        if self.scales is not None:
+            self.scales = [(m[keep], s[keep]) for m, s in self.scales]
         if self.generators is not None:
             self.generators = [self.generators[i] for i in keep.tolist()]
 
@@ -210,10 +216,16 @@ class Adaptation:
 
     @torch.no_grad()
     def r2(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """R^2 per image and level (N, L) of the dense predictions (R^2 is the same on the
-        standardized and the teacher's scale)."""
+        """R^2 per image and level (N, L) of the dense predictions, on the teacher's scale."""
         preds = vmap(lambda p, image: self._predict(p, image, {}))(params, self.images)
-        return torch.stack([metrics.r2(p.float(), t) for p, t in zip(preds, self.targets)], dim=1)
+        out = []
+        for i, (p, t) in enumerate(zip(preds, self.targets)):
+            p = p.float()
+            if self.scales is not None:
+                m, s = self.scales[i]
+                p, t = p * s[:, None, None] + m[:, None], t * s[:, None, None] + m[:, None]
+            out.append(metrics.r2(p, t))
+        return torch.stack(out, dim=1)
 
 
 def _stack(per_image: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -282,7 +294,7 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
          module.hparams.queries_per_image if recipe.queries_per_image is None else recipe.queries_per_image)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     weights = [1.0] * len(module.levels) if recipe.official else module.loss_weights
-    fit = Adaptation(student, images, z, weights, q, gens)
+    fit = Adaptation(student, images, z, weights, q, gens, stats)
     opt = recipe.optimizer(list(params.values()), 0.0 if recipe.official else module.hparams.weight_decay)
     names = [l.name for l in module.levels]
     active = list(range(len(images)))

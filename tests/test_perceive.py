@@ -111,7 +111,7 @@ def test_official_protocol_starts_fresh_with_raw_targets(trained):
     (off_untrained,) = fit_images(untrained, unseen()[None], [0], official, progress=False)
     (warm,) = fit_images(module, unseen()[None], [0], FitRecipe(max_steps=0), progress=False)
     assert off.r2_before == pytest.approx(off_untrained.r2_before, abs=1e-6)  # not the trained weights
-    assert all(off.r2_before[n] < warm.r2_before[n] - 0.2 for n in warm.r2_before)
+    assert off.r2_before != pytest.approx(warm.r2_before, abs=0.05)
     fitted = fitted_module(module, off)
     for i in range(len(module.levels)):  # raw MSE: the identity standardization, saved with it
         assert torch.all(fitted.standardizer.mean(i) == 0) and torch.all(fitted.standardizer.std(i) == 1)
