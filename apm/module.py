@@ -46,6 +46,9 @@ class APMModule(L.LightningModule):
         image_size: Input side in pixels (linked from ``data.image_size``).
         patch_size: Kernel and stride of the student's column filter; default the teacher's patch.
         hidden_dims: Widths of the shared field MLP's layers.
+        column_filters: Output channels of the column filter; 1 (default) is the paper's single
+            filter, one number per patch. More let an unseen image's patch colours and textures
+            through (see docs/perceive.md).
         pe_dim: Width of the 2-D sin-cos positional code.
         pe_max_freq: Highest frequency of the positional code in cycles per image side; default
             half the finest level's grid side (its Nyquist limit: higher frequencies alias on the
@@ -91,6 +94,7 @@ class APMModule(L.LightningModule):
         image_size: int = 448,
         patch_size: int | None = None,
         hidden_dims: list[int] = [1024, 1024, 1024, 1024],
+        column_filters: int = 1,
         pe_dim: int = 256,
         pe_max_freq: float | None = None,
         level_dim: int = 64,
@@ -112,6 +116,9 @@ class APMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if column_filters < 1:
+            raise ConfigError(f"Setting 'model.column_filters': {column_filters}; use 1 (the paper's "
+                              f"single filter) or more.")
         if meta_inner_steps < 0:
             raise ConfigError(f"Setting 'model.meta_inner_steps': {meta_inner_steps}; use 0 (plain "
                               f"distillation) or the number of inner fitting steps per image (e.g. 5).")
@@ -160,7 +167,7 @@ class APMModule(L.LightningModule):
     def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str) -> APMStudent:
         hp = self.hparams
         student = APMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, hp.level_dim,
-                             hp.hidden_dims, pe_max_freq, level_entry)
+                             hp.hidden_dims, pe_max_freq, level_entry, hp.column_filters)
         if hp.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
             student.compile(**({} if hp.compile is True else {"backend": hp.compile}))
         return student
