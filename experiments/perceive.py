@@ -47,12 +47,14 @@ CONDITIONS = {  # name: (start, recipe)
 }
 
 
-def distill(train_dir: Path, out: Path, minutes: float, size: int, device: str, extra: list[str]) -> tuple[Path, int]:
+def distill(train_dir: Path, out: Path, minutes: float, size: int, device: str, hidden: list[int],
+            extra: list[str]) -> tuple[Path, int]:
     """A run of ``apm fit`` for a fixed wall time (constant lr after warm-up); its last.ckpt."""
     args = ["fit", "-c", str(ROOT / "configs" / "apm.yaml"),
             "--data.images", str(train_dir), "--data.image_size", str(size), "--data.val_fraction", "0",
             "--data.num_workers", "0", "--model.teacher", "dinov2_small",
             "--model.teacher_args", json.dumps(TEACHER_ARGS), "--model.warmup_steps", "50",
+            "--model.hidden_dims", json.dumps(hidden),
             "--model.min_lr_ratio", "1.0", "--model.feature_cache", str(out.parent / "cache"),
             "--trainer.max_steps", "1000000", "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
             "--trainer.accelerator", device, "--trainer.check_val_every_n_epoch", "100000",
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--minutes", type=float, default=8.0, help="wall time of each distillation")
     p.add_argument("--meta-inner-steps", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--hidden", type=json.loads, default=[1024, 1024, 1024, 1024], help="the student's MLP")
     p.add_argument("--target-r2", type=float, default=0.9)
     p.add_argument("--max-steps", type=int, default=600, help="per image and condition")
     p.add_argument("--eval-every", type=int, default=10)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     starts, steps = {}, {}
     for name, extra in (("plain", []), ("meta", ["--model.meta_inner_steps", str(a.meta_inner_steps)])):
         log(f"distilling ({name}) on {len(train)} photographs for {a.minutes} min")
-        ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, extra)
+        ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, a.hidden, extra)
         starts[name] = load_trained_module(str(ckpt), device)
         log(f"  {steps[name]} steps -> {ckpt}")
     hp = {k: v for k, v in starts["plain"].hparams.items() if not k.startswith("_")}
