@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=None, help="runs and caches (default a temp folder)")
+    p.add_argument("--reuse", action="store_true", help="reuse the distillations already in --workdir")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "perceive_cpu.json")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -102,8 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     accel = "gpu" if device.type == "cuda" else "cpu"
     starts, steps = {}, {}
     for name, extra in (("plain", []), ("meta", ["--model.meta_inner_steps", str(a.meta_inner_steps)])):
-        log(f"distilling ({name}) on {len(train)} photographs for {a.minutes} min")
-        ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, a.hidden, extra)
+        done = work / name / "checkpoints" / "last.ckpt"
+        if a.reuse and done.is_file():  # a finished distillation of an earlier run in --workdir
+            ckpt, steps[name] = done, int(torch.load(done, weights_only=True)["global_step"])
+        else:
+            log(f"distilling ({name}) on {len(train)} photographs for {a.minutes} min")
+            ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, a.hidden, extra)
         starts[name] = load_trained_module(str(ckpt), device)
         log(f"  {steps[name]} steps -> {ckpt}")
     hp = {k: v for k, v in starts["plain"].hparams.items() if not k.startswith("_")}
