@@ -79,11 +79,12 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 
 def teacher_from_config(paths: Sequence[str], device: torch.device):
-    """The teacher and image size named by LightningCLI config files (later files override
-    earlier ones, as with ``apm fit -c a.yaml -c b.yaml``)."""
+    """The teacher (``model.teacher``, or the set of ``model.teachers``) and image size named by
+    LightningCLI config files (later files override earlier ones, as with ``apm fit -c a.yaml -c
+    b.yaml``)."""
     import yaml
 
-    from teachers import create_teacher
+    from teachers.multi import build_teacher
 
     cfg: dict = {}
     for p in paths:
@@ -92,8 +93,8 @@ def teacher_from_config(paths: Sequence[str], device: torch.device):
         cfg = _deep_merge(cfg, yaml.safe_load(Path(p).read_text()) or {})
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
     image_size = int(data.get("image_size") or model.get("image_size") or 448)
-    teacher = create_teacher(model.get("teacher", "dinov2_small"), image_size=image_size,
-                             **(model.get("teacher_args") or {}))
+    teacher = build_teacher(model.get("teacher"), model.get("teacher_args"), model.get("teachers"),
+                            image_size)
     teacher.set_precision(str(model.get("teacher_precision", "32")))
     return teacher.to(device), image_size
 
