@@ -166,7 +166,7 @@ def parse_specs(specs: Sequence[dict[str, Any]], image_size: int,
     return out
 
 
-def _for_member(error: UserError, where: str, own_size: bool) -> UserError:
+def _for_member(error: UserError, where: str, name: str, own_size: bool) -> UserError:
     """A member's error with the single-teacher setting names replaced by the entry's."""
     msg = str(error).replace("'model.teacher_args", f"'{where}.args").replace(
         "'model.teacher'", f"'{where}.name'")
@@ -175,7 +175,7 @@ def _for_member(error: UserError, where: str, own_size: bool) -> UserError:
     elif "'data.image_size'" in msg:
         msg += f" ({where} takes data.image_size; '{where}.image_size' gives it its own.)"
     if where not in msg:
-        msg = f"{where}: {msg}"
+        msg = f"Setting {where!r} ({name}): {msg}"
     return type(error)(msg)
 
 
@@ -189,7 +189,7 @@ def build_teachers(specs: Sequence[dict[str, Any]], image_size: int, setting: st
         try:
             members.append(create_teacher(spec.name, image_size=spec.image_size, **spec.args))
         except UserError as e:
-            raise _for_member(e, where, raw.get("image_size") is not None) from None
+            raise _for_member(e, where, spec.name, raw.get("image_size") is not None) from None
     return TeacherSet(members, parsed, image_size)
 
 
