@@ -2,7 +2,7 @@
 (blocks 2, 3) distilled into one student (``model.teachers``), against two one-teacher students of
 the same size, on two scikit-image photographs, all on the same clock.
 
-    python experiments/multi_teacher.py      # about 9 minutes on 2 CPU cores
+    python experiments/multi_teacher.py      # about 7 minutes on 2 CPU cores
 
 Both teachers have random weights (offline; DINOv2 with layer scale 1.0 so its blocks are not
 near-identity), at 224 px: DINOv2 on its 16x16 grid (width 384), MViTv2 on its 28x28 stride-8 grid
