@@ -9,6 +9,7 @@ Inputs (``load_images``, ``load_trained_module``, ``teacher_from_config``), feat
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,25 +23,47 @@ from teachers.base import level_indices
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-def load_images(specs: Sequence[str], image_size: int, setting: str = "--images") -> list[tuple[str, torch.Tensor]]:
+def load_images(specs: Sequence[str], image_size: int, setting: str = "--images",
+                skip_bad: bool = False) -> list[tuple[str, torch.Tensor]]:
     """(name, image (3, S, S) in [0, 1]) for image files, folders (searched recursively) and
-    ``skimage:NAME[,NAME...]`` (photographs embedded in scikit-image)."""
+    ``skimage:NAME[,NAME...]`` (photographs embedded in scikit-image). A missing path or an
+    unreadable file is an error, or with ``skip_bad`` a warning naming it (and a count at the
+    end); ConfigError when no image is left."""
     from apm.data import find_images, image_transform, load_image, skimage_names, skimage_photo
+    from apm.errors import UnreadableImageError
 
     tf = image_transform(image_size)
     out: list[tuple[str, torch.Tensor]] = []
+    skipped: list[str] = []
+
+    def bad(message: str) -> None:
+        if not skip_bad:
+            raise ConfigError(message)
+        warnings.warn(f"skipped: {message}", stacklevel=3)
+        skipped.append(message)
+
     for spec in specs:
         if spec.startswith("skimage:"):
             out += [(name, tf(skimage_photo(name))) for name in skimage_names(spec, setting)]
             continue
         path = Path(spec)
         if not path.exists():
-            raise ConfigError(f"Setting {setting!r}: {spec!r} does not exist. Give image files, folders "
-                              f"of images, or skimage:NAME for an embedded photograph.")
+            bad(f"Setting {setting!r}: {spec!r} does not exist. Give image files, folders of images, "
+                f"or skimage:NAME for an embedded photograph.")
+            continue
         files = find_images(path)
         if not files:
-            raise ConfigError(f"Setting {setting!r}: no image files under {spec!r}.")
-        out += [(f.stem, tf(load_image(f, image_size))) for f in files]
+            bad(f"Setting {setting!r}: no image files under {spec!r}.")
+        for f in files:
+            try:
+                out.append((f.stem, tf(load_image(f, image_size))))
+            except UnreadableImageError as e:
+                bad(f"Setting {setting!r}: {e}")
+    if skipped:
+        warnings.warn(f"{len(skipped)} of the inputs in {setting!r} were skipped (named above); "
+                      f"{len(out)} image(s) loaded.", stacklevel=2)
+    if not out:
+        raise ConfigError(f"Setting {setting!r}: no readable image among {list(specs)}.")
     names: dict[str, int] = {}
     unique = []
     for name, img in out:  # two files with one stem must not overwrite each other's figure
@@ -58,13 +81,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_trained_module(path: str, device: torch.device):
-    """An APMModule in eval mode from a checkpoint of ``apm fit`` (safe load, shape checked);
-    ConfigError when no training step ran (the level statistics are not set)."""
+def load_trained_module(path: str, device: torch.device, **overrides: Any):
+    """An APMModule in eval mode from a checkpoint of ``apm fit`` (safe load, shape checked;
+    ``overrides`` replace saved settings, and one that changes the teacher or a shape is refused
+    with a ConfigError naming '--ckpt'); ConfigError when no training step ran (the level
+    statistics are not set)."""
     from apm.module import APMModule
 
-    module = APMModule.from_checkpoint(path, map_location=device, setting="--ckpt", compile=False,
-                                       feature_cache=None)
+    module = APMModule.from_checkpoint(path, map_location=device, setting="--ckpt", **{
+        **overrides, "compile": False, "feature_cache": None})
     if not bool(module.standardizer.ready):
         raise ConfigError(f"Setting '--ckpt': {path} was saved before the level statistics were "
                           f"computed (no training step ran); use a checkpoint of a trained run.")
@@ -78,13 +103,10 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def teacher_from_config(paths: Sequence[str], device: torch.device):
-    """The teacher (``model.teacher``, or the set of ``model.teachers``) and image size named by
-    LightningCLI config files (later files override earlier ones, as with ``apm fit -c a.yaml -c
-    b.yaml``)."""
+def _read_configs(paths: Sequence[str]) -> tuple[dict, dict, int]:
+    """The model and data sections of LightningCLI config files (later files override earlier
+    ones, as with ``apm fit -c a.yaml -c b.yaml``) and the image size they set."""
     import yaml
-
-    from teachers.multi import build_teacher
 
     cfg: dict = {}
     for p in paths:
@@ -92,7 +114,38 @@ def teacher_from_config(paths: Sequence[str], device: torch.device):
             raise ConfigError(f"Setting '--config': {p!r} is not a file; give a config such as configs/apm.yaml.")
         cfg = _deep_merge(cfg, yaml.safe_load(Path(p).read_text()) or {})
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
-    image_size = int(data.get("image_size") or model.get("image_size") or 448)
+    return model, data, int(data.get("image_size") or model.get("image_size") or 448)
+
+
+def config_settings(paths: Sequence[str]) -> dict[str, Any]:
+    """The model settings of LightningCLI config files, with the data section's image size."""
+    model, _, image_size = _read_configs(paths)
+    settings = {k: v for k, v in model.items() if k not in ("class_path", "init_args")}
+    settings.update(model.get("init_args") or {})
+    return {**settings, "image_size": image_size}
+
+
+def module_from_config(paths: Sequence[str], device: torch.device, **overrides: Any):
+    """A fresh, untrained APMModule (no level statistics) with the model settings of LightningCLI
+    config files; ``overrides`` replace settings."""
+    from apm.module import APMModule
+
+    settings = config_settings(paths)
+    try:
+        module = APMModule(**{**settings, "compile": False, "feature_cache": None, **overrides})
+    except TypeError as e:
+        raise ConfigError(f"Setting '--config': the model section of {', '.join(paths)} does not fit "
+                          f"APMModule ({e}); see 'apm fit --help' for the model settings.") from None
+    return module.to(device).eval()
+
+
+def teacher_from_config(paths: Sequence[str], device: torch.device):
+    """The teacher (``model.teacher``, or the set of ``model.teachers``) and image size named by
+    LightningCLI config files (later files override earlier ones, as with ``apm fit -c a.yaml -c
+    b.yaml``)."""
+    from teachers.multi import build_teacher
+
+    model, _, image_size = _read_configs(paths)
     teacher = build_teacher(model.get("teacher"), model.get("teacher_args"), model.get("teachers"),
                             image_size)
     teacher.set_precision(str(model.get("teacher_precision", "32")))

@@ -28,8 +28,8 @@ from apm.errors import APMError, ConfigError
 RUNTIME_ONLY = {"_instantiator", "_class_path", "compile", "feature_cache", "max_nonfinite_steps",
                 "teacher_precision"}
 # Settings that decide the teacher's features or the student's parameter shapes.
-SHAPE_SETTINGS = {"teacher", "teacher_args", "teachers", "image_size", "patch_size", "hidden_dims", "pe_dim",
-                  "level_dim", "rgb"}
+SHAPE_SETTINGS = {"teacher", "teacher_args", "teachers", "image_size", "patch_size", "hidden_dims",
+                  "pe_dim", "level_dim", "rgb", "column_filters"}
 # Settings that the data module owns (linked into the model by the CLI).
 DATA_SETTINGS = {"image_size"}
 

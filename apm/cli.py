@@ -14,6 +14,7 @@ TOOLS: dict[str, str] = {
     "islands": "apm.tools:islands_main",
     "eval": "apm.tools:eval_main",
     "interpolate": "apm.tools:interpolate_main",
+    "perceive": "apm.tools:perceive_main",
 }
 
 

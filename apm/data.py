@@ -139,9 +139,15 @@ def find_images(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def image_transform(image_size: int, hflip: bool = False) -> T.Compose:
-    """Resize the shorter side to ``image_size``, centre-crop a square, float tensor in [0, 1]."""
-    ops = [T.ToImage(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
+def image_transform(image_size: int, hflip: bool = False,
+                    crop_scale: Sequence[float] | None = None) -> T.Compose:
+    """Resize the shorter side to ``image_size``, centre-crop a square, float tensor in [0, 1];
+    with ``crop_scale`` (lo, hi) a random crop of that fraction of the area instead (aspect 3:4
+    to 4:3), resized to the square."""
+    if crop_scale:
+        ops = [T.ToImage(), T.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+    else:
+        ops = [T.ToImage(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
     if hflip:
         ops.append(T.RandomHorizontalFlip())
     return T.Compose(ops + [T.ToDtype(torch.float32, scale=True)])
@@ -160,11 +166,11 @@ class ImageDataset(Dataset):
     index lets a teacher-feature cache find the image's features."""
 
     def __init__(self, sources: Sequence[str | Path], image_size: int, hflip: bool = False,
-                 min_side: int = 1, max_pixels: int = MAX_PIXELS):
+                 min_side: int = 1, max_pixels: int = MAX_PIXELS, crop_scale: Sequence[float] | None = None):
         self.sources = list(sources)
         self.image_size = image_size
         self.hflip = hflip
-        self.transform = image_transform(image_size, hflip)
+        self.transform = image_transform(image_size, hflip, crop_scale)
         self.min_side, self.max_pixels = min_side, max_pixels
 
     def __len__(self) -> int:
@@ -199,6 +205,8 @@ class APMDataModule(L.LightningDataModule):
         max_images: Use at most this many images (after a seeded shuffle).
         num_workers: DataLoader worker processes.
         hflip: Random horizontal flips of training images.
+        crop_scale: Random resized crops of training images: (lo, hi), the fraction of the image's
+            area each crop covers (e.g. [0.35, 1.0]); default off (the centre square).
         seed: Seed of the train/validation split.
         min_side: Image files whose shorter side is below this many pixels (icons, thumbnails:
             less than one 14-pixel patch by default) are skipped; 1 upscales every image instead.
@@ -209,7 +217,8 @@ class APMDataModule(L.LightningDataModule):
 
     def __init__(self, images: str | None = None, image_size: int = 448, batch_size: int = 8,
                  val_fraction: float = 0.2, max_images: int | None = None, num_workers: int = 2,
-                 hflip: bool = False, seed: int = 0, min_side: int = 14, max_pixels: int = MAX_PIXELS):
+                 hflip: bool = False, seed: int = 0, min_side: int = 14, max_pixels: int = MAX_PIXELS,
+                 crop_scale: tuple[float, float] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.train_set: ImageDataset | None = None
@@ -243,7 +252,10 @@ class APMDataModule(L.LightningDataModule):
             warnings.warn("Only one image: validating on the training image.", stacklevel=2)
         train, val = srcs[n_val:], srcs[:n_val] or srcs[n_val:]
         limits = dict(min_side=hp.min_side, max_pixels=hp.max_pixels)
-        self.train_set = ImageDataset(train, hp.image_size, hp.hflip, **limits)
+        if hp.crop_scale is not None and not (len(hp.crop_scale) == 2 and 0 < hp.crop_scale[0] <= hp.crop_scale[1] <= 1):
+            raise ConfigError(f"Setting 'data.crop_scale': {hp.crop_scale} must be [lo, hi] with "
+                              f"0 < lo <= hi <= 1 (fractions of the image's area), e.g. [0.35, 1.0].")
+        self.train_set = ImageDataset(train, hp.image_size, hp.hflip, crop_scale=hp.crop_scale, **limits)
         self.val_set = ImageDataset(val, hp.image_size, **limits)
         self._check_readable()
 
@@ -284,9 +296,10 @@ class APMDataModule(L.LightningDataModule):
     def cache_sources(self) -> list:
         """The training images in dataset order, which a teacher-feature cache is keyed by;
         ConfigError when the training images are flipped (a cache holds unflipped features)."""
-        if self.hparams.hflip:
-            raise ConfigError("Setting 'model.feature_cache' stores the features of unflipped "
-                              "images; it cannot be used with 'data.hflip: true'. Unset one.")
+        if self.hparams.hflip or self.hparams.crop_scale:
+            which = "data.hflip: true" if self.hparams.hflip else "data.crop_scale"
+            raise ConfigError(f"Setting 'model.feature_cache' stores the features of unaugmented "
+                              f"images; it cannot be used with '{which}'. Unset one.")
         self.setup("fit")
         return list(self.train_set.sources)
 

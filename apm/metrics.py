@@ -26,10 +26,13 @@ def centered_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def r2(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """R^2 = 1 - SSE / SST per image (B,), SST taken around the teacher's mean over that image's
-    locations; a prediction constant over locations scores at most 0."""
+    locations; a prediction constant over locations scores at most 0. A level with one location
+    (a global embedding) has no spread over locations: its SST is taken around zero, so the score
+    is 1 - the relative squared error."""
     p, t = _flat(pred), _flat(target)
     sse = (p - t).pow(2).sum(dim=(1, 2))
-    sst = (t - t.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
+    centre = t.mean(dim=1, keepdim=True) if t.shape[1] > 1 else torch.zeros_like(t)
+    sst = (t - centre).pow(2).sum(dim=(1, 2))
     return 1 - sse / sst.clamp_min(eps)
 
 

@@ -55,6 +55,9 @@ class APMModule(L.LightningModule):
         patch_size: Kernel and stride of the student's column filter; default the teacher's patch
             (with ``teachers``: ``image_size`` over the first teacher's grid side).
         hidden_dims: Widths of the shared field MLP's layers.
+        column_filters: Output channels of the column filter; 1 (default) is the paper's single
+            filter, one number per patch. More let an unseen image's patch colours and textures
+            through (see docs/perceive.md).
         pe_dim: Width of the 2-D sin-cos positional code.
         pe_max_freq: Highest frequency of the positional code in cycles per image side; default
             half the finest level's grid side (its Nyquist limit: higher frequencies alias on the
@@ -84,6 +87,12 @@ class APMModule(L.LightningModule):
             or a backend name (``inductor``, ``aot_eager``, ...). Default off.
         max_nonfinite_steps: A step whose loss is NaN or infinite is skipped (no update) and
             counted (``train/nonfinite_steps``); this many in a row stop the run with an error.
+        meta_inner_steps: 0 (default) distills plainly. k > 0 meta-learns the student's
+            initialization for fast per-image fitting (``apm perceive``) with first-order Reptile:
+            each step fits a copy of the student to each image of the batch for k steps (the
+            ``ours`` recipe of apm/perceive.py), then moves the shared weights toward the mean of
+            the fitted copies, using the AdamW above with ``lr`` on the difference.
+        meta_inner_lr: Learning rate of the inner AdamW (``apm perceive``'s default is 1e-3).
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class APMModule(L.LightningModule):
         image_size: int = 448,
         patch_size: int | None = None,
         hidden_dims: list[int] = [1024, 1024, 1024, 1024],
+        column_filters: int = 1,
         pe_dim: int = 256,
         pe_max_freq: float | None = None,
         level_dim: int = 64,
@@ -111,9 +121,22 @@ class APMModule(L.LightningModule):
         feature_cache: str | None = None,
         compile: bool | str = False,
         max_nonfinite_steps: int = 10,
+        meta_inner_steps: int = 0,
+        meta_inner_lr: float = 1e-3,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if column_filters < 1:
+            raise ConfigError(f"Setting 'model.column_filters': {column_filters}; use 1 (the paper's "
+                              f"single filter) or more.")
+        if meta_inner_steps < 0:
+            raise ConfigError(f"Setting 'model.meta_inner_steps': {meta_inner_steps}; use 0 (plain "
+                              f"distillation) or the number of inner fitting steps per image (e.g. 5).")
+        if meta_inner_steps and compile:
+            raise ConfigError("Settings 'model.meta_inner_steps' and 'model.compile': the meta-learning "
+                              "inner loop runs the student through torch.func.vmap, which a compiled "
+                              "student does not support; unset one of them.")
+        self.automatic_optimization = not meta_inner_steps  # Reptile sets its own update
         self.nonfinite_in_a_row, self.nonfinite_total, self._skip_update = 0, 0, False
         # Kept out of the module tree: a frozen teacher is rebuilt from its name, not checkpointed.
         object.__setattr__(self, "teacher", build_teacher(teacher, teacher_args, teachers, image_size))
@@ -155,7 +178,7 @@ class APMModule(L.LightningModule):
     def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str) -> APMStudent:
         hp = self.hparams
         student = APMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, hp.level_dim,
-                             hp.hidden_dims, pe_max_freq, level_entry)
+                             hp.hidden_dims, pe_max_freq, level_entry, hp.column_filters)
         if hp.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
             student.compile(**({} if hp.compile is True else {"backend": hp.compile}))
         return student
@@ -295,6 +318,8 @@ class APMModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                       batch_idx: int) -> torch.Tensor:
         images, index = batch_images(batch)
+        if self.hparams.meta_inner_steps:
+            return self.meta_step(images, self.targets(images, index))
         loss, logs = self.distillation_loss(images, self.targets(images, index))
         # A non-finite loss still goes through backward (data-parallel ranks must all reduce
         # gradients); on_before_optimizer_step then drops the gradients, so nothing is updated.
@@ -304,6 +329,36 @@ class APMModule(L.LightningModule):
             self.log_dict(logs)
             self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def meta_step(self, images: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One Reptile step: fit a copy of the student to each image for ``meta_inner_steps``
+        steps, then update the shared weights with (weights - mean of the fitted copies) as the
+        gradient. Logs the inner loss before (``train/loss``) and after (``train/loss_adapted``)."""
+        from apm.perceive import Adaptation
+
+        hp = self.hparams
+        theta = dict(self.student.named_parameters())
+        copies = {n: p.detach().expand(len(images), *p.shape).clone().requires_grad_() for n, p in theta.items()}
+        z = [self.standardizer.encode(i, f) for i, f in enumerate(feats)]
+        fit = Adaptation(self.student, images, z, self.loss_weights, hp.queries_per_image)
+        inner = torch.optim.AdamW(list(copies.values()), lr=hp.meta_inner_lr, weight_decay=hp.weight_decay)
+        with torch.enable_grad():
+            losses = [fit.step(copies, inner).mean() for _ in range(hp.meta_inner_steps)]
+        opt = self.optimizers()
+        opt.zero_grad()
+        finite = self.loss_is_finite(torch.stack(losses)) and all(
+            bool(torch.isfinite(c).all()) for c in copies.values())
+        if finite:  # under DDP each rank averages its own copies; Lightning does not sync manual grads
+            for n, p in theta.items():
+                grad = p.detach() - copies[n].detach().mean(0)
+                if self.trainer.world_size > 1:
+                    grad = self.trainer.strategy.reduce(grad, reduce_op="mean")
+                p.grad = grad
+            opt.step()
+            self.lr_schedulers().step()
+            self.log_dict({"train/loss": losses[0], "train/loss_adapted": losses[-1]}, prog_bar=True)
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        return losses[0]
 
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
         """Whether ``loss`` is finite on every rank; counts the non-finite ones and raises

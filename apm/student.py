@@ -42,11 +42,13 @@ class APMStudent(nn.Module):
             sets half the finest grid's side, its Nyquist limit).
         level_entry: Where the level code enters: ``"first"`` layer (the paper's design) or the last
             hidden layer, ``"late"`` (with a single hidden layer, that is the first).
+        column_filters: Output channels of the column filter (the paper's is 1): the trigger column
+            holds ``column_filters`` numbers per patch.
     """
 
     def __init__(self, levels: Sequence[Level], image_size: int, patch_size: int, pe_dim: int = 256,
                  level_dim: int = 64, hidden_dims: Sequence[int] = (1024, 1024, 1024),
-                 pe_max_freq: float = 64.0, level_entry: str = "first"):
+                 pe_max_freq: float = 64.0, level_entry: str = "first", column_filters: int = 1):
         super().__init__()
         check_image_size(image_size, patch_size, "the student's patch size")
         if level_entry not in LEVEL_ENTRIES:
@@ -59,9 +61,11 @@ class APMStudent(nn.Module):
         self.levels = list(levels)
         self.patch_size = patch_size
         self.grid = (image_size // patch_size, image_size // patch_size)
-        self.column_dim = self.grid[0] * self.grid[1]
+        if column_filters < 1:
+            raise ValueError(f"column_filters must be at least 1, got {column_filters}")
+        self.column_dim = column_filters * self.grid[0] * self.grid[1]
         self.pe_dim, self.level_dim, self.pe_max_freq = pe_dim, level_dim, pe_max_freq
-        self.column = nn.Conv2d(3, 1, kernel_size=patch_size, stride=patch_size)
+        self.column = nn.Conv2d(3, column_filters, kernel_size=patch_size, stride=patch_size)
         self.level_embed = nn.Embedding(len(self.levels), level_dim)
         code = [level_dim if i == self.entry else 0 for i in range(len(hidden_dims))]  # E's inputs
         self.first = nn.Linear(self.column_dim + pe_dim + code[0], hidden_dims[0])
@@ -75,15 +79,15 @@ class APMStudent(nn.Module):
 
     # -- the pieces of a query -------------------------------------------------------------------
     def trigger(self, images: torch.Tensor) -> torch.Tensor:
-        """The trigger column T (B, h*w) of images (B, 3, H, W) in [0, 1]: the column filter on
+        """The trigger column T (B, c*h*w) of images (B, 3, H, W) in [0, 1]: the column filter on
         ImageNet-normalized images. The normalization is folded into the filter, so no normalized
         copy of the image is ever made (streaming memory stays independent of the image size)."""
         mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         w = self.column.weight / std
-        b = self.column.bias - (w * mean).sum()
+        b = self.column.bias - (w * mean).sum((1, 2, 3))
         col = F.conv2d(images, w.to(images.dtype), b.to(images.dtype), stride=self.patch_size)
-        return rearrange(col, "b 1 h w -> b (h w)")
+        return rearrange(col, "b c h w -> b (c h w)")
 
     def coords(self, level: int) -> torch.Tensor:
         """Cell-centre coordinates (h*w, 2) of a level's grid, row-major, in [0, 1]."""

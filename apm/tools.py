@@ -1,4 +1,4 @@
-"""The island commands: ``apm islands``, ``apm eval`` and ``apm interpolate``.
+"""The commands beside ``apm fit``: ``apm islands``, ``apm eval``, ``apm interpolate`` and ``apm perceive``.
 
 Each ``*_main`` takes the argument list after the subcommand name (see ``apm.cli.TOOLS``), parses
 it, prints and returns the exit status; the work is done by ``apm.analysis``.
@@ -146,4 +146,88 @@ def interpolate_main(argv: list[str]) -> int:
     for path in interpolation_strip(module, img_a, img_b, a.steps, a.out, levels, a.method,
                                     a.perplexity, a.seed, a.display, gif=not a.no_gif):
         print(path)
+    return 0
+
+
+def perceive_main(argv: list[str]) -> int:
+    """``apm perceive``: fit a student to each new image (test-time fitting)."""
+    from apm.analysis import config_settings, module_from_config
+    from apm.perceive import FitRecipe, perceive_images, save_student
+
+    p = _parser("perceive", "Test-time fitting: per image, a copy of the student is fitted to that "
+                "image's teacher features until its mean R^2 over levels reaches --target-r2 or "
+                "--max-steps. Per image it writes <out>/<image>.ckpt (the fitted student: every apm "
+                "command loads it), <image>_before.png and <image>_after.png (island figures), and "
+                "one line of <out>/perceive.jsonl (steps, seconds, R^2 and ARI per level before and "
+                "after). A rerun skips the images already in perceive.jsonl.")
+    p.add_argument("--ckpt", help="a trained student (checkpoint of 'apm fit'); its weights are the start")
+    p.add_argument("--config", action="append", default=None,
+                   help="LightningCLI config(s) giving teacher and student: alone, a fresh student; "
+                   "with --ckpt, the settings the checkpoint must match")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files, folders, or skimage:NAME[,NAME...] (embedded photographs)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--protocol", choices=("ours", "official"), default="ours",
+                   help="ours: AdamW 1e-3, standardized MSE, sampled queries; official: the paper's "
+                   "code (fresh random student, Adam 1e-4, raw MSE, every query each step)")
+    p.add_argument("--init", choices=("trained", "fresh"), default=None,
+                   help="start from the --ckpt student or a fresh random one (default: trained with "
+                   "--ckpt, fresh with --config; official is always fresh)")
+    p.add_argument("--target-r2", type=float, default=0.9, help="stop when the mean R^2 over levels reaches this")
+    p.add_argument("--max-steps", type=int, default=500, help="stop after this many steps")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (ours) or 1e-4 (official)")
+    p.add_argument("--queries", type=int, default=None,
+                   help="queries per image and step (ours); default the student's training setting")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between R^2 checks")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images fitted at once, each with its own student (same results as one at a "
+                   "time; faster on a GPU, but the seconds recorded are the batch's)")
+    p.add_argument("--figures", choices=("pca", "tsne", "none"), default="pca",
+                   help="colouring of the before/after island figures, or none")
+    p.add_argument("--k", type=int, default=8, help="k-means clusters for the ARI")
+    p.add_argument("--seed", type=int, default=0, help="image i (in input order) is seeded seed + i")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+    if a.ckpt:  # with --config too: the checkpoint must be of that config's teacher and shapes
+        module = load_trained_module(a.ckpt, device, **(config_settings(a.config) if a.config else {}))
+    elif a.config:
+        module = module_from_config(a.config, device)
+    else:
+        raise ConfigError("apm perceive needs --ckpt (a trained student to start from) or --config "
+                          "(a fresh student of that config's teacher, e.g. --config configs/apm.yaml).")
+    init = a.init or ("trained" if a.ckpt else "fresh")
+    if init == "trained" and not a.ckpt:
+        raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
+                          "with --config the student is fresh (--init fresh).")
+    recipe = FitRecipe(protocol=a.protocol, init=init, target_r2=a.target_r2, max_steps=a.max_steps,
+                       lr=a.lr, queries_per_image=a.queries, eval_every=a.eval_every)
+    images = load_images(a.images, module.hparams.image_size, skip_bad=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "perceive.jsonl"
+    done = {json.loads(line)["image"] for line in log.read_text().splitlines() if line.strip()} if log.exists() else set()
+    todo = [(i, n, img) for i, (n, img) in enumerate(images) if n not in done]
+    if done:
+        print(f"skipping {len(images) - len(todo)} image(s) already in {log} (delete it to redo them)")
+    for start in range(0, len(todo), max(1, a.batch_size)):
+        part = todo[start : start + max(1, a.batch_size)]
+        batch = torch.stack([img for _, _, img in part])
+        fitted = perceive_images(module, batch, [a.seed + i for i, _, _ in part], recipe)
+        for (i, name, img), (before, after, rec) in zip(part, fitted):
+            ckpt = out / f"{name}.ckpt"
+            save_student(after, ckpt, extra=rec)
+            line = {"image": name, **rec, "ckpt": str(ckpt)}
+            for when, m in (("before", before), ("after", after)):
+                scores = island_scores(m, img[None], k=a.k, seed=a.seed)
+                line[f"ari_{when}"] = {lvl: s["ari"][0] for lvl, s in scores.items()}
+                if a.figures != "none":
+                    line[f"figure_{when}"] = str(island_figures(m, img[None], [f"{name}_{when}"], out,
+                                                                method=a.figures, seed=a.seed, k=a.k)[0])
+            with log.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(f"{name}: mean R^2 {rec['r2_mean_before']:.3f} -> {rec['r2_mean_after']:.3f} in "
+                  f"{rec['steps']} steps, {rec['seconds']:.1f} s ({'reached' if rec['reached'] else 'not reached'}"
+                  f" {a.target_r2}) -> {ckpt}")
+    print(f"wrote {log}")
     return 0

@@ -73,3 +73,28 @@ def test_unknown_teacher_lists_the_registered_ones(tmp_path, monkeypatch):
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "'model.teacher'" in out.stderr and "dinov2_small" in out.stderr
+
+
+def test_clip_yaml_layers_on_top(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["apm"])
+    # Random weights of the same architecture: no download needed to build it.
+    cli = _cli("-c", str(CONFIGS / "clip.yaml"), "--model.teacher_args.pretrained", "false")
+    m, dm, tr = cli.model, cli.datamodule, cli.trainer
+    assert m.hparams.teacher == "clip_vit_b16" and m.hparams.image_size == 224 == dm.hparams.image_size
+    assert m.student.grid == (14, 14)  # 224 / 16
+    assert [l.name for l in m.levels] == [f"block{i}" for i in range(1, 13)] + ["global", "rgb"]
+    assert [(l.grid, l.dim) for l in m.levels[-3:-1]] == [((14, 14), 768), ((1, 1), 512)]
+    assert str(tr.default_root_dir).endswith("runs/clip")
+
+
+def test_clip_smoke_yaml_layers_on_top(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["apm"])
+    cli = _cli("-c", str(CONFIGS / "clip.yaml"), "-c", str(CONFIGS / "clip_smoke.yaml"))
+    m, tr = cli.model, cli.trainer
+    assert m.hparams.teacher == "clip_tiny" and not m.hparams.teacher_args["pretrained"]
+    assert [(l.name, l.grid, l.dim) for l in m.levels] == [
+        ("block1", (14, 14), 64), ("block2", (14, 14), 64), ("block3", (14, 14), 64),
+        ("global", (1, 1), 32), ("rgb", (14, 14), 3)]
+    assert tr.max_steps == 30 and str(tr.default_root_dir).endswith("runs/clip_smoke")

@@ -72,3 +72,21 @@ def test_coarse_and_fine_levels_share_one_field():
     coordinates: the 4x4 grid's cell centres are points of the continuous [0, 1] square."""
     fine, coarse = grid_coords((8, 8)), grid_coords((4, 4))
     assert torch.allclose(coarse[0], fine[[0, 1, 8, 9]].mean(0))
+
+
+def test_trigger_column_is_the_filter_bank_on_normalized_images():
+    """The normalization folded into the filters equals filtering a normalized copy, for one filter
+    (the paper's) and for several, whose columns are stacked filter by filter."""
+    from torchvision.transforms.functional import normalize
+
+    from teachers.base import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 56, 56)
+    for filters in (1, 3):
+        s = APMStudent([Level("a", (4, 4), 8)], 56, 14, pe_dim=16, level_dim=4, hidden_dims=[32],
+                       column_filters=filters)
+        want = torch.nn.functional.conv2d(normalize(images, IMAGENET_MEAN, IMAGENET_STD), s.column.weight,
+                                          s.column.bias, stride=14)  # (B, c, 4, 4)
+        assert s.column_dim == filters * 16
+        assert torch.allclose(s.trigger(images), want.flatten(1), atol=1e-5)

@@ -1,0 +1,171 @@
+"""The Python API: load a trained student in one line, ask it for features anywhere, and fit it to
+new images.
+
+    from apm import APM
+
+    apm = APM.from_pretrained("runs/apm/checkpoints/last.ckpt")   # device="auto"
+    f = apm.features("photo.jpg", "block12")                   # (h, w, d) on the teacher's grid
+    f2 = apm.features("photo.jpg", "block12", size=(64, 64))   # any output grid: more queries
+    v = apm.at("photo.jpg", "block12", [[0.5, 0.5], [0.1, 0.9]])  # (y, x) in [0, 1] -> (2, d)
+    fitted = apm.perceive("photo.jpg")                         # test-time fitting; fitted.apm, fitted.record
+
+Images are file paths, ``skimage:NAME``, PIL images, HxWx3 uint8 arrays, or float tensors in
+[0, 1] shaped (3, H, W) or (B, 3, H, W); each is resized and centre-cropped to the student's input
+size as in training. One image gives features without a batch axis, a (B, 3, H, W) tensor with one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from apm.codes import grid_coords
+from apm.errors import ConfigError
+
+ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass
+class Perception:
+    """The result of ``APM.perceive`` for one image: the fitted student and its record (steps,
+    seconds, whether the target was reached, R^2 per level before and after)."""
+
+    apm: "APM"
+    record: dict[str, Any]
+
+
+class APM:
+    """A student (an ``APMModule`` with its frozen teacher) behind a small API."""
+
+    def __init__(self, module):
+        self.module = module.eval()
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto") -> "APM":
+        """A trained student from a checkpoint of ``apm fit`` or ``apm perceive``."""
+        from apm.analysis import load_trained_module, pick_device
+
+        return cls(load_trained_module(str(path), pick_device(str(device))))
+
+    @classmethod
+    def from_config(cls, *configs: str | Path, device: str | torch.device = "auto", **overrides: Any) -> "APM":
+        """A fresh, untrained student of a LightningCLI config's teacher and student settings
+        (later configs override earlier ones; ``overrides`` replace model settings), for
+        ``perceive`` from scratch."""
+        from apm.analysis import module_from_config, pick_device
+
+        return cls(module_from_config([str(c) for c in configs], pick_device(str(device)), **overrides))
+
+    # -- what it knows ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.module.hparams.image_size)
+
+    @property
+    def levels(self) -> list[str]:
+        """Level names, in order (the teacher's levels, then ``rgb`` when on)."""
+        return [l.name for l in self.module.levels]
+
+    def grid(self, level: str | int) -> tuple[int, int]:
+        """The teacher's grid (rows, cols) of a level."""
+        return tuple(self.module.levels[self._level(level)].grid)
+
+    def _level(self, level: str | int) -> int:
+        from teachers.base import select_levels
+
+        return select_levels(self.levels, [level], "level")[0]
+
+    def prepare(self, image: ImageLike) -> torch.Tensor:
+        """Images as the student sees them: (B, 3, S, S) in [0, 1] on the student's device."""
+        from PIL import Image
+
+        from apm.data import image_transform, load_image, skimage_names, skimage_photo, to_rgb
+
+        tf = image_transform(self.image_size)
+        if isinstance(image, torch.Tensor):
+            x = image.float()
+            if x.ndim == 3:
+                x = x[None]
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise ConfigError(f"An image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1]; got "
+                                  f"{tuple(image.shape)}.")
+            return torch.stack([tf(i) for i in x.cpu()]).to(self.device)
+        if isinstance(image, (str, Path)) and str(image).startswith("skimage:"):
+            pil = skimage_photo(skimage_names(str(image), "image")[0])
+        elif isinstance(image, (str, Path)):
+            if not Path(image).is_file():
+                raise ConfigError(f"Image {str(image)!r} is not a file; give a path, skimage:NAME, a PIL "
+                                  f"image, an HxWx3 array or a (3, H, W) tensor in [0, 1].")
+            pil = load_image(image, self.image_size)
+        elif isinstance(image, np.ndarray):
+            pil = to_rgb(Image.fromarray(image))
+        elif isinstance(image, Image.Image):
+            pil = to_rgb(image)
+        else:
+            raise ConfigError(f"Cannot read an image from a {type(image).__name__}; give a path, "
+                              f"skimage:NAME, a PIL image, an HxWx3 array or a (3, H, W) tensor.")
+        return tf(pil)[None].to(self.device)
+
+    @staticmethod
+    def _unbatch(image: ImageLike, x: torch.Tensor) -> torch.Tensor:
+        return x if isinstance(image, torch.Tensor) and image.ndim == 4 else x[0]
+
+    # -- features ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def at(self, image: ImageLike, level: str | int, coords: Sequence[Sequence[float]] | torch.Tensor,
+           chunk: int = 16384) -> torch.Tensor:
+        """The student's features of one level at arbitrary (y, x) coordinates in [0, 1] (N, 2),
+        on the teacher's scale: (N, d), or (B, N, d) for a batch. ``chunk`` queries per pass
+        bound the memory; queries are independent, so the answers do not depend on it."""
+        x = self.prepare(image)
+        lvl = self._level(level)
+        c = torch.as_tensor(coords, dtype=torch.float32, device=self.device).reshape(-1, 2)
+        pred = self.module.student.query(x, lvl, c, chunk)
+        return self._unbatch(image, self.module.standardizer.decode(lvl, pred.float()))
+
+    def features(self, image: ImageLike, level: str | int, size: int | tuple[int, int] | None = None,
+                 chunk: int = 16384) -> torch.Tensor:
+        """The student's features of one level on a grid of cell centres, (h, w, d) or
+        (B, h, w, d): the teacher's grid by default, or any ``size`` (rows, cols) (the positional
+        code is continuous: a finer grid is just more queries)."""
+        grid = self.grid(level) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+        out = self.at(image, level, grid_coords(grid), chunk)
+        return rearrange(out, "... (h w) d -> ... h w d", h=grid[0], w=grid[1])
+
+    @torch.no_grad()
+    def teacher_features(self, image: ImageLike, level: str | int) -> torch.Tensor:
+        """The teacher's features of one level, (h, w, d) or (B, h, w, d) (``rgb``: patch colours)."""
+        return self._unbatch(image, self.module.targets(self.prepare(image))[self._level(level)])
+
+    # -- new images -------------------------------------------------------------------------------
+    def perceive(self, image: ImageLike, target_r2: float = 0.9, max_steps: int = 500,
+                 protocol: str = "ours", init: str = "trained", lr: float | None = None,
+                 seed: int = 0, progress: bool = True) -> Perception | list[Perception]:
+        """Fit a copy of this student to the image's teacher features (see ``apm perceive``)
+        until its mean R^2 over levels reaches ``target_r2`` or ``max_steps``; a (B, 3, H, W)
+        tensor fits B independent copies at once (image b is seeded ``seed + b``) and returns a
+        list. This student is not changed."""
+        from apm.perceive import FitRecipe, perceive_images
+
+        x = self.prepare(image)
+        recipe = FitRecipe(protocol=protocol, init=init, target_r2=target_r2, max_steps=max_steps, lr=lr)
+        out = [Perception(APM(after), rec) for _, after, rec in
+               perceive_images(self.module, x, [seed + b for b in range(len(x))], recipe, progress)]
+        return out if isinstance(image, torch.Tensor) and image.ndim == 4 else out[0]
+
+    def save(self, path: str | Path) -> Path:
+        """Write this student as a checkpoint every ``apm`` command and ``from_pretrained`` load."""
+        from apm.perceive import save_student
+
+        save_student(self.module, path)
+        return Path(path)

@@ -1,0 +1,385 @@
+"""Perceiving a new image: test-time fitting of a student to one image's teacher features.
+
+A distilled student is close to a memory of the images it was fitted to, so the APM paper fits a
+student to each new image (its released code: a fresh random student per sample, Adam at 1e-4,
+raw MSE on every query, 1200 steps). ``fit_images`` does this for a batch of images at once, each
+with its own copy of the student: the copies' parameters are stacked and one ``torch.func.vmap``
+runs them all, so a batch gives the same students as one image at a time (every random draw comes
+from a generator seeded per image, and Adam is elementwise). An image whose mean R^2 over levels
+reaches the target leaves the batch with its weights as they were then.
+
+Recipes (``FitRecipe.protocol``):
+
+- ``ours``: start from the trained student (or a fresh one), AdamW at 1e-3 without warm-up,
+  MSE on each level's standardized features (the trained statistics, or the image's own when the
+  student has none), ``queries_per_image`` sampled (location, level) queries per step.
+- ``official``: the paper's code: a fresh random student, Adam at 1e-4, raw MSE, every query
+  every step.
+
+``Adaptation`` is the inner loop alone; the meta-learning mode of ``APMModule`` (Reptile) runs it
+from the shared initialization on every training batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from apm import metrics
+from apm.errors import ConfigError
+from teachers.base import seeded
+
+PROTOCOLS = ("ours", "official")
+INITS = ("trained", "fresh")
+
+
+@dataclass
+class FitRecipe:
+    """How a student is fitted to one image.
+
+    Args:
+        protocol: ``ours`` or ``official`` (the paper's recipe, see the module docstring).
+        init: ``trained`` (start from the given student) or ``fresh`` (a new random student per
+            image, seeded by the image's seed); ``official`` is always fresh.
+        target_r2: Stop an image when the mean R^2 over levels reaches this.
+        max_steps: Stop an image after this many steps whatever its R^2.
+        lr: Learning rate; default 1e-3 (ours, AdamW) or 1e-4 (official, Adam).
+        queries_per_image: (location, level) queries per step and image, split evenly over
+            levels; default the student's training setting (ours) or every query (official).
+        eval_every: Steps between R^2 checks (the reported step count is a multiple of it).
+    """
+
+    protocol: str = "ours"
+    init: str = "trained"
+    target_r2: float = 0.9
+    max_steps: int = 500
+    lr: float | None = None
+    queries_per_image: int | None = None
+    eval_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"Setting '--protocol': {self.protocol!r} is not one of {', '.join(PROTOCOLS)}.")
+        if self.init not in INITS:
+            raise ConfigError(f"Setting '--init': {self.init!r} is not one of {', '.join(INITS)}.")
+        if self.max_steps < 0 or self.eval_every < 1:
+            raise ConfigError(f"Settings '--max-steps' ({self.max_steps}) and '--eval-every' "
+                              f"({self.eval_every}): use max-steps >= 0 and eval-every >= 1.")
+        if self.protocol == "official":
+            self.init = "fresh"
+
+    @property
+    def official(self) -> bool:
+        return self.protocol == "official"
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.official else 1e-3)
+
+    def optimizer(self, params: Sequence[torch.Tensor], weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        if self.official:
+            return torch.optim.Adam(params, lr=self.learning_rate())
+        return torch.optim.AdamW(params, lr=self.learning_rate(), weight_decay=weight_decay)
+
+
+@dataclass
+class Fitted:
+    """One image's fitted student and its record."""
+
+    seed: int
+    steps: int
+    seconds: float
+    reached: bool
+    r2_before: dict[str, float]
+    r2_after: dict[str, float]
+    curve: list[tuple[int, float]]
+    params: dict[str, torch.Tensor] = field(repr=False)
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-ready part: steps, seconds, whether the target was reached, R^2 per level."""
+        mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
+        return {"steps": self.steps, "seconds": round(self.seconds, 4), "reached": self.reached,
+                "r2_mean_before": mean(self.r2_before), "r2_mean_after": mean(self.r2_after),
+                "r2_before": self.r2_before, "r2_after": self.r2_after, "curve": self.curve}
+
+
+def image_statistics(feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level, each image's own (mean (B, d), std (B,)) from its features (B, h, w, d): the
+    standardization of a student that has no statistics from training. The mean is taken over
+    locations (zero for a 1x1 level, which has one location) and the std is the RMS of the centred
+    features, as ``LevelStandardizer`` does over a data set."""
+    out = []
+    for f in feats:
+        x = rearrange(f.float(), "b h w d -> b (h w) d")
+        mean = x.mean(1) if x.shape[1] > 1 else torch.zeros_like(x[:, 0])
+        std = (x - mean[:, None]).pow(2).mean((1, 2)).clamp_min(1e-12).sqrt()
+        out.append((mean, std))
+    return out
+
+
+def fresh_parameters(student: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The parameters of a newly initialized student of the same architecture, seeded."""
+    with seeded(seed):
+        new = copy.deepcopy(student)
+        for m in new.modules():
+            if m is not new and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return {n: p.detach() for n, p in new.named_parameters()}
+
+
+class Adaptation:
+    """The inner loop: per-image copies of ``student`` (parameters stacked on a leading image
+    axis) fitted to standardized targets with one vmapped forward and backward per step.
+
+    Args:
+        student: The ``APMStudent`` whose architecture (and buffers) the copies share.
+        images: (N, 3, H, W) in [0, 1].
+        targets: Per level, standardized targets (N, h, w, d).
+        weights: Loss weight per level.
+        queries_per_image: Queries per image and step, split evenly over levels; None or 0 = all.
+        generators: One per image for the query draws (reproducible per image); None = global RNG.
+        scales: Per level, the targets' standardization (mean (N, d), std (N,)); ``r2`` then
+            scores on the teacher's scale (it matters only for one-location levels, see metrics.r2).
+    """
+
+    def __init__(self, student, images: torch.Tensor, targets: Sequence[torch.Tensor],
+                 weights: Sequence[float], queries_per_image: int | None,
+                 generators: Sequence[torch.Generator] | None = None,
+                 scales: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.student, self.images, self.generators = student, images, generators
+        self.scales = list(scales) if scales is not None else None  # per level (mean (N, d), std (N,))
+        self.targets = [rearrange(t, "n h w d -> n (h w) d") for t in targets]
+        self.weights = list(weights)
+        levels = student.levels
+        shared = student.entry > 0  # late level code: levels on one grid share their locations
+        self.keys = [l.grid if shared else i for i, l in enumerate(levels)]
+        n = math.ceil(queries_per_image / len(levels)) if queries_per_image else None
+        self.sampled = {k: (n, levels[i].num_locations) for i, k in enumerate(self.keys)
+                        if n is not None and n < levels[i].num_locations}
+
+    def subset(self, keep: torch.Tensor) -> None:
+        """Keep only these images (indices into the current batch)."""
+        self.images = self.images[keep]
+        self.targets = [t[keep] for t in self.targets]
+        if self.scales is not None:
+            self.scales = [(m[keep], s[keep]) for m, s in self.scales]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in keep.tolist()]
+
+    def _draw(self) -> dict[Any, torch.Tensor]:
+        device, out = self.images.device, {}
+        for key, (n, total) in self.sampled.items():
+            if self.generators is None:
+                out[key] = torch.rand(len(self.images), total, device=device).argsort(1)[:, :n]
+            else:
+                out[key] = torch.stack([torch.randperm(total, generator=g)[:n] for g in self.generators]).to(device)
+        return {str(k): v for k, v in out.items()}
+
+    def _predict(self, params: dict[str, torch.Tensor], image: torch.Tensor,
+                 locs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        one = {k: v[None] for k, v in locs.items()}  # one object per key: levels on a grid share it
+        per_level = [one.get(str(k)) for k in self.keys]
+        return [p[0] for p in functional_call(self.student, params, (image[None], per_level))]
+
+    def loss(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per image (N,): the weighted mean over levels of the MSE at this step's queries."""
+        locs = self._draw()
+        targets = []
+        for key, t in zip(self.keys, self.targets):
+            loc = locs.get(str(key))
+            targets.append(t if loc is None else t.gather(1, loc[..., None].expand(-1, -1, t.shape[-1])))
+
+        def one(p, image, tgt, loc):
+            preds = self._predict(p, image, loc)
+            losses = [w * F.mse_loss(y.float(), t) for w, y, t in zip(self.weights, preds, tgt)]
+            return torch.stack(losses).sum() / max(sum(self.weights), 1e-12)
+
+        return vmap(one)(params, self.images, targets, locs)
+
+    def step(self, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
+        """One optimizer step of every copy; returns the per-image losses (N,)."""
+        opt.zero_grad(set_to_none=True)
+        loss = self.loss(params)
+        loss.sum().backward()  # copies are independent: each gets only its own gradient
+        opt.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def r2(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """R^2 per image and level (N, L) of the dense predictions, on the teacher's scale."""
+        preds = vmap(lambda p, image: self._predict(p, image, {}))(params, self.images)
+        out = []
+        for i, (p, t) in enumerate(zip(preds, self.targets)):
+            p = p.float()
+            if self.scales is not None:
+                m, s = self.scales[i]
+                p, t = p * s[:, None, None] + m[:, None], t * s[:, None, None] + m[:, None]
+            out.append(metrics.r2(p, t))
+        return torch.stack(out, dim=1)
+
+
+def _stack(per_image: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {n: torch.stack([p[n] for p in per_image]).requires_grad_() for n in per_image[0]}
+
+
+def _keep(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, keep: torch.Tensor
+          ) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """The stacked parameters and optimizer state of the kept images only."""
+    new = {n: p.detach()[keep].requires_grad_() for n, p in params.items()}
+    accepted = inspect.signature(type(opt)).parameters
+    new_opt = type(opt)(list(new.values()), **{k: v for k, v in opt.defaults.items() if k in accepted})
+    for old_p, new_p in zip(params.values(), new.values()):
+        state = opt.state.get(old_p)
+        if state:
+            new_opt.state[new_p] = {k: (v[keep] if torch.is_tensor(v) and v.ndim and v.shape[0] == old_p.shape[0] else v)
+                                    for k, v in state.items()}
+    return new, new_opt
+
+
+def standardized_targets(module, images: torch.Tensor, recipe: FitRecipe
+                         ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per level, the images' targets on the scale the student is fitted on, and that scale's
+    (mean (N, d), std (N,)): raw for the official recipe, else the student's trained statistics, or
+    each image's own when it has none."""
+    with torch.no_grad():
+        feats = module.targets(images)
+    n = images.shape[0]
+    if recipe.official:
+        stats = [(torch.zeros(n, f.shape[-1], device=f.device), torch.ones(n, device=f.device)) for f in feats]
+    elif bool(module.standardizer.ready):
+        sd = module.standardizer
+        stats = [(sd.mean(i).expand(n, -1), sd.std(i).expand(n)) for i in range(len(feats))]
+    else:
+        stats = image_statistics(feats)
+    z = [(f - m[:, None, None]) / s[:, None, None, None] for f, (m, s) in zip(feats, stats)]
+    return z, stats
+
+
+def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
+               progress: bool = True) -> list[Fitted]:
+    """Fit one copy of ``module``'s student to each image's teacher features.
+
+    Args:
+        module: An ``APMModule`` (trained, or fresh for ``init="fresh"``/``official``).
+        images: (N, 3, S, S) in [0, 1] at the module's image size.
+        seeds: One per image: its fresh initialization and its query draws.
+        recipe: The fitting recipe.
+        progress: Show a progress bar over steps.
+
+    Returns:
+        Per image, a ``Fitted`` (its parameters, statistics, steps, seconds and R^2 per level).
+    """
+    if len(seeds) != len(images):
+        raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+    student, device = module.student, module.device
+    images = images.to(device)
+    start = time.perf_counter()
+    z, stats = standardized_targets(module, images, recipe)
+    if recipe.init == "fresh":
+        init = [fresh_parameters(student, s) for s in seeds]
+    else:
+        init = [{n: p.detach() for n, p in student.named_parameters()}] * len(seeds)
+    params = _stack([{n: p.to(device) for n, p in ps.items()} for ps in init])
+    q = (None if recipe.official else
+         module.hparams.queries_per_image if recipe.queries_per_image is None else recipe.queries_per_image)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    weights = [1.0] * len(module.levels) if recipe.official else module.loss_weights
+    fit = Adaptation(student, images, z, weights, q, gens, stats)
+    opt = recipe.optimizer(list(params.values()), 0.0 if recipe.official else module.hparams.weight_decay)
+    names = [l.name for l in module.levels]
+    active = list(range(len(images)))
+    results: list[Fitted | None] = [None] * len(images)
+    curves: list[list[tuple[int, float]]] = [[] for _ in images]
+    before = fit.r2(params)  # rows stay in the order of ``images``
+    bar = tqdm(total=recipe.max_steps, desc="fitting", unit="step", disable=not progress, leave=False)
+    step = 0
+    while True:
+        if step % recipe.eval_every == 0 or step == recipe.max_steps:
+            r2 = before[active] if step == 0 else fit.r2(params)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            done = []
+            for j, i in enumerate(active):
+                mean = float(r2[j].mean())
+                curves[i].append((step, round(mean, 5)))
+                reached = mean >= recipe.target_r2
+                if reached or step == recipe.max_steps:
+                    results[i] = Fitted(
+                        seed=int(seeds[i]), steps=step, seconds=time.perf_counter() - start,
+                        reached=reached, r2_before=dict(zip(names, before[i].tolist())),
+                        r2_after=dict(zip(names, r2[j].tolist())), curve=curves[i],
+                        params={n: p[j].detach().clone() for n, p in params.items()},
+                        stats=[(m[i], s[i]) for m, s in stats])
+                    done.append(j)
+            if done:
+                keep = torch.tensor([j for j in range(len(active)) if j not in done], dtype=torch.long)
+                active = [active[j] for j in keep.tolist()]
+                if not active:
+                    break
+                params, opt = _keep(params, opt, keep.to(device))
+                fit.subset(keep.to(device))
+            bar.set_postfix(r2=f"{float(r2.mean(1).min()):.3f}", left=len(active))
+        losses = fit.step(params, opt)
+        if not torch.isfinite(losses).all():
+            bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
+            raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
+                              f"lower '--lr' (now {recipe.learning_rate():g}).")
+        step += 1
+        bar.update(1)
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def fitted_module(module, fitted: Fitted):
+    """A copy of ``module`` (sharing its frozen teacher) holding ``fitted``'s student and the
+    statistics it was fitted with, in eval mode: usable by every ``apm`` tool and savable."""
+    clone = copy.deepcopy(module, memo={id(module.teacher): module.teacher})
+    clone.student.load_state_dict({n: p.to(clone.device) for n, p in fitted.params.items()})
+    sd = clone.standardizer
+    for i, (mean, std) in enumerate(fitted.stats):
+        sd.mean(i).copy_(mean)
+        sd.std(i).copy_(std)
+    sd.ready.fill_(True)
+    return clone.eval()
+
+
+def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
+                    progress: bool = True) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """Fit ``images`` (N, 3, S, S) with ``fit_images``; per image, ``(before, after, record)``: the
+    student it started from and the fitted one (modules in eval mode, each with the statistics it
+    was fitted with) and the JSON-ready record (protocol, init, seed, steps, seconds, R^2 per level)."""
+    out = []
+    for fitted in fit_images(module, images, seeds, recipe, progress):
+        start = (fresh_parameters(module.student, fitted.seed) if recipe.init == "fresh" else
+                 {n: p.detach() for n, p in module.student.named_parameters()})
+        before = fitted_module(module, replace(fitted, params=start))
+        rec = {"protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(),
+               "target_r2": recipe.target_r2, "seed": fitted.seed, **fitted.record()}
+        out.append((before, fitted_module(module, fitted), rec))
+    return out
+
+
+def save_student(module, path, extra: dict[str, Any] | None = None) -> None:
+    """Write ``module`` as a checkpoint that ``APMModule.from_checkpoint`` and every ``apm`` tool
+    load (atomically; hyperparameters, weights, statistics, teacher identity; ``extra`` is stored
+    under ``"perceive"``)."""
+    import lightning
+
+    from apm.checkpoints import AtomicCheckpointIO
+
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
+    module.on_save_checkpoint(ckpt)
+    if extra:
+        ckpt["perceive"] = extra
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)

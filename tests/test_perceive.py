@@ -1,0 +1,169 @@
+"""apm perceive, test-time fitting and the Python API, with a tiny random DINOv2 and real photographs."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from apm import APM
+from apm.analysis import load_images, load_trained_module
+from apm.cli import main
+from apm.codes import grid_coords
+from apm.module import APMModule
+from apm.perceive import FitRecipe, fit_images, fitted_module
+from tests.conftest import CONFIGS, ROOT
+
+TRAIN = "skimage:astronaut,coffee"
+UNSEEN = "skimage:chelsea"
+CPU = torch.device("cpu")
+
+
+def smoke_fit(root: Path, steps: int, *extra: str) -> Path:
+    assert main(["fit", "-c", str(CONFIGS / "apm.yaml"), "-c", str(CONFIGS / "smoke.yaml"),
+                 "--data.images", TRAIN, "--data.val_fraction", "0", "--trainer.max_steps", str(steps),
+                 "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+                 "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0",
+                 "--trainer.enable_progress_bar", "false", *extra]) == 0
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A smoke student distilled on two photographs (chelsea is not one of them)."""
+    return smoke_fit(tmp_path_factory.mktemp("distilled"), 100)
+
+
+def unseen(size: int = 224) -> torch.Tensor:
+    return load_images([UNSEEN], size)[0][1]
+
+
+def test_perceive_command_fits_an_unseen_photograph_and_its_student_reloads(trained, tmp_path, capsys):
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning) as caught:
+        assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, str(tmp_path / "missing.png"),
+                     str(corrupt), "--out", str(out), "--max-steps", "60", "--eval-every", "10"]) == 0
+    said = " ".join(str(w.message) for w in caught)
+    assert "missing.png" in said and "broken.jpg" in said and "2 of the inputs" in said
+    (line,) = [json.loads(x) for x in (out / "perceive.jsonl").read_text().splitlines()]
+    assert line["image"] == "chelsea" and line["init"] == "trained" and line["protocol"] == "ours"
+    assert line["r2_mean_after"] >= line["r2_mean_before"] + 0.2, line
+    assert set(line["r2_after"]) == set(line["ari_after"]) == {"block1", "block2", "block3", "rgb"}
+    for key in ("figure_before", "figure_after", "ckpt"):
+        assert Path(line[key]).is_file()
+    # the fitted student reloads through the tools' loader and scores what the fit recorded,
+    # measured here on the teacher's scale by a separate code path
+    module = load_trained_module(line["ckpt"], CPU)
+    r2 = module.evaluate(unseen()[None])
+    for name, value in line["r2_after"].items():
+        assert r2[name]["r2"].item() == pytest.approx(value, abs=1e-4)
+    # a rerun skips the finished image
+    capsys.readouterr()
+    assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(out)]) == 0
+    assert "skipping 1 image" in capsys.readouterr().out
+    assert len((out / "perceive.jsonl").read_text().splitlines()) == 1
+
+
+def steps_to(module, images: torch.Tensor, init: str, r2: float) -> list[int]:
+    recipe = FitRecipe(init=init, target_r2=r2, max_steps=60, eval_every=2)
+    return [f.steps for f in fit_images(module, images, list(range(len(images))), recipe, progress=False)]
+
+
+def test_warm_start_from_the_distilled_student_reaches_the_target_sooner(trained):
+    """What distillation buys at test time, on the photographs distilled on: the trained student
+    starts near the target, a fresh one (same recipe, each image's own statistics) needs many
+    steps. A warm start that loses the weights or the statistics fails this."""
+    module = load_trained_module(str(trained), CPU)
+    hp = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+    images = torch.stack([img for _, img in load_images([TRAIN], 224)])
+    warm = steps_to(module, images, "trained", 0.45)
+    cold = steps_to(APMModule(**hp).eval(), images, "fresh", 0.45)
+    assert max(warm) <= 24 and min(cold) >= 24 and 2 * sum(warm) <= sum(cold), (warm, cold)
+
+
+def test_batched_fitting_equals_one_image_at_a_time(trained):
+    module = load_trained_module(str(trained), CPU)
+    images = torch.stack([img for _, img in load_images(["skimage:chelsea,coffee,moon"], 224)])
+    recipe = FitRecipe(init="fresh", max_steps=12, eval_every=4)
+    batch = fit_images(module, images, [5, 6, 7], recipe, progress=False)
+    alone = fit_images(module, images[1:2], [6], recipe, progress=False)[0]
+    assert [s for s, _ in alone.curve] == [s for s, _ in batch[1].curve] == [0, 4, 8, 12]
+    assert [r for _, r in alone.curve] == pytest.approx([r for _, r in batch[1].curve], abs=2e-3)
+    got = fitted_module(module, batch[1]).predict_features(images[1:2])
+    want = fitted_module(module, alone).predict_features(images[1:2])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=5e-3 * w.abs().max().item())
+    # and each image got its own student
+    assert not torch.allclose(batch[0].params["first.weight"], batch[1].params["first.weight"])
+
+
+def test_official_protocol_starts_fresh_with_raw_targets(trained):
+    module = load_trained_module(str(trained), CPU)
+    hp = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+    untrained = APMModule(**hp).eval()
+    official = FitRecipe(protocol="official", max_steps=0)
+    (off,) = fit_images(module, unseen()[None], [0], official, progress=False)
+    (off_untrained,) = fit_images(untrained, unseen()[None], [0], official, progress=False)
+    (warm,) = fit_images(module, unseen()[None], [0], FitRecipe(max_steps=0), progress=False)
+    assert off.r2_before == pytest.approx(off_untrained.r2_before, abs=1e-6)  # not the trained weights
+    assert off.r2_before != pytest.approx(warm.r2_before, abs=0.05)
+    fitted = fitted_module(module, off)
+    for i in range(len(module.levels)):  # raw MSE: the identity standardization, saved with it
+        assert torch.all(fitted.standardizer.mean(i) == 0) and torch.all(fitted.standardizer.std(i) == 1)
+
+
+def test_checkpoint_of_another_teacher_or_size_is_refused(trained, tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    other.write_text("data:\n  image_size: 112\n")
+    assert main(["perceive", "--ckpt", str(trained), "--config", str(CONFIGS / "apm.yaml"), "--config",
+                 str(CONFIGS / "smoke.yaml"), "--config", str(other), "--images", UNSEEN,
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'--ckpt'" in err and "data.image_size is 224 in the checkpoint but 112 here" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["perceive", "--ckpt", str(trained), "--config", str(CONFIGS / "apm.yaml"), "--config",
+                 str(CONFIGS / "mvitv2.yaml"), "--config", str(CONFIGS / "mvitv2_smoke.yaml"),
+                 "--images", UNSEEN, "--out", str(tmp_path / "o")]) == 2
+    assert "another teacher" in capsys.readouterr().err
+
+
+def test_api_features_match_eval_and_any_grid(trained):
+    apm = APM.from_pretrained(trained, device="cpu")
+    img = unseen()
+    module = apm.module
+    want = module.predict_features(img[None])  # what apm eval and the figures use
+    for i, name in enumerate(apm.levels):
+        assert torch.allclose(apm.features(img, name), want[i][0], atol=1e-5)
+    lvl = "block2"
+    h, w = apm.grid(lvl)
+    coarse = apm.features(img, lvl)
+    fine = apm.features(img, lvl, size=(2 * h, 2 * w))
+    assert fine.shape == (2 * h, 2 * w, coarse.shape[-1])
+    assert torch.allclose(fine.reshape(-1, coarse.shape[-1]), apm.at(img, lvl, grid_coords((2 * h, 2 * w))), atol=1e-5)
+    # cell centres of a 3x finer grid include the coarse centres: (3i + 1 + 0.5) / 3h = (i + 0.5) / h
+    third = apm.features(img, lvl, size=(3 * h, 3 * w))
+    assert torch.allclose(third[1::3, 1::3], coarse, atol=1e-5)
+    assert torch.allclose(apm.features(img, lvl, size=(2 * h, 2 * w), chunk=37), fine, atol=1e-5)
+    batch = torch.stack([img, load_images(["skimage:coffee"], 224)[0][1]])
+    assert apm.features(batch, lvl).shape == (2, h, w, coarse.shape[-1])
+    assert torch.allclose(apm.teacher_features(img, lvl), module.targets(img[None])[1][0])
+
+
+def test_readme_api_snippet_runs(trained, tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "APM.from_pretrained" in b)
+    run = tmp_path / "runs" / "smoke" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(trained, run / "last.ckpt")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert scope["f"].shape == scope["t"].shape and scope["fine"].shape[:2] == (32, 32)
+    assert scope["v"].shape == (2, scope["f"].shape[-1])
+    assert scope["fitted"].record["r2_mean_after"] > scope["fitted"].record["r2_mean_before"]
+    assert APM.from_pretrained("chelsea.ckpt", device="cpu").levels == scope["apm"].levels
