@@ -157,6 +157,25 @@ def test_two_teacher_checkpoint_in_eval_islands_and_interpolate(run, tmp_path):
     assert strip.is_file()
 
 
+@pytest.mark.slow
+def test_two_teacher_checkpoint_in_perceive_and_the_api(run, tmp_path):
+    from apm.api import APM
+
+    root, _ = run
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    out = tmp_path / "perceive"
+    assert main(["perceive", "--ckpt", ckpt, "--images", "skimage:camera", "--out", str(out),
+                 "--max-steps", "20", "--eval-every", "10", "--device", "cpu"]) == 0
+    (line,) = [json.loads(x) for x in (out / "perceive.jsonl").read_text().splitlines()]
+    want = ["dinov2_tiny/block1", "dinov2_tiny/block2", "dinov2_tiny/block3", "mvitv2_tiny/block1",
+            "mvitv2_tiny/block2", "rgb"]
+    assert list(line["r2_after"]) == want and set(line["ari_after"]) == set(want)
+    assert sorted(p.name for p in out.glob("*.png")) == ["camera_after.png", "camera_before.png"]
+    fitted = APM.from_pretrained(line["ckpt"], device="cpu")
+    assert fitted.levels == want
+    assert tuple(fitted.features("skimage:camera", "mvitv2_tiny/block1").shape[-3:-1]) == (24, 24)
+
+
 def test_islands_of_the_teachers_alone_from_the_configs(tmp_path):
     out = tmp_path / "teacher"
     assert main(["islands", *[a.replace("-c", "--config") for a in SMOKE], "--images",
