@@ -140,13 +140,14 @@ def module_from_config(paths: Sequence[str], device: torch.device, **overrides: 
 
 
 def teacher_from_config(paths: Sequence[str], device: torch.device):
-    """The teacher and image size named by LightningCLI config files (later files override
-    earlier ones, as with ``apm fit -c a.yaml -c b.yaml``)."""
-    from teachers import create_teacher
+    """The teacher (``model.teacher``, or the set of ``model.teachers``) and image size named by
+    LightningCLI config files (later files override earlier ones, as with ``apm fit -c a.yaml -c
+    b.yaml``)."""
+    from teachers.multi import build_teacher
 
     model, _, image_size = _read_configs(paths)
-    teacher = create_teacher(model.get("teacher", "dinov2_small"), image_size=image_size,
-                             **(model.get("teacher_args") or {}))
+    teacher = build_teacher(model.get("teacher"), model.get("teacher_args"), model.get("teachers"),
+                            image_size)
     teacher.set_precision(str(model.get("teacher_precision", "32")))
     return teacher.to(device), image_size
 

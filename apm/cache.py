@@ -11,12 +11,17 @@ Layout of the cache folder::
 Everything is plain JSON and ``.npy`` read with ``allow_pickle=False``: opening a cache runs no code.
 A cache built for another teacher (name, arguments, architecture, weights) or another image list is
 refused with a ConfigError; it is never silently reused.
+
+Several teachers (``model.teachers``) get one such cache each, in a sub-folder named by the
+teacher's alias (:class:`FeatureCacheSet`), each checked against its own teacher: adding a teacher to
+a run fills only the new teacher's folder, and reordering the list refills nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,6 +64,12 @@ def json_normal(x: Any) -> Any:
 def estimate_bytes(levels: Sequence[Level], num_images: int) -> int:
     """Disk size of a float16 cache of ``levels`` for ``num_images`` images."""
     return 2 * num_images * sum(l.grid[0] * l.grid[1] * l.dim for l in levels)
+
+
+def safe_filename(name: str) -> str:
+    """``name`` (a level name, e.g. ``dinov2_small/block12``) as one file-name component: characters
+    other than letters, digits, ``_``, ``.`` and ``-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def human(n: float) -> str:
@@ -106,6 +117,12 @@ class FeatureCache:
                 found = json.load(f)
             cls._check(found, wanted, root, setting)
             return cls(root, found)
+        if root.is_dir() and any((d / MANIFEST).exists() for d in root.iterdir() if d.is_dir()):
+            raise ConfigError(
+                f"Setting {setting!r}: {root} holds the per-teacher caches of a run with "
+                f"'model.teachers' (one sub-folder each), not a cache of one teacher. Point "
+                f"{setting!r} at one of those sub-folders if it is this teacher's, or at a new folder."
+            )
         size = estimate_bytes(levels, len(images))
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
@@ -159,7 +176,7 @@ class FeatureCache:
     def _shard(self, level: int, shard: int) -> np.memmap:
         key = (level, shard := int(shard))
         if key not in self._shards:
-            path = self.root / f"{self.levels[level].name}-{shard:05d}.npy"
+            path = self.root / f"{safe_filename(self.levels[level].name)}-{shard:05d}.npy"
             if path.exists():
                 self._shards[key] = np.load(path, mmap_mode="r+", allow_pickle=False)
             else:
@@ -203,3 +220,41 @@ class FeatureCache:
     @property
     def complete(self) -> bool:
         return bool(self.filled.all())
+
+
+class FeatureCacheSet:
+    """The caches of a TeacherSet's members: one :class:`FeatureCache` per teacher in the
+    sub-folder named by its alias, each with its own identity and ``filled`` marks, so each
+    teacher's features are written once whatever other teachers join or leave the run.
+
+    Use :meth:`open`; ``parts[i]`` is member ``i``'s cache, holding its own (unprefixed) levels.
+    """
+
+    def __init__(self, root: str | Path, aliases: Sequence[str], parts: Sequence[FeatureCache]):
+        self.root, self.aliases, self.parts = Path(root), list(aliases), list(parts)
+
+    @classmethod
+    def open(cls, root: str | Path, members: Sequence[tuple[str, dict[str, Any], Sequence[Level]]],
+             images: Sequence[str | Path], shard_size: int = 256,
+             setting: str = "model.feature_cache", verbose: bool = True) -> "FeatureCacheSet":
+        """Open (or create) ``root/<alias>`` for each member ``(alias, identity, levels)``.
+
+        Raises:
+            ConfigError: ``root`` holds a single-teacher cache, or a member's folder holds another
+                teacher's or other images' features (see :meth:`FeatureCache.open`).
+        """
+        root = Path(root)
+        if (root / MANIFEST).exists():
+            raise ConfigError(
+                f"Setting {setting!r}: {root} holds the cache of a one-teacher run ('model.teacher'); "
+                f"with 'model.teachers' each teacher's cache is a sub-folder named by its alias "
+                f"({', '.join(a for a, _, _ in members)}). To reuse that teacher's features, move the "
+                f"folder's files into {root}/<its alias>/; else point {setting!r} at a new folder."
+            )
+        parts = [FeatureCache.open(root / alias, identity, levels, images, shard_size, setting, verbose)
+                 for alias, identity, levels in members]
+        return cls(root, [a for a, _, _ in members], parts)
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.parts)

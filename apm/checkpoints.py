@@ -28,8 +28,8 @@ from apm.errors import APMError, ConfigError
 RUNTIME_ONLY = {"_instantiator", "_class_path", "compile", "feature_cache", "max_nonfinite_steps",
                 "teacher_precision"}
 # Settings that decide the teacher's features or the student's parameter shapes.
-SHAPE_SETTINGS = {"teacher", "teacher_args", "image_size", "patch_size", "hidden_dims", "pe_dim",
-                  "level_dim", "rgb", "column_filters"}
+SHAPE_SETTINGS = {"teacher", "teacher_args", "teachers", "image_size", "patch_size", "hidden_dims",
+                  "pe_dim", "level_dim", "rgb", "column_filters"}
 # Settings that the data module owns (linked into the model by the CLI).
 DATA_SETTINGS = {"image_size"}
 
@@ -136,7 +136,8 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
     own_hp = {k: v for k, v in dict(module.hparams).items() if k not in RUNTIME_ONLY}
     saved = (checkpoint.get("apm") or {}).get("teacher")
     teacher_changed = (saved is not None and teacher_fingerprint(saved) != teacher_fingerprint(module.teacher)) or any(
-        k in saved_hp and json_normal(saved_hp[k]) != json_normal(own_hp.get(k)) for k in ("teacher", "teacher_args"))
+        k in saved_hp and json_normal(saved_hp[k]) != json_normal(own_hp.get(k))
+        for k in ("teacher", "teacher_args", "teachers"))
     sd, own = checkpoint.get("state_dict") or {}, module.state_dict()
     shapes = [f"parameter {k} is {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
               for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -168,6 +169,8 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
 def _brief(desc: dict | None) -> str:
     if not desc:
         return "unknown"
+    if desc.get("members"):  # a TeacherSet
+        return "the set " + " + ".join(f"{m.get('alias')} ({_brief(m)})" for m in desc["members"])
     levels = desc.get("levels") or []
     name = desc.get("model_name") or desc.get("class", "?")
     return f"{name} at {desc.get('image_size')} px with {len(levels)} levels"

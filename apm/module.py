@@ -21,8 +21,9 @@ from apm.errors import ConfigError, NonFiniteLossError
 from apm.islands import RGB_LEVEL as RGB
 from apm.standardize import LevelStandardizer
 from apm.student import LEVEL_ENTRIES, APMStudent
-from teachers import Level, create_teacher
+from teachers import Level
 from teachers.base import TEACHER_PRECISIONS, check_image_size, level_indices
+from teachers.multi import DEFAULT_TEACHER, TeacherSet, build_teacher
 
 # Settings whose default changed, with the value a checkpoint written before them was trained with:
 # the positional code's top frequency before it followed the grid, and where the level code
@@ -33,18 +34,26 @@ log = logging.getLogger(__name__)
 
 
 class APMModule(L.LightningModule):
-    """Distill a frozen teacher into an APM student, per (location, level).
+    """Distill a frozen teacher (or several) into an APM student, per (location, level).
 
     Args:
         teacher: Registered teacher name (see ``teachers.list_teachers()``), or
-            ``"your.module:name"`` for a teacher defined in your own module.
+            ``"your.module:name"`` for a teacher defined in your own module. Default (null):
+            ``dinov2_small``, unless ``teachers`` is given.
         teacher_args: Keyword arguments of the teacher's factory (``pretrained``, ``levels``, ...).
+        teachers: Several teachers distilled into one student, instead of ``teacher`` and
+            ``teacher_args`` (leave those null): a list of ``{name, args, image_size, alias}``, the
+            registered name, the factory's arguments, the side the image is resized to for that
+            teacher (default ``data.image_size``) and the prefix of its level names (default the
+            name): levels are named ``<alias>/<level>``, e.g. ``dinov2_small/block12``. See
+            configs/agglomerative.yaml and docs/multi_teacher.md.
         teacher_precision: Precision of the frozen teacher's forward: ``32`` (default) computes the
             targets, level statistics and cached features in fp32 whatever ``trainer.precision``
             is; ``bf16`` or ``16`` run the teacher under autocast, faster, at about 0.4-0.6%
             relative error per level (DINOv2-base, see docs/benchmarks.md).
         image_size: Input side in pixels (linked from ``data.image_size``).
-        patch_size: Kernel and stride of the student's column filter; default the teacher's patch.
+        patch_size: Kernel and stride of the student's column filter; default the teacher's patch
+            (with ``teachers``: ``image_size`` over the first teacher's grid side).
         hidden_dims: Widths of the shared field MLP's layers.
         column_filters: Output channels of the column filter; 1 (default) is the paper's single
             filter, one number per patch. More let an unseen image's patch colours and textures
@@ -88,8 +97,9 @@ class APMModule(L.LightningModule):
 
     def __init__(
         self,
-        teacher: str = "dinov2_small",
+        teacher: str | None = None,
         teacher_args: dict[str, Any] | None = None,
+        teachers: list[dict[str, Any]] | None = None,
         teacher_precision: str = "32",
         image_size: int = 448,
         patch_size: int | None = None,
@@ -129,15 +139,16 @@ class APMModule(L.LightningModule):
         self.automatic_optimization = not meta_inner_steps  # Reptile sets its own update
         self.nonfinite_in_a_row, self.nonfinite_total, self._skip_update = 0, 0, False
         # Kept out of the module tree: a frozen teacher is rebuilt from its name, not checkpointed.
-        object.__setattr__(self, "teacher", create_teacher(teacher, image_size=image_size,
-                                                           **(teacher_args or {})))
+        object.__setattr__(self, "teacher", build_teacher(teacher, teacher_args, teachers, image_size))
+        if teacher is None and teachers is None:  # recorded by name, as checkpoints always were
+            self.hparams.teacher = DEFAULT_TEACHER
         if str(teacher_precision) not in TEACHER_PRECISIONS:
             raise ConfigError(f"Setting 'model.teacher_precision': {teacher_precision!r} is not one of "
                               f"{', '.join(TEACHER_PRECISIONS)}; 32 (the default) keeps the targets "
                               f"independent of trainer.precision.")
         self.teacher.set_precision(str(teacher_precision))
         patch_size = patch_size or self.teacher.patch_size
-        check_image_size(image_size, patch_size, "the student's patch size")
+        check_image_size(image_size, patch_size, "the student's patch size ('model.patch_size')")
         self.levels: list[Level] = list(self.teacher.levels)
         grid = (image_size // patch_size,) * 2
         if rgb:
@@ -161,7 +172,7 @@ class APMModule(L.LightningModule):
             raise ConfigError(f"Setting 'model.level_entry': {level_entry!r} is not one of "
                               f"{', '.join(LEVEL_ENTRIES)}.")
         self.student = self._new_student(patch_size, pe_max_freq, level_entry)
-        self.feature_cache = None  # an apm.cache.FeatureCache, opened in on_fit_start
+        self.feature_cache = None  # an apm.cache.FeatureCache(Set), opened in on_fit_start
         self.standardizer = LevelStandardizer([l.dim for l in self.levels])
 
     def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str) -> APMStudent:
@@ -186,18 +197,26 @@ class APMModule(L.LightningModule):
             feats.append(rearrange(F.avg_pool2d(images.float(), p), "b c h w -> b h w c"))
         return feats
 
-    def _teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _teacher_features(self, images: torch.Tensor, member: int | None = None) -> list[torch.Tensor]:
+        """The teacher's levels, or only those of member ``member`` of a TeacherSet."""
         if next(self.teacher.parameters(), images).device != images.device:
             self.teacher.to(images.device)
-        return [f.float() for f in self.teacher(images)]
+        feats = self.teacher(images) if member is None else self.teacher.member_features(member, images)
+        return [f.float() for f in feats]
 
     def _cached_features(self, images: torch.Tensor, index: torch.Tensor) -> list[torch.Tensor]:
-        cache = self.feature_cache
+        if isinstance(self.teacher, TeacherSet):  # each member on its own cache and misses
+            return [f for i, part in enumerate(self.feature_cache.parts)
+                    for f in self._cached_part(part, images, index, i)]
+        return self._cached_part(self.feature_cache, images, index)
+
+    def _cached_part(self, cache, images: torch.Tensor, index: torch.Tensor,
+                     member: int | None = None) -> list[torch.Tensor]:
         hit = cache.has(index)
         if bool(hit.all()):
             return [f.to(images.device, non_blocking=True) for f in cache.read(index)]
         miss = (~hit).nonzero().squeeze(1)
-        new = self._teacher_features(images[miss.to(images.device)])
+        new = self._teacher_features(images[miss.to(images.device)], member)
         cache.write(index[miss], new)
         if not bool(hit.any()):
             return new
@@ -206,17 +225,24 @@ class APMModule(L.LightningModule):
 
     def open_feature_cache(self, sources) -> None:
         """Open (or create) the cache in ``feature_cache`` for these training images, in order."""
-        from apm.cache import FeatureCache, teacher_identity
+        from functools import partial
 
-        hp = self.hparams
-        identity = teacher_identity(hp.teacher, hp.teacher_args, self.teacher)
+        from apm.cache import FeatureCache, FeatureCacheSet, teacher_identity
+
+        hp, t = self.hparams, self.teacher
+        if isinstance(t, TeacherSet):  # a sub-folder per member, each with its own identity
+            members = [(s.alias, teacher_identity(s.name, s.args, m), m.levels)
+                       for s, m in zip(t.specs, t.members)]
+            open_cache = partial(FeatureCacheSet.open, hp.feature_cache, members, sources)
+        else:
+            identity = teacher_identity(hp.teacher, hp.teacher_args, t)
+            open_cache = partial(FeatureCache.open, hp.feature_cache, identity, t.levels, sources)
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is None or strategy.is_global_zero:
-            FeatureCache.open(hp.feature_cache, identity, self.teacher.levels, sources)
+            open_cache()
         if strategy is not None:
             strategy.barrier("feature_cache")
-        self.feature_cache = FeatureCache.open(hp.feature_cache, identity, self.teacher.levels,
-                                               sources, verbose=False)
+        self.feature_cache = open_cache(verbose=False)
 
     @torch.no_grad()
     def fit_statistics(self, batches) -> None:
