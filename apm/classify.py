@@ -202,11 +202,13 @@ def classification_inputs(data: str | Path, classes: str | None = None,
 
 def read_log(log: Path, warn: bool = True) -> list[dict[str, Any]]:
     """The JSON lines already written to ``log`` (none if it does not exist). A last line cut off
-    by an interruption is dropped (the file is rewritten without it when ``warn``)."""
+    by an interruption is dropped; with ``warn`` that is said and the file is rewritten clean, so
+    the next line starts on a line of its own."""
     if not log.exists():
         return []
-    lines = log.read_text(encoding="utf-8").splitlines()
-    out = []
+    text = log.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    out, cut = [], False
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -216,10 +218,12 @@ def read_log(log: Path, warn: bool = True) -> list[dict[str, Any]]:
             if n < len(lines):
                 raise ConfigError(f"{log} line {n} is not JSON; it is not a file apm classify "
                                   f"wrote, or it was edited: give another '--out' or delete it.") from None
-            if warn:  # the line an interruption cut off: drop it, the image is done again
-                warnings.warn(f"{log}: dropped the incomplete last line (an interrupted run); that "
-                              f"image is classified again.", stacklevel=2)
-                log.write_text("".join(json.dumps(x) + "\n" for x in out), encoding="utf-8")
+            cut = True
+    if warn and (cut or (text and not text.endswith("\n"))):
+        if cut:
+            warnings.warn(f"{log}: dropped the incomplete last line (an interrupted run); that "
+                          f"image is classified again.", stacklevel=2)
+        log.write_text("".join(json.dumps(x) + "\n" for x in out), encoding="utf-8")
     return out
 
 

@@ -92,6 +92,35 @@ def test_fitted_student_answers_global_like_the_teacher(module):
     assert heads and all(torch.equal(fitted[0].params[n], start[n]) != n.startswith(f"heads.{g}.") for n in heads)
 
 
+def test_on_eval_sees_the_images_still_fitting_and_their_answers(module):
+    """The hook fit_images gives classify: called at step 0, every eval_every, the eval_at steps and
+    the last, with the images still fitting (one that reached the target has left) and their
+    predictions on the teacher's scale, equal to what the finished student answers."""
+    x = images(["astronaut", "coffee"])
+    calls = []
+    recipe = FitRecipe(init="fresh", target_r2=0.0, max_steps=30, eval_every=20, eval_at=(3, 7),
+                       levels=["global", "block1"])
+
+    def on_eval(step, indices, r2, preds):
+        calls.append((step, list(indices), r2.clone(), [p.clone() for p in preds]))
+
+    fitted = fit_images(module, x, [0, 1], recipe, progress=False, on_eval=on_eval)
+    steps = [c[0] for c in calls]
+    assert steps == [0, 3, 7, 20, 30][: len(steps)] and steps[-1] == max(f.steps for f in fitted)
+    assert min(f.steps for f in fitted) < 30  # the target was reached early
+    for i, f in enumerate(fitted):  # in every call up to its last step, then gone
+        assert [s for s, idx, *_ in calls if i in idx] == [s for s in steps if s <= f.steps]
+    last = {i: (s, r2[j], [p[j] for p in preds]) for s, idx, r2, preds in calls for j, i in enumerate(idx)}
+    assert [tuple(p.shape) for p in calls[0][3]] == [(2, 1, 1, 32), (2, 4, 4, 64)]  # global, block1
+    for i, f in enumerate(fitted):
+        step, r2, preds = last[i]
+        assert step == f.steps and r2.tolist() == pytest.approx(list(f.r2_after.values()), abs=1e-6)
+        assert list(f.r2_after) == ["global", "block1"]
+        want = fitted_module(module, f).predict_features(x[i : i + 1], ["global", "block1"])
+        for p, w in zip(preds, want):
+            assert torch.allclose(p, w[0], atol=1e-4 * w.abs().max().item())
+
+
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
