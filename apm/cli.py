@@ -15,6 +15,7 @@ TOOLS: dict[str, str] = {
     "eval": "apm.tools:eval_main",
     "interpolate": "apm.tools:interpolate_main",
     "perceive": "apm.tools:perceive_main",
+    "classify": "apm.classify:classify_main",
 }
 
 

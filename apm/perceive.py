@@ -27,7 +27,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from apm import metrics
 from apm.errors import ConfigError
-from teachers.base import seeded
+from teachers.base import seeded, select_levels
 
 PROTOCOLS = ("ours", "official")
 INITS = ("trained", "fresh")
@@ -57,6 +57,9 @@ class FitRecipe:
         queries_per_image: (location, level) queries per step and image, split evenly over
             levels; default the student's training setting (ours) or every query (official).
         eval_every: Steps between R^2 checks (the reported step count is a multiple of it).
+        eval_at: Further steps at which R^2 is checked (and ``fit_images``' ``on_eval`` called).
+        levels: The levels fitted, by index or name; default all. The loss, the R^2 checks and the
+            mean R^2 the target applies to cover only these; the other levels are not computed.
     """
 
     protocol: str = "ours"
@@ -66,6 +69,8 @@ class FitRecipe:
     lr: float | None = None
     queries_per_image: int | None = None
     eval_every: int = 10
+    eval_at: Sequence[int] = ()
+    levels: Sequence[int | str] | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -75,6 +80,11 @@ class FitRecipe:
         if self.max_steps < 0 or self.eval_every < 1:
             raise ConfigError(f"Settings '--max-steps' ({self.max_steps}) and '--eval-every' "
                               f"({self.eval_every}): use max-steps >= 0 and eval-every >= 1.")
+        if any(int(s) != s or s < 0 for s in self.eval_at):
+            raise ConfigError(f"Setting 'eval_at': {list(self.eval_at)}; give step counts >= 0.")
+        if self.levels is not None and not len(self.levels):
+            raise ConfigError("Setting '--levels' is empty; name at least one level, or leave it "
+                              "unset to fit every level.")
         if self.protocol == "official":
             self.init = "fresh"
 
@@ -150,22 +160,28 @@ class Adaptation:
         generators: One per image for the query draws (reproducible per image); None = global RNG.
         scales: Per level, the targets' standardization (mean (N, d), std (N,)); ``r2`` then
             scores on the teacher's scale (it matters only for one-location levels, see metrics.r2).
+        levels: The student's level indices fitted, default all; ``targets``, ``weights`` and
+            ``scales`` then have one entry per fitted level, and the others are never computed.
     """
 
     def __init__(self, student, images: torch.Tensor, targets: Sequence[torch.Tensor],
                  weights: Sequence[float], queries_per_image: int | None,
                  generators: Sequence[torch.Generator] | None = None,
-                 scales: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 scales: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 levels: Sequence[int] | None = None):
         self.student, self.images, self.generators = student, images, generators
+        self.levels = list(range(len(student.levels))) if levels is None else list(levels)
+        if not len(targets) == len(weights) == len(self.levels):
+            raise ValueError(f"{len(targets)} targets and {len(weights)} weights for {len(self.levels)} levels")
         self.scales = list(scales) if scales is not None else None  # per level (mean (N, d), std (N,))
         self.targets = [rearrange(t, "n h w d -> n (h w) d") for t in targets]
         self.weights = list(weights)
-        levels = student.levels
+        levels = [student.levels[i] for i in self.levels]
         shared = student.entry > 0  # late level code: levels on one grid share their locations
-        self.keys = [l.grid if shared else i for i, l in enumerate(levels)]
+        self.keys = [l.grid if shared else i for i, l in zip(self.levels, levels)]
         n = math.ceil(queries_per_image / len(levels)) if queries_per_image else None
-        self.sampled = {k: (n, levels[i].num_locations) for i, k in enumerate(self.keys)
-                        if n is not None and n < levels[i].num_locations}
+        self.sampled = {k: (n, l.num_locations) for k, l in zip(self.keys, levels)
+                        if n is not None and n < l.num_locations}
 
     def subset(self, keep: torch.Tensor) -> None:
         """Keep only these images (indices into the current batch)."""
@@ -189,7 +205,7 @@ class Adaptation:
                  locs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         one = {k: v[None] for k, v in locs.items()}  # one object per key: levels on a grid share it
         per_level = [one.get(str(k)) for k in self.keys]
-        return [p[0] for p in functional_call(self.student, params, (image[None], per_level))]
+        return [p[0] for p in functional_call(self.student, params, (image[None], per_level, self.levels))]
 
     def loss(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per image (N,): the weighted mean over levels of the MSE at this step's queries."""
@@ -215,17 +231,24 @@ class Adaptation:
         return loss.detach()
 
     @torch.no_grad()
-    def r2(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """R^2 per image and level (N, L) of the dense predictions, on the teacher's scale."""
+    def evaluate(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """R^2 per image and fitted level (N, L) of the dense predictions, and those predictions
+        per fitted level (N, h, w, d), both on the teacher's scale (with ``scales``)."""
         preds = vmap(lambda p, image: self._predict(p, image, {}))(params, self.images)
-        out = []
-        for i, (p, t) in enumerate(zip(preds, self.targets)):
+        r2, out = [], []
+        for i, (lvl, p, t) in enumerate(zip(self.levels, preds, self.targets)):
             p = p.float()
             if self.scales is not None:
                 m, s = self.scales[i]
                 p, t = p * s[:, None, None] + m[:, None], t * s[:, None, None] + m[:, None]
-            out.append(metrics.r2(p, t))
-        return torch.stack(out, dim=1)
+            r2.append(metrics.r2(p, t))
+            h, w = self.student.levels[lvl].grid
+            out.append(rearrange(p, "n (h w) d -> n h w d", h=h, w=w))
+        return torch.stack(r2, dim=1), out
+
+    def r2(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """R^2 per image and fitted level (N, L) of the dense predictions, on the teacher's scale."""
+        return self.evaluate(params)[0]
 
 
 def _stack(per_image: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -246,13 +269,16 @@ def _keep(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, keep: tor
     return new, new_opt
 
 
-def standardized_targets(module, images: torch.Tensor, recipe: FitRecipe
+def standardized_targets(module, images: torch.Tensor, recipe: FitRecipe,
+                         features: Sequence[torch.Tensor] | None = None
                          ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per level, the images' targets on the scale the student is fitted on, and that scale's
     (mean (N, d), std (N,)): raw for the official recipe, else the student's trained statistics, or
-    each image's own when it has none."""
-    with torch.no_grad():
-        feats = module.targets(images)
+    each image's own when it has none. ``features``: ``module.targets(images)`` if already computed."""
+    if features is None:
+        with torch.no_grad():
+            features = module.targets(images)
+    feats = [f.to(images.device).float() for f in features]
     n = images.shape[0]
     if recipe.official:
         stats = [(torch.zeros(n, f.shape[-1], device=f.device), torch.ones(n, device=f.device)) for f in feats]
@@ -266,7 +292,9 @@ def standardized_targets(module, images: torch.Tensor, recipe: FitRecipe
 
 
 def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
-               progress: bool = True) -> list[Fitted]:
+               progress: bool = True, features: Sequence[torch.Tensor] | None = None,
+               on_eval: Callable[[int, list[int], torch.Tensor, list[torch.Tensor]], None] | None = None,
+               ) -> list[Fitted]:
     """Fit one copy of ``module``'s student to each image's teacher features.
 
     Args:
@@ -275,6 +303,12 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
         seeds: One per image: its fresh initialization and its query draws.
         recipe: The fitting recipe.
         progress: Show a progress bar over steps.
+        features: The images' teacher features when already computed (``module.targets(images)``:
+            per level (N, h, w, d) on the teacher's scale); default computed here.
+        on_eval: Called at every R^2 check (step 0, every ``eval_every`` steps, the ``eval_at``
+            steps and the last) as ``on_eval(step, indices, r2, predictions)``: the indices into
+            ``images`` of the images still fitting, their R^2 (n, L) per fitted level, and their
+            students' dense predictions per fitted level (n, h, w, d) on the teacher's scale.
 
     Returns:
         Per image, a ``Fitted`` (its parameters, statistics, steps, seconds and R^2 per level).
@@ -284,7 +318,8 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
     student, device = module.student, module.device
     images = images.to(device)
     start = time.perf_counter()
-    z, stats = standardized_targets(module, images, recipe)
+    z, stats = standardized_targets(module, images, recipe, features)
+    fitted = select_levels([l.name for l in module.levels], recipe.levels, "--levels")
     if recipe.init == "fresh":
         init = [fresh_parameters(student, s) for s in seeds]
     else:
@@ -294,20 +329,27 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
          module.hparams.queries_per_image if recipe.queries_per_image is None else recipe.queries_per_image)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     weights = [1.0] * len(module.levels) if recipe.official else module.loss_weights
-    fit = Adaptation(student, images, z, weights, q, gens, stats)
+    fit = Adaptation(student, images, [z[i] for i in fitted], [weights[i] for i in fitted], q, gens,
+                     [stats[i] for i in fitted], fitted)
     opt = recipe.optimizer(list(params.values()), 0.0 if recipe.official else module.hparams.weight_decay)
-    names = [l.name for l in module.levels]
+    names = [module.levels[i].name for i in fitted]
     active = list(range(len(images)))
     results: list[Fitted | None] = [None] * len(images)
     curves: list[list[tuple[int, float]]] = [[] for _ in images]
-    before = fit.r2(params)  # rows stay in the order of ``images``
+    before, preds = fit.evaluate(params)  # rows stay in the order of ``images``
+    eval_at = {int(s) for s in recipe.eval_at}
     bar = tqdm(total=recipe.max_steps, desc="fitting", unit="step", disable=not progress, leave=False)
     step = 0
     while True:
-        if step % recipe.eval_every == 0 or step == recipe.max_steps:
-            r2 = before[active] if step == 0 else fit.r2(params)
+        if step % recipe.eval_every == 0 or step == recipe.max_steps or step in eval_at:
+            if step:
+                r2, preds = fit.evaluate(params)
+            else:
+                r2 = before
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            if on_eval is not None:
+                on_eval(step, list(active), r2, preds)
             done = []
             for j, i in enumerate(active):
                 mean = float(r2[j].mean())

@@ -158,24 +158,30 @@ class APMStudent(nn.Module):
         return self.heads[level](self._after_entry(self.entry_layer(torch.cat([h, e], dim=-1))))
 
     # -- whole forwards --------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor,
-                locations: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Predict selected locations of every level.
+    def forward(self, images: torch.Tensor, locations: Sequence[torch.Tensor | None],
+                levels: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Predict selected locations of every level, or of ``levels`` only.
 
         Args:
             images: (B, 3, H, W) in [0, 1].
-            locations: Per level, either a LongTensor (B, n) of row-major location indices into that
-                level's grid, or None for all its locations. Levels on one grid given the same
-                tensor object (or None) share the level-free work of those locations.
+            locations: Per level (per entry of ``levels`` when given), either a LongTensor (B, n) of
+                row-major location indices into that level's grid, or None for all its locations.
+                Levels on one grid given the same tensor object (or None) share the level-free work
+                of those locations.
+            levels: Level indices to predict, in this order; default all. Levels left out are not
+                computed at all (their heads get no gradient).
 
         Returns:
             Per level, predictions (B, n, d) in the order of ``locations``.
         """
+        levels = range(len(self.levels)) if levels is None else list(levels)
+        if len(levels) != len(locations):
+            raise ValueError(f"{len(locations)} location entries for {len(levels)} levels")
         col = self.column_term(self.trigger(images))  # (B, H1)
         pos: dict[tuple[int, int], torch.Tensor] = {}  # W_P PE once per distinct grid, per step
         sites: list[tuple[tuple[int, int], torch.Tensor | None, torch.Tensor]] = []
         pres, sizes = [], []
-        for lvl, loc in enumerate(locations):
+        for lvl, loc in zip(levels, locations):
             grid = self.levels[lvl].grid
             if grid not in pos:
                 pos[grid] = self.position_term(self.coords(lvl))  # (N_l, H1)
@@ -186,7 +192,7 @@ class APMStudent(nn.Module):
             pres.append(site + self.level_term(lvl))
             sizes.append(site.shape[-2])
         hidden = self._after_entry(torch.cat(pres, dim=1))  # one pass for all levels' queries
-        return [head(h) for head, h in zip(self.heads, hidden.split(sizes, dim=1))]
+        return [self.heads[lvl](h) for lvl, h in zip(levels, hidden.split(sizes, dim=1))]
 
     def query(self, images: torch.Tensor, level: int, coords: torch.Tensor,
               chunk: int | None = None) -> torch.Tensor:
