@@ -596,6 +596,13 @@ def bench_islands(s: Settings, device: torch.device, log) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------
+def write_results(path: Path, res: dict) -> None:
+    """Write an experiment's results as indented JSON (folders created) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def device_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
@@ -752,9 +759,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(table(res))
     print(f"\ntotal {res['total_s']:.0f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, res)
     return res
 
 

@@ -13,7 +13,6 @@ time of a 13-level island figure (t-SNE on the device) from the final checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench import count_flops, matmul_rate, sync, wall  # noqa: E402
+from bench import count_flops, matmul_rate, sync, wall, write_results  # noqa: E402
 
 from apm.data import APMDataModule, SKIMAGE_PHOTOS  # noqa: E402
 from apm.module import APMModule  # noqa: E402
@@ -141,8 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for k, v in res.items():
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}", flush=True)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1))
+    write_results(a.json, res)
     return res
 
 

@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     log("time to R^2 {}: ".format(s.fid_target) + ", ".join(
         f"{e} {v['seconds']} s ({v['steps']} steps)" for e, v in {**res["fidelity"]["designs"],
                                                                  "official": res["fidelity"]["official"]}.items()))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.json}")
+    bench.write_results(args.json, res)
     return res
 
 

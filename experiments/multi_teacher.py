@@ -33,7 +33,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -230,9 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"  {n:22s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     log(f"mean over teacher levels: {mean}")
     log(f"joint / pair: {res['cost']['joint_over_pair']}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.json}")
+    bench.write_results(args.json, res)
     return res
 
 

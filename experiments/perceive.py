@@ -159,13 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
            "distill_minutes": a.minutes, "distill_steps": steps, "meta_inner_steps": a.meta_inner_steps,
            "target_r2": a.target_r2, "max_steps": a.max_steps, "eval_every": a.eval_every,
            "before_fitting": before, "fits": fits, "summary": summary, "wall_time_ratios": ratios}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1) + "\n")
+    bench.write_results(a.json, res)
     for c, s in summary.items():
         log(f"{c:15s} reached {s['reached']}/{len(images)}; median {s['median_steps']} steps, {s['median_seconds']:.1f} s")
     for k, v in ratios.items():
         log(f"{k}: {'>= ' if v['lower_bound'] else ''}{v['median']:.2f}x")
-    log(f"wrote {a.json}")
     return res
 
 

@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"command": "python experiments/unseen_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "env": bench.device_info(torch.device("cpu")), "teacher": "dinov2_small", "teacher_args": TEACHER_ARGS,
            "image_size": 224, "steps": a.steps, "unseen_images": [n for n, _ in held_out], "variants": results}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {a.json}")
+    bench.write_results(a.json, res)
     return res
 
 

@@ -2,7 +2,6 @@
 
 import lightning as L
 import pytest
-import torch
 
 from apm.data import APMDataModule
 from apm.module import APMModule
