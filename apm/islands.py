@@ -21,8 +21,11 @@ from einops import rearrange
 
 RGB_LEVEL = "rgb"  # the level of patch-mean colours that APMModule adds after the teacher's
 METHODS = ("tsne", "pca")
-# Below this many points sklearn's exact t-SNE is faster than its 3-D Barnes-Hut.
-_EXACT_MAX_POINTS = 1200
+# Up to this many points per level, apm.tsne's exact t-SNE beats scikit-learn's Barnes-Hut on a
+# CPU too (docs/benchmarks.md); beyond, its n^2 cost loses there. On a GPU it is used always.
+_TORCH_CPU_MAX_POINTS = 4096
+# Levels embedded in one batched call hold at most this many n x n entries (512 MB per buffer).
+_BATCH_ENTRIES = 2**27
 
 
 def as_points(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -61,9 +64,9 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
         seed: Random state of PCA and t-SNE.
         pca_dims: Wider features are reduced to this many principal components before t-SNE.
         max_iter: t-SNE iterations (at least 250).
-        device: Where t-SNE runs. On a GPU, ``apm.tsne`` (exact t-SNE in torch, the same
-            objective and schedule as scikit-learn's); on the CPU (default), scikit-learn's exact
-            (up to 1,200 points) or Barnes-Hut t-SNE, which is faster there.
+        device: Where t-SNE runs (default the CPU). ``apm.tsne`` (exact t-SNE in torch, the
+            same objective and schedule as scikit-learn's) on a GPU, and on the CPU up to 4,096
+            points; scikit-learn's Barnes-Hut t-SNE for larger sets on the CPU, where it is faster.
 
     Returns:
         One array per block, shaped like the block with the last axis replaced by 3 (RGB in [0, 1]).
@@ -74,14 +77,14 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
 def embed_rgb_levels(levels: Sequence[Sequence[torch.Tensor | np.ndarray]], method: str = "tsne",
                      perplexity: float = 30.0, seed: int = 0, pca_dims: int = 50,
                      max_iter: int = 1000, device: str | torch.device | None = None) -> list[list[np.ndarray]]:
-    """``embed_rgb`` for several levels (each a list of blocks), each embedded on its own. On a
-    GPU the levels with equally many points are embedded in one batched t-SNE."""
+    """``embed_rgb`` for several levels (each a list of blocks), each embedded on its own. Levels
+    with equally many points are embedded in one batched t-SNE."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
     if method not in METHODS:
         raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
-    on_gpu = device is not None and torch.device(device).type != "cpu"
+    device = torch.device(device or "cpu")
     pts = [[as_points(b) for b in blocks] for blocks in levels]
     xs = [np.concatenate(p) for p in pts]
     ys: list[np.ndarray | None] = [None] * len(xs)
@@ -98,20 +101,21 @@ def embed_rgb_levels(levels: Sequence[Sequence[torch.Tensor | np.ndarray]], meth
         # sklearn's "auto" rate, n / 12 / 4, floored at 10 instead of 50: in 3-D, small sets
         # (a few hundred points) diverge at 50 and near-copies of a point land far apart.
         perp, rate = min(perplexity, (n - 1) / 3), max(n / 48, 10.0)
-        if on_gpu:
+        if device.type != "cpu" or n <= _TORCH_CPU_MAX_POINTS:
             batches.setdefault(xs[i].shape, []).append(i)
         else:
             ys[i] = TSNE(n_components=3, perplexity=perp, init="pca", learning_rate=rate,
-                         random_state=seed, max_iter=max(250, max_iter),
-                         method="exact" if n <= _EXACT_MAX_POINTS else "barnes_hut",
+                         random_state=seed, max_iter=max(250, max_iter), method="barnes_hut",
                          ).fit_transform(xs[i].astype(np.float32))
     for (n, _), idx in batches.items():
         from apm.tsne import tsne
 
-        x = torch.from_numpy(np.stack([xs[i] for i in idx])).to(device)
-        y = tsne(x, 3, min(perplexity, (n - 1) / 3), max(n / 48, 10.0), max(250, max_iter))
-        for i, yi in zip(idx, y.double().cpu().numpy()):
-            ys[i] = yi
+        per_call = max(1, _BATCH_ENTRIES // (n * n))
+        for part in (idx[j : j + per_call] for j in range(0, len(idx), per_call)):
+            x = torch.from_numpy(np.stack([xs[i] for i in part])).to(device, torch.float32)
+            y = tsne(x, 3, min(perplexity, (n - 1) / 3), max(n / 48, 10.0), max(250, max_iter))
+            for i, yi in zip(part, y.double().cpu().numpy()):
+                ys[i] = yi
     out = []
     for blocks, p, y in zip(levels, pts, ys):
         rgb, start, maps = minmax(y), 0, []

@@ -21,8 +21,9 @@ Figures (keys of the JSON file; null where a figure does not apply to the device
    (Adam 1e-4, fp32, all queries every step, unnormalized MSE, the paper's student), and our recipe
    with each student design -> ``time_to_fidelity_vs_baseline_ratio`` (the default design's).
 7. ``islands``: the joint 3-D t-SNE of an island figure (teacher beside student, 2 x 1024 points per
-   level at 448 px, 12 levels of DINOv2-small): scikit-learn against ``apm.islands.embed_rgb`` on
-   the run's device (the torch t-SNE on a GPU), with the trustworthiness of each
+   level at 448 px, 12 levels of DINOv2-small): scikit-learn on the CPU (what figures used before)
+   against ``apm.islands.embed_rgb_levels`` (``apm.tsne``) on the run's device, with the
+   trustworthiness of each
    -> ``islands_speedup_ratio``.
 
 Peak memory is the device's allocator peak on CUDA; on CPU it is the process's peak resident set
@@ -560,9 +561,10 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
 
 # -- 7. island-figure embedding ------------------------------------------------------------------
 def bench_islands(s: Settings, device: torch.device, log) -> dict:
-    from sklearn.manifold import trustworthiness
+    import numpy as np
+    from sklearn.manifold import TSNE, trustworthiness
 
-    from apm.islands import embed_rgb, embed_rgb_levels, reduce_dims
+    from apm.islands import as_points, embed_rgb_levels, minmax, reduce_dims
 
     teacher = create_teacher(s.teacher, image_size=s.isl_image, pretrained=False,
                              config_overrides={"layerscale_value": 1.0}).to(device)
@@ -571,24 +573,37 @@ def bench_islands(s: Settings, device: torch.device, log) -> dict:
     pairs = [(f[0], f[0] + 0.3 * f.std() * torch.randn(f[0].shape, generator=g, device=device))
              for f in feats]  # teacher beside a near copy (a student), as in a figure
 
-    def run(where: torch.device, count: int) -> tuple[float, float]:
+    def sklearn_levels(blocks: list[list[torch.Tensor]]) -> list[np.ndarray]:
+        """What the figure ran before apm.tsne: scikit-learn's t-SNE per level on the CPU, exact
+        up to 1,200 points and Barnes-Hut beyond, with embed_rgb's PCA, perplexity and rate."""
+        out = []
+        for level in blocks:
+            x = reduce_dims(np.concatenate([as_points(b) for b in level]))
+            n = len(x)
+            out.append(minmax(TSNE(3, perplexity=min(30.0, (n - 1) / 3), init="pca", learning_rate=max(n / 48, 10.0),
+                            random_state=0, max_iter=1000, method="exact" if n <= 1200 else "barnes_hut",
+                            ).fit_transform(x.astype(np.float32))))
+        return out
+
+    def run(ours: bool, count: int) -> tuple[float, float]:
         """Seconds per level (``count`` levels embedded in one call, batched where the method
         can) and the trustworthiness of the first level's embedding."""
         blocks = [list(p) for p in pairs[:count]]
-        seconds = wall(lambda: embed_rgb_levels(blocks, "tsne", device=where), device) / count
+        embed = (lambda b: embed_rgb_levels(b, "tsne", device=device)) if ours else sklearn_levels
+        seconds = wall(lambda: embed(blocks), device) / count
         x = reduce_dims(torch.cat(pairs[0]).flatten(0, 1).double().cpu().numpy())
-        y = embed_rgb([x], "tsne", device=where)[0]
-        return seconds, float(trustworthiness(x, y, n_neighbors=10))
+        y = embed([[x]])[0]
+        return seconds, float(trustworthiness(x, y[0] if ours else y, n_neighbors=10))
 
     n = s.isl_figure_levels
-    ours_s, ours_t = run(device, min(s.isl_levels_ours, len(pairs)))
-    log(f"  ours ({device.type}): {ours_s:.2f} s per level, trustworthiness {ours_t:.4f}")
-    sk_s, sk_t = run(torch.device("cpu"), min(s.isl_levels_sklearn, len(pairs)))
+    ours_s, ours_t = run(True, min(s.isl_levels_ours, len(pairs)))
+    log(f"  ours (apm.tsne on {device.type}): {ours_s:.2f} s per level, trustworthiness {ours_t:.4f}")
+    sk_s, sk_t = run(False, min(s.isl_levels_sklearn, len(pairs)))
     log(f"  scikit-learn (cpu): {sk_s:.2f} s per level, trustworthiness {sk_t:.4f}")
     points = 2 * pairs[0][0].shape[0] * pairs[0][0].shape[1]
     return {"image": s.isl_image, "points_per_level": points, "figure_levels": n,
-            "method_ours": "apm.tsne (torch, exact)" if device.type != "cpu" else "scikit-learn",
-            "level_s_ours": ours_s, "level_s_sklearn": sk_s, "figure_s_ours": n * ours_s,
+            "method_ours": f"apm.tsne (torch, exact) on {device.type}", "level_s_ours": ours_s,
+            "level_s_sklearn": sk_s, "figure_s_ours": n * ours_s,
             "figure_s_sklearn": n * sk_s, "levels_timed_ours": min(s.isl_levels_ours, len(pairs)),
             "levels_timed_sklearn": min(s.isl_levels_sklearn, len(pairs)),
             "trustworthiness_ours": ours_t, "trustworthiness_sklearn": sk_t,
