@@ -22,8 +22,9 @@ from einops import rearrange
 RGB_LEVEL = "rgb"  # the level of patch-mean colours that APMModule adds after the teacher's
 METHODS = ("tsne", "pca")
 # Up to this many points per level, apm.tsne's exact t-SNE beats scikit-learn's Barnes-Hut on a
-# CPU too (docs/benchmarks.md); beyond, its n^2 cost loses there. On a GPU it is used always.
-_TORCH_CPU_MAX_POINTS = 4096
+# CPU too (one thread: 24 s against 42 s at 2,048 points, 142 s against 110 s at 4,050); beyond,
+# its n^2 cost loses there. On a GPU it is used always.
+_TORCH_CPU_MAX_POINTS = 3072
 # Levels embedded in one batched call hold at most this many n x n entries (512 MB per buffer).
 _BATCH_ENTRIES = 2**27
 
@@ -65,7 +66,7 @@ def embed_rgb(blocks: Sequence[torch.Tensor | np.ndarray], method: str = "tsne",
         pca_dims: Wider features are reduced to this many principal components before t-SNE.
         max_iter: t-SNE iterations (at least 250).
         device: Where t-SNE runs (default the CPU). ``apm.tsne`` (exact t-SNE in torch, the
-            same objective and schedule as scikit-learn's) on a GPU, and on the CPU up to 4,096
+            same objective and schedule as scikit-learn's) on a GPU, and on the CPU up to 3,072
             points; scikit-learn's Barnes-Hut t-SNE for larger sets on the CPU, where it is faster.
 
     Returns:

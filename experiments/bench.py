@@ -719,6 +719,9 @@ KEYS = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
         "islands_speedup_ratio", "dense_flops_vs_teacher_ratio_448")
 
 
+PARTS = ("train", "inference", "cache", "fidelity", "islands")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -728,7 +731,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes (tests)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                    help="override a setting, e.g. sizes=[224,448] fid_budget_s=300")
+    p.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
+                   help=f"re-measure only these parts ({', '.join(PARTS)}) and update them in the "
+                        "existing --json file, which keeps the others and records each part's command")
     args = p.parse_args(argv)
+    if args.only and not args.json.is_file():
+        p.error(f"--only updates an existing results file, and {args.json} does not exist: run the "
+                "whole benchmark once first (without --only)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     s = Settings(**{**(CUDA if args.device == "cuda" else {}), **(QUICK if args.quick else {}),
@@ -746,23 +755,35 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
     mem = Memory(device)  # first: pins the allocator before anything large is allocated
-    res: dict = {"env": device_info(device), "settings": asdict(s), "precision_default": precision,
-                 "command": "python experiments/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    n = 256 if args.tiny else 2048
-    res["matmul"] = {"fp32_gflops": matmul_rate(device, torch.float32, n) / 1e9,
-                     "bf16_gflops": matmul_rate(device, torch.bfloat16, 256 if device.type == "cpu" else n) / 1e9}
+    command = "python experiments/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    parts = args.only or PARTS
+    res: dict = json.loads(args.json.read_text()) if args.only else {}
+    if args.only and res["env"]["device"] != device.type:
+        p.error(f"--only: {args.json} holds a {res['env']['device']} run; give --device {res['env']['device']}")
+    res.setdefault("part_commands", {}).update({part: command for part in parts})
+    res.update({"env": device_info(device), "settings": {**res.get("settings", {}), **asdict(s)},
+                "precision_default": precision, "command": res.get("command", command)})
+    if "train" in parts or "matmul" not in res:
+        n = 256 if args.tiny else 2048
+        res["matmul"] = {"fp32_gflops": matmul_rate(device, torch.float32, n) / 1e9,
+                         "bf16_gflops": matmul_rate(device, torch.bfloat16, 256 if device.type == "cpu" else n) / 1e9}
     log(f"device {res['env']['cpu']}, default precision {precision}")
-    log("1. training throughput (paper configuration)")
-    res["train"] = bench_train(s, device, precision, log)
-    log("2./3. dense and streaming inference")
-    res["dense"], res["streaming"] = bench_inference(s, device, precision, mem, log)
-    res["gpu"] = bench_gpu(s, device, precision, res["train"])
-    log("5. epoch time with and without the teacher cache")
-    res["cache"] = bench_cache(s, device, precision, log)
-    log("6. time to fidelity")
-    res["fidelity"] = bench_fidelity(s, device, precision, log)
-    log("7. island-figure embedding")
-    res["islands"] = bench_islands(s, device, log)
+    if "train" in parts:
+        log("1. training throughput (paper configuration)")
+        res["train"] = bench_train(s, device, precision, log)
+        res["gpu"] = bench_gpu(s, device, precision, res["train"])
+    if "inference" in parts:
+        log("2./3. dense and streaming inference")
+        res["dense"], res["streaming"] = bench_inference(s, device, precision, mem, log)
+    if "cache" in parts:
+        log("5. epoch time with and without the teacher cache")
+        res["cache"] = bench_cache(s, device, precision, log)
+    if "fidelity" in parts:
+        log("6. time to fidelity")
+        res["fidelity"] = bench_fidelity(s, device, precision, log)
+    if "islands" in parts:
+        log("7. island-figure embedding")
+        res["islands"] = bench_islands(s, device, log)
     res["train_speedup_vs_baseline_ratio"] = res["train"]["train_speedup_vs_baseline_ratio"]
     res["dense_flops_vs_teacher_ratio_448"] = res["dense"]["dense_flops_vs_teacher_ratio_448"]
     res["time_to_fidelity_vs_baseline_ratio"] = res["fidelity"]["time_to_fidelity_vs_baseline_ratio"]
@@ -770,10 +791,10 @@ def main(argv: list[str] | None = None) -> dict:
     res["student_fraction_of_bf16_peak"] = res["gpu"]["student_fraction_of_bf16_peak"]
     res["cache_epoch_speedup_ratio"] = res["cache"]["cache_epoch_speedup_ratio"]
     res["islands_speedup_ratio"] = res["islands"]["islands_speedup_ratio"]
-    res["total_s"] = time.perf_counter() - t0
+    res["total_s" if not args.only else "only_s"] = time.perf_counter() - t0
     print()
     print(table(res))
-    print(f"\ntotal {res['total_s']:.0f} s")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     write_results(args.json, res)
     return res
 

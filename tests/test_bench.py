@@ -57,3 +57,18 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     assert isl["level_s_ours"] > 0 and isl["level_s_sklearn"] > 0
     assert 0.5 < isl["trustworthiness_ours"] <= 1 and 0.5 < isl["trustworthiness_sklearn"] <= 1
     assert res["env"]["torch"] and res["command"].startswith("python experiments/bench.py")
+
+    # --only re-measures one part in place and keeps the others as they were
+    again = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--device", "cpu",
+                            "--tiny", "--json", str(out), "--only", "islands"], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    updated = json.loads(out.read_text())
+    assert updated["train"] == res["train"] and updated["fidelity"] == res["fidelity"]
+    assert updated["islands"]["level_s_ours"] != isl["level_s_ours"]  # a new timing
+    assert updated["part_commands"]["islands"].endswith("--only islands")
+    assert updated["part_commands"]["train"] == res["command"]
+    missing = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--device", "cpu",
+                              "--tiny", "--json", str(tmp_path / "none.json"), "--only", "islands"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2 and "run the whole benchmark once first" in missing.stderr
