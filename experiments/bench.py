@@ -363,7 +363,7 @@ def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memo
             f"stream peak {_mb(srow['peak_bytes'])}, teacher peak {_mb(row['teacher_peak_bytes'])}")
         rows.append(row)
         stream_rows.append(srow)
-        del teacher, student, students
+        teacher = student = students = None  # freed before the next size
 
     def growth(key, table):
         a, b = table[0][key], table[-1][key]
