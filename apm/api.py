@@ -150,15 +150,17 @@ class APM:
     # -- new images -------------------------------------------------------------------------------
     def perceive(self, image: ImageLike, target_r2: float = 0.9, max_steps: int = 500,
                  protocol: str = "ours", init: str = "trained", lr: float | None = None,
-                 seed: int = 0, progress: bool = True) -> Perception | list[Perception]:
+                 seed: int = 0, levels: Sequence[str | int] | None = None,
+                 progress: bool = True) -> Perception | list[Perception]:
         """Fit a copy of this student to the image's teacher features (see ``apm perceive``)
-        until its mean R^2 over levels reaches ``target_r2`` or ``max_steps``; a (B, 3, H, W)
-        tensor fits B independent copies at once (image b is seeded ``seed + b``) and returns a
-        list. This student is not changed."""
+        until its mean R^2 over ``levels`` (names or indices; default all) reaches ``target_r2``
+        or ``max_steps``; a (B, 3, H, W) tensor fits B independent copies at once (image b is
+        seeded ``seed + b``) and returns a list. This student is not changed."""
         from apm.perceive import FitRecipe, perceive_images
 
         x = self.prepare(image)
-        recipe = FitRecipe(protocol=protocol, init=init, target_r2=target_r2, max_steps=max_steps, lr=lr)
+        recipe = FitRecipe(protocol=protocol, init=init, target_r2=target_r2, max_steps=max_steps, lr=lr,
+                           levels=levels)
         out = [Perception(APM(after), rec) for _, after, rec in
                perceive_images(self.module, x, [seed + b for b in range(len(x))], recipe, progress)]
         return out if isinstance(image, torch.Tensor) and image.ndim == 4 else out[0]

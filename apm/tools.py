@@ -153,6 +153,7 @@ def perceive_main(argv: list[str]) -> int:
     """``apm perceive``: fit a student to each new image (test-time fitting)."""
     from apm.analysis import config_settings, module_from_config
     from apm.perceive import FitRecipe, perceive_images, save_student
+    from teachers.base import select_levels
 
     p = _parser("perceive", "Test-time fitting: per image, a copy of the student is fitted to that "
                 "image's teacher features until its mean R^2 over levels reaches --target-r2 or "
@@ -179,6 +180,9 @@ def perceive_main(argv: list[str]) -> int:
     p.add_argument("--queries", type=int, default=None,
                    help="queries per image and step (ours); default the student's training setting")
     p.add_argument("--eval-every", type=int, default=10, help="steps between R^2 checks")
+    p.add_argument("--levels", nargs="+", default=None,
+                   help="fit, score and draw only these levels (names like block6 rgb, or indices); "
+                   "default all. The target applies to their mean R^2")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images fitted at once, each with its own student (same results as one at a "
                    "time; faster on a GPU, but the seconds recorded are the batch's)")
@@ -201,7 +205,8 @@ def perceive_main(argv: list[str]) -> int:
         raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
                           "with --config the student is fresh (--init fresh).")
     recipe = FitRecipe(protocol=a.protocol, init=init, target_r2=a.target_r2, max_steps=a.max_steps,
-                       lr=a.lr, queries_per_image=a.queries, eval_every=a.eval_every)
+                       lr=a.lr, queries_per_image=a.queries, eval_every=a.eval_every, levels=a.levels)
+    levels = select_levels([l.name for l in module.levels], a.levels, "--levels")
     images = load_images(a.images, module.hparams.image_size, skip_bad=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,10 +224,10 @@ def perceive_main(argv: list[str]) -> int:
             save_student(after, ckpt, extra=rec)
             line = {"image": name, **rec, "ckpt": str(ckpt)}
             for when, m in (("before", before), ("after", after)):
-                scores = island_scores(m, img[None], k=a.k, seed=a.seed)
+                scores = island_scores(m, img[None], levels, k=a.k, seed=a.seed)
                 line[f"ari_{when}"] = {lvl: s["ari"][0] for lvl, s in scores.items()}
                 if a.figures != "none":
-                    line[f"figure_{when}"] = str(island_figures(m, img[None], [f"{name}_{when}"], out,
+                    line[f"figure_{when}"] = str(island_figures(m, img[None], [f"{name}_{when}"], out, levels,
                                                                 method=a.figures, seed=a.seed, k=a.k)[0])
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")

@@ -69,6 +69,24 @@ def test_perceive_command_fits_an_unseen_photograph_and_its_student_reloads(trai
     assert len((out / "perceive.jsonl").read_text().splitlines()) == 1
 
 
+def test_perceive_fits_only_the_chosen_levels(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(out), "--levels",
+                 "block3", "rgb", "--max-steps", "30", "--figures", "none"]) == 0
+    (line,) = [json.loads(x) for x in (out / "perceive.jsonl").read_text().splitlines()]
+    assert set(line["r2_after"]) == set(line["ari_after"]) == {"block3", "rgb"}
+    assert line["r2_mean_after"] > line["r2_mean_before"] + 0.1
+    # block1, not fitted, is not what was fitted: its R^2 moves less than the fitted levels'
+    before, after = (load_trained_module(p, CPU).evaluate(unseen()[None]) for p in (trained, line["ckpt"]))
+    gain = {n: after[n]["r2"].item() - before[n]["r2"].item() for n in ("block1", "block3", "rgb")}
+    assert gain["block3"] > gain["block1"] and gain["rgb"] > gain["block1"], gain
+    capsys.readouterr()
+    assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(out),
+                 "--levels", "block9"]) == 2
+    err = capsys.readouterr().err
+    assert "--levels" in err and "block9" in err
+
+
 def steps_to(module, images: torch.Tensor, init: str, r2: float) -> list[int]:
     recipe = FitRecipe(init=init, target_r2=r2, max_steps=60, eval_every=2)
     return [f.steps for f in fit_images(module, images, list(range(len(images))), recipe, progress=False)]
