@@ -161,21 +161,25 @@ def resolve_levels(names: list[str], wanted: Sequence[str] | None) -> list[int]:
 
 # -- features, figures, scores ---------------------------------------------------------------------
 @torch.no_grad()
-def level_features(module, images: torch.Tensor, levels: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Teacher and student features (B, h, w, d), on the teacher's scale, of the chosen levels."""
+def level_features(module, images: torch.Tensor, levels: Sequence[int],
+                   targets: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher and student features (B, h, w, d), on the teacher's scale, of the chosen levels;
+    ``targets``: the teacher's features of every level (``module.targets(images)``) when already
+    computed, so that the teacher does not run again."""
     images = images.to(module.device)
-    targets = module.targets(images)
+    targets = module.targets(images) if targets is None else [t.to(module.device) for t in targets]
     return [targets[i] for i in levels], module.predict_features(images, levels)
 
 
 def island_figures(module, images: torch.Tensor, names: Sequence[str], out_dir: str | Path,
                    levels: Sequence[int] | None = None, method: str = "tsne", perplexity: float = 30.0,
                    seed: int = 0, k: int = 8, max_iter: int = 1000, display: int = 192,
-                   prefix: str = "") -> list[Path]:
+                   prefix: str = "", targets: Sequence[torch.Tensor] | None = None) -> list[Path]:
     """One island figure per image (input | teacher | student, a row per level) from an APMModule;
-    each row is labelled with its grid and the ARI of k-means islands. Returns the PNG paths."""
+    each row is labelled with its grid and the ARI of k-means islands. Returns the PNG paths.
+    ``targets``: as in ``level_features``."""
     levels = level_indices(module.levels, levels)
-    teacher, student = level_features(module, images, levels)
+    teacher, student = level_features(module, images, levels, targets)
     lnames = [module.levels[i].name for i in levels]
     paths = []
     for b, name in enumerate(names):
@@ -222,15 +226,16 @@ def control_teacher(teacher: torch.Tensor, following: torch.Tensor | None = None
 
 @torch.no_grad()
 def island_scores(module, images: torch.Tensor, levels: Sequence[int] | None = None, k: int = 8,
-                  seed: int = 0, next_image: torch.Tensor | None = None) -> dict[str, dict[str, list[float]]]:
+                  seed: int = 0, next_image: torch.Tensor | None = None,
+                  targets: Sequence[torch.Tensor] | None = None) -> dict[str, dict[str, list[float]]]:
     """Per level and metric, one value per image: the fidelity measures of ``APMModule.evaluate``
     (cos, cos_centered, r2, mse), the island agreement of k-means label maps (ari, nmi), and the
     same agreement with another image's teacher islands (ari_control, nmi_control: what chance
     scores; see ``control_teacher``, whose ``following`` is the teacher's features of
-    ``next_image`` (3, S, S) when given)."""
+    ``next_image`` (3, S, S) when given). ``targets``: as in ``level_features``."""
     levels = level_indices(module.levels, levels)
     images = images.to(module.device)
-    teacher, student = level_features(module, images, levels)  # one teacher pass for the batch
+    teacher, student = level_features(module, images, levels, targets)  # one teacher pass for the batch
     following: list[torch.Tensor | None] = [None] * len(levels)
     if next_image is not None:
         targets = module.targets(next_image[None].to(module.device))

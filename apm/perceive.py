@@ -396,12 +396,14 @@ def fitted_module(module, fitted: Fitted):
 
 
 def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
-                    progress: bool = True) -> list[tuple[Any, Any, dict[str, Any]]]:
-    """Fit ``images`` (N, 3, S, S) with ``fit_images``; per image, ``(before, after, record)``: the
-    student it started from and the fitted one (modules in eval mode, each with the statistics it
-    was fitted with) and the JSON-ready record (protocol, init, seed, steps, seconds, R^2 per level)."""
+                    progress: bool = True, features: Sequence[torch.Tensor] | None = None,
+                    ) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """Fit ``images`` (N, 3, S, S) with ``fit_images`` (``features`` as there); per image,
+    ``(before, after, record)``: the student it started from and the fitted one (modules in eval
+    mode, each with the statistics it was fitted with) and the JSON-ready record (protocol, init,
+    seed, steps, seconds, R^2 per level)."""
     out = []
-    for fitted in fit_images(module, images, seeds, recipe, progress):
+    for fitted in fit_images(module, images, seeds, recipe, progress, features=features):
         start = (fresh_parameters(module.student, fitted.seed) if recipe.init == "fresh" else
                  {n: p.detach() for n, p in module.student.named_parameters()})
         before = fitted_module(module, replace(fitted, params=start))

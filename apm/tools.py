@@ -218,17 +218,21 @@ def perceive_main(argv: list[str]) -> int:
     for start in range(0, len(todo), max(1, a.batch_size)):
         part = todo[start : start + max(1, a.batch_size)]
         batch = torch.stack([img for _, _, img in part])
-        fitted = perceive_images(module, batch, [a.seed + i for i, _, _ in part], recipe)
-        for (i, name, img), (before, after, rec) in zip(part, fitted):
+        with torch.no_grad():
+            feats = module.targets(batch.to(device))  # the teacher runs once per image
+        fitted = perceive_images(module, batch, [a.seed + i for i, _, _ in part], recipe, features=feats)
+        for b, ((i, name, img), (before, after, rec)) in enumerate(zip(part, fitted)):
+            mine = [f[b : b + 1] for f in feats]
             ckpt = out / f"{name}.ckpt"
             save_student(after, ckpt, extra=rec)
             line = {"image": name, **rec, "ckpt": str(ckpt)}
             for when, m in (("before", before), ("after", after)):
-                scores = island_scores(m, img[None], levels, k=a.k, seed=a.seed)
+                scores = island_scores(m, img[None], levels, k=a.k, seed=a.seed, targets=mine)
                 line[f"ari_{when}"] = {lvl: s["ari"][0] for lvl, s in scores.items()}
                 if a.figures != "none":
                     line[f"figure_{when}"] = str(island_figures(m, img[None], [f"{name}_{when}"], out, levels,
-                                                                method=a.figures, seed=a.seed, k=a.k)[0])
+                                                                method=a.figures, seed=a.seed, k=a.k,
+                                                                targets=mine)[0])
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             print(f"{name}: mean R^2 {rec['r2_mean_before']:.3f} -> {rec['r2_mean_after']:.3f} in "

@@ -70,9 +70,18 @@ def test_perceive_command_fits_an_unseen_photograph_and_its_student_reloads(trai
 
 
 def test_perceive_fits_only_the_chosen_levels(trained, tmp_path, capsys):
+    from teachers.base import Teacher
+
     out = tmp_path / "out"
-    assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(out), "--levels",
-                 "block3", "rgb", "--max-steps", "30", "--figures", "none"]) == 0
+    calls = []  # the teacher runs once per image: fit, scores and figures share its features
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: calls.append(type(m).__name__) if isinstance(m, Teacher) else None)
+    try:
+        assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(out), "--levels",
+                     "block3", "rgb", "--max-steps", "30"]) == 0
+    finally:
+        hook.remove()
+    assert len(calls) == 1, calls
     (line,) = [json.loads(x) for x in (out / "perceive.jsonl").read_text().splitlines()]
     assert set(line["r2_after"]) == set(line["ari_after"]) == {"block3", "rgb"}
     assert line["r2_mean_after"] > line["r2_mean_before"] + 0.1
