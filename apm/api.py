@@ -89,7 +89,8 @@ class APM:
         """Images as the student sees them: (B, 3, S, S) in [0, 1] on the student's device."""
         from PIL import Image
 
-        from apm.data import image_transform, load_image, skimage_names, skimage_photo, to_rgb
+        from apm.analysis import load_images
+        from apm.data import image_transform, to_rgb
 
         tf = image_transform(self.image_size)
         if isinstance(image, torch.Tensor):
@@ -100,14 +101,14 @@ class APM:
                 raise ConfigError(f"An image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1]; got "
                                   f"{tuple(image.shape)}.")
             return torch.stack([tf(i) for i in x.cpu()]).to(self.device)
-        if isinstance(image, (str, Path)) and str(image).startswith("skimage:"):
-            pil = skimage_photo(skimage_names(str(image), "image")[0])
-        elif isinstance(image, (str, Path)):
-            if not Path(image).is_file():
-                raise ConfigError(f"Image {str(image)!r} is not a file; give a path, skimage:NAME, a PIL "
-                                  f"image, an HxWx3 array or a (3, H, W) tensor in [0, 1].")
-            pil = load_image(image, self.image_size)
-        elif isinstance(image, np.ndarray):
+        if isinstance(image, (str, Path)):  # a file or skimage:NAME, read as the commands read them
+            loaded = load_images([str(image)], self.image_size, "image")
+            if len(loaded) != 1:
+                raise ConfigError(f"Image {str(image)!r} holds {len(loaded)} images; these methods take one "
+                                  f"image, or several as a (B, 3, H, W) tensor (torch.cat of APM.prepare "
+                                  f"of each).")
+            return loaded[0][1][None].to(self.device)
+        if isinstance(image, np.ndarray):
             pil = to_rgb(Image.fromarray(image))
         elif isinstance(image, Image.Image):
             pil = to_rgb(image)

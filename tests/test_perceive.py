@@ -12,6 +12,8 @@ from apm import APM
 from apm.analysis import load_images, load_trained_module
 from apm.cli import main
 from apm.codes import grid_coords
+from apm.data import skimage_photo
+from apm.errors import ConfigError
 from apm.module import APMModule
 from apm.perceive import FitRecipe, fit_images, fitted_module
 from tests.conftest import CONFIGS, ROOT
@@ -179,6 +181,19 @@ def test_api_features_match_eval_and_any_grid(trained):
     batch = torch.stack([img, load_images(["skimage:coffee"], 224)[0][1]])
     assert apm.features(batch, lvl).shape == (2, h, w, coarse.shape[-1])
     assert torch.allclose(apm.teacher_features(img, lvl), module.targets(img[None])[1][0])
+
+
+def test_api_reads_paths_as_the_commands_do(trained, tmp_path):
+    apm = APM.from_pretrained(trained, device="cpu")
+    photo = tmp_path / "photo.png"
+    skimage_photo("chelsea").save(photo)
+    want = load_images([str(photo)], 224)[0][1]
+    assert torch.equal(apm.prepare(photo)[0], want) and torch.equal(apm.prepare(str(photo))[0], want)
+    skimage_photo("coffee").save(tmp_path / "second.png")
+    with pytest.raises(ConfigError, match="holds 2 images"):
+        apm.features(tmp_path, "block2")
+    with pytest.raises(ConfigError, match="missing.png"):
+        apm.features(tmp_path / "missing.png", "block2")
 
 
 def test_readme_api_snippet_runs(trained, tmp_path, monkeypatch):
