@@ -4,6 +4,8 @@
 #   experiments/gpu_run.sh [IMAGES_FOLDER] [MINUTES]
 # Writes experiments/results/bench_cuda.json and distill_cuda.json (OUTDIR to change);
 # PARTS="tests bench distill" selects parts, BENCH_ARGS passes options to bench.py.
+# PARTS=perceive (not in the default) runs experiments/perceive.py on the GPU with the default
+# student: two distillations of MINUTES each (plain and Reptile) on IMAGES, then test-time fits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGES=${1:-}
@@ -19,6 +21,9 @@ for part in ${PARTS:-tests bench distill}; do
     bench)   python experiments/bench.py --device cuda --json "$OUTDIR/bench_cuda.json" ${BENCH_ARGS:-} ;;
     distill) python experiments/distill_gpu.py ${IMAGES:+--images "$IMAGES"} --minutes "$MINUTES" \
                --json "$OUTDIR/distill_cuda.json" ;;
-    *) echo "unknown part $part (tests, bench, distill)"; exit 2 ;;
+    perceive) [ -n "$IMAGES" ] || { echo "PARTS=perceive needs IMAGES_FOLDER"; exit 2; }
+             python experiments/perceive.py --images "$IMAGES" --device cuda --minutes "$MINUTES" \
+               --unseen 4 --train 76 --max-steps 1500 --eval-every 5 --json "$OUTDIR/perceive_cuda.json" ;;
+    *) echo "unknown part $part (tests, bench, distill, perceive)"; exit 2 ;;
   esac
 done
