@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from collections import Counter
@@ -37,6 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import bench  # noqa: E402
 
 from apm.cli import main as apm  # noqa: E402
 from apm.data import skimage_photo  # noqa: E402
@@ -45,16 +46,6 @@ CLASSES = {"astronaut": "astronaut", "cat": "chelsea", "coffee mug": "coffee", "
            "motorcycle": "stereo_motorcycle", "coins": "coins", "moon": "moon", "clock": "clock"}
 TRAIN = "skimage:immunohistochemistry,hubble_deep_field,retina,camera,brick,grass,gravel"
 CONFIGS = [str(ROOT / "configs" / "apm.yaml"), str(ROOT / "configs" / "clip_smoke.yaml")]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def labelled_folder(root: Path, views: bool = True) -> Path:
@@ -156,12 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
                        "seconds": round(distill_seconds, 1)},
         "steps": a.steps,
         "threads": a.threads,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "env": bench.device_info(torch.device("cpu")),
         "conditions": results,
     }
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {a.json}")
+    bench.write_results(a.json, out)
     return out
 
 

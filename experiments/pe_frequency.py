@@ -15,7 +15,6 @@ experiments/results/pe_frequency.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
+from bench import write_results  # noqa: E402
 from overfit_one_image import overfit  # noqa: E402
 
 from apm.analysis import load_images  # noqa: E402
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{label:13s} max freq {r['pe_max_freq']:5.1f}: R^2 on the grid {r['r2_on_grid']:.3f}, "
                   f"ARI {r['ari_on_grid']:.3f}; between centres (rel. RMS off bilinear) "
                   + ", ".join(f"{k} {v:.2f}" for k, v in r["between_centres_rel_rms"].items()), flush=True)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {a.json}")
+    write_results(a.json, res)
     return res
 
 
