@@ -30,6 +30,9 @@ DINO = {"name": "dinov2_tiny", "args": {"pretrained": False}, "image_size": 56}
 MVIT = {"name": "mvitv2_tiny", "args": {"pretrained": False, "levels": [1, 3]}, "image_size": 64}
 NAMES = ["dinov2_tiny/block1", "dinov2_tiny/block2", "dinov2_tiny/block3", "mvitv2_tiny/block1",
          "mvitv2_tiny/block3"]
+# the levels of a run of agglomerative_smoke.yaml: each teacher's, in order, then rgb
+SMOKE_LEVELS = ["dinov2_tiny/block1", "dinov2_tiny/block2", "dinov2_tiny/block3", "mvitv2_tiny/block1",
+                "mvitv2_tiny/block2", "rgb"]
 SMOKE = ["-c", str(CONFIGS / "apm.yaml"), "-c", str(CONFIGS / "agglomerative.yaml"),
          "-c", str(CONFIGS / "agglomerative_smoke.yaml")]
 
@@ -116,8 +119,7 @@ def test_two_teacher_run_resumes_and_its_checkpoint_records_the_set(run):
     assert [m["alias"] for m in members] == ["dinov2_tiny", "mvitv2_tiny"]
     assert [m["image_size"] for m in members] == [112, 96]
     levels = [n for n, _, _ in last["apm"]["levels"]]
-    assert levels == ["dinov2_tiny/block1", "dinov2_tiny/block2", "dinov2_tiny/block3",
-                      "mvitv2_tiny/block1", "mvitv2_tiny/block2", "rgb"]
+    assert levels == SMOKE_LEVELS
     # statistics restored on resume, one per level of each teacher
     for k in (k for k in first["state_dict"] if k.startswith("standardizer.mean_")):
         assert torch.equal(first["state_dict"][k], last["state_dict"][k]), k
@@ -134,9 +136,7 @@ def test_two_teacher_checkpoint_in_eval_islands_and_interpolate(run, tmp_path):
     assert main(["eval", "--ckpt", ckpt, "--images", "skimage:astronaut,coffee", "--json", str(out),
                  "--k", "4", "--device", "cpu"]) == 0
     res = json.loads(out.read_text())
-    want = ["dinov2_tiny/block1", "dinov2_tiny/block2", "dinov2_tiny/block3", "mvitv2_tiny/block1",
-            "mvitv2_tiny/block2", "rgb"]
-    assert list(res["levels"]) == want  # one row per level of each teacher, then rgb
+    assert list(res["levels"]) == SMOKE_LEVELS  # one row per level of each teacher, then rgb
     assert all(np.isfinite(v) for m in res["levels"].values() for v in m.values())
 
     figs = tmp_path / "islands"
@@ -167,12 +167,10 @@ def test_two_teacher_checkpoint_in_perceive_and_the_api(run, tmp_path):
     assert main(["perceive", "--ckpt", ckpt, "--images", "skimage:camera", "--out", str(out),
                  "--max-steps", "20", "--eval-every", "10", "--device", "cpu"]) == 0
     (line,) = [json.loads(x) for x in (out / "perceive.jsonl").read_text().splitlines()]
-    want = ["dinov2_tiny/block1", "dinov2_tiny/block2", "dinov2_tiny/block3", "mvitv2_tiny/block1",
-            "mvitv2_tiny/block2", "rgb"]
-    assert list(line["r2_after"]) == want and set(line["ari_after"]) == set(want)
+    assert list(line["r2_after"]) == SMOKE_LEVELS and set(line["ari_after"]) == set(SMOKE_LEVELS)
     assert sorted(p.name for p in out.glob("*.png")) == ["camera_after.png", "camera_before.png"]
     fitted = APM.from_pretrained(line["ckpt"], device="cpu")
-    assert fitted.levels == want
+    assert fitted.levels == SMOKE_LEVELS
     assert tuple(fitted.features("skimage:camera", "mvitv2_tiny/block1").shape[-3:-1]) == (24, 24)
 
 
