@@ -161,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     loss_curve(res["loss"], sorted(set(a.steps)), a.out / "loss.png")
     res.update(figures=sorted(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
                               for p in a.out.glob("*.png")))
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1) + "\n")
+    from bench import write_results  # experiments/ is on the path when this runs as a script
+
+    write_results(a.json, res)
     for step, summ in res["steps"].items():
         per = " ".join(f"{n}={v['ari']:.2f}" for n, v in summ["levels"].items())
         loss = f"{res['loss'][step - 1]:.4f}" if step else "   -  "
         print(f"step {step:>5}: loss {loss}  "
               f"R2 {summ['mean']['r2']:.3f}  ARI mean {summ['mean']['ari']:.3f} ({per})")
-    print(f"wrote {a.json} and figures under {a.out} ({res['seconds']:.0f} s)")
+    print(f"figures under {a.out} ({res['seconds']:.0f} s)")
     return 0
 
 
