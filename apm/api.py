@@ -9,8 +9,8 @@ new images.
     v = apm.at("photo.jpg", "block12", [[0.5, 0.5], [0.1, 0.9]])  # (y, x) in [0, 1] -> (2, d)
     fitted = apm.perceive("photo.jpg")                         # test-time fitting; fitted.apm, fitted.record
 
-Images are file paths, ``skimage:NAME``, PIL images, HxWx3 uint8 arrays, or float tensors in
-[0, 1] shaped (3, H, W) or (B, 3, H, W); each is resized and centre-cropped to the student's input
+Images are file paths, ``skimage:NAME``, PIL images, HxWx3 uint8 arrays, or tensors shaped
+(3, H, W) or (B, 3, H, W), float in [0, 1] or uint8 in 0..255; each is resized and centre-cropped to the student's input
 size as in training. One image gives features without a batch axis, a (B, 3, H, W) tensor with one.
 """
 
@@ -87,6 +87,11 @@ class APM:
 
     def prepare(self, image: ImageLike) -> torch.Tensor:
         """Images as the student sees them: (B, 3, S, S) in [0, 1] on the student's device."""
+        return self._read(image)[0]
+
+    def _read(self, image: ImageLike) -> tuple[torch.Tensor, str | None]:
+        """``prepare``'s images and, for a path or ``skimage:NAME``, the name the commands key it
+        by (its seed comes from that name, as in ``apm perceive``)."""
         from PIL import Image
 
         from apm.analysis import load_images
@@ -94,20 +99,20 @@ class APM:
 
         tf = image_transform(self.image_size)
         if isinstance(image, torch.Tensor):
-            x = image.float()
+            x = image.float() / 255 if image.dtype == torch.uint8 else image.float()
             if x.ndim == 3:
                 x = x[None]
             if x.ndim != 4 or x.shape[1] != 3:
                 raise ConfigError(f"An image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1]; got "
                                   f"{tuple(image.shape)}.")
-            return torch.stack([tf(i) for i in x.cpu()]).to(self.device)
+            return torch.stack([tf(i) for i in x.cpu()]).to(self.device), None
         if isinstance(image, (str, Path)):  # a file or skimage:NAME, read as the commands read them
             loaded = load_images([str(image)], self.image_size, "image")
             if len(loaded) != 1:
                 raise ConfigError(f"Image {str(image)!r} holds {len(loaded)} images; these methods take one "
                                   f"image, or several as a (B, 3, H, W) tensor (torch.cat of APM.prepare "
                                   f"of each).")
-            return loaded[0][1][None].to(self.device)
+            return loaded[0][1][None].to(self.device), loaded[0][0]
         if isinstance(image, np.ndarray):
             pil = to_rgb(Image.fromarray(image))
         elif isinstance(image, Image.Image):
@@ -115,7 +120,7 @@ class APM:
         else:
             raise ConfigError(f"Cannot read an image from a {type(image).__name__}; give a path, "
                               f"skimage:NAME, a PIL image, an HxWx3 array or a (3, H, W) tensor.")
-        return tf(pil)[None].to(self.device)
+        return tf(pil)[None].to(self.device), None
 
     @staticmethod
     def _unbatch(image: ImageLike, x: torch.Tensor) -> torch.Tensor:
@@ -149,21 +154,34 @@ class APM:
         return self._unbatch(image, self.module.targets(self.prepare(image))[self._level(level)])
 
     # -- new images -------------------------------------------------------------------------------
+    @property
+    def trained(self) -> bool:
+        """Whether the student has been distilled or fitted (it has level statistics); False for
+        ``from_config``."""
+        return bool(self.module.standardizer.ready)
+
     def perceive(self, image: ImageLike, target_r2: float = 0.9, max_steps: int = 500,
-                 protocol: str = "ours", init: str = "trained", lr: float | None = None,
+                 protocol: str = "ours", init: str | None = None, lr: float | None = None,
                  seed: int = 0, levels: Sequence[str | int] | None = None,
                  progress: bool = True) -> Perception | list[Perception]:
         """Fit a copy of this student to the image's teacher features (see ``apm perceive``)
         until its mean R^2 over ``levels`` (names or indices; default all) reaches ``target_r2``
-        or ``max_steps``; a (B, 3, H, W) tensor fits B independent copies at once (image b is
-        seeded ``seed + b``) and returns a list. This student is not changed."""
+        or ``max_steps``; a (B, 3, H, W) tensor fits B independent copies at once and returns a
+        list. ``init`` defaults to ``trained`` for a trained student and ``fresh`` for one from
+        ``from_config`` (the official protocol is always fresh). A path is seeded as
+        ``apm perceive`` seeds it (from its name); in-memory image b of a call is seeded
+        ``seed + b``. This student is not changed."""
         from apm.perceive import FitRecipe, perceive_images
+        from apm.runlog import image_seed
 
-        x = self.prepare(image)
+        x, name = self._read(image)
+        if init is None and protocol != "official":
+            init = "trained" if self.trained else "fresh"
         recipe = FitRecipe(protocol=protocol, init=init, target_r2=target_r2, max_steps=max_steps, lr=lr,
                            levels=levels)
+        seeds = [image_seed(name, seed)] if name is not None else [seed + b for b in range(len(x))]
         out = [Perception(APM(after), rec) for _, after, rec in
-               perceive_images(self.module, x, [seed + b for b in range(len(x))], recipe, progress)]
+               perceive_images(self.module, x, seeds, recipe, progress)]
         return out if isinstance(image, torch.Tensor) and image.ndim == 4 else out[0]
 
     def save(self, path: str | Path) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -43,16 +44,21 @@ def teacher_fingerprint(teacher: Teacher | dict[str, Any]) -> dict[str, Any]:
     return json_normal({k: v for k, v in desc.items() if k != "class"})
 
 
-def teacher_identity(name: str, args: dict[str, Any] | None, teacher: Teacher) -> dict[str, Any]:
+def teacher_identity(name: str, args: dict[str, Any] | None, teacher: Teacher,
+                     input_size: int | None = None) -> dict[str, Any]:
     """What makes two teachers' features interchangeable: registered name, arguments, the
     fingerprint of ``describe()`` and a checksum of the weights (so random teachers with other
-    seeds, or other weights, differ)."""
+    seeds, or other weights, differ). ``input_size``: the side of the images a set member is given
+    before it resizes them to its own (recorded when the two differ: the resize changes the
+    features)."""
     with torch.no_grad():
         checksum = float(sum(p.detach().double().sum().item() for p in teacher.parameters()))
     identity = {"name": name, "args": args or {}, "describe": teacher_fingerprint(teacher),
                 "weights_checksum": checksum}
     if teacher.precision != "32":  # fp32 caches written before teacher precision existed stay valid
         identity["precision"] = teacher.precision
+    if input_size is not None and input_size != teacher.image_size:
+        identity["input_size"] = int(input_size)
     return json_normal(identity)
 
 
@@ -116,7 +122,9 @@ class FeatureCache:
             with open(path) as f:
                 found = json.load(f)
             cls._check(found, wanted, root, setting)
-            return cls(root, found)
+            cache = cls(root, found)
+            cache._create_shards()  # any missing: caches of earlier versions made them as they went
+            return cache
         if root.is_dir() and any((d / MANIFEST).exists() for d in root.iterdir() if d.is_dir()):
             raise ConfigError(
                 f"Setting {setting!r}: {root} holds the per-teacher caches of a run with "
@@ -137,10 +145,27 @@ class FeatureCache:
         manifest = {**wanted, "shard_size": int(shard_size), "dtype": "float16"}
         np.lib.format.open_memmap(root / "filled.npy", mode="w+", dtype=np.uint8,
                                   shape=(len(images),)).flush()
+        cache = cls(root, manifest)
+        cache._create_shards()
         with open(root / (MANIFEST + ".tmp"), "w") as f:
             json.dump(manifest, f, indent=1)
         (root / (MANIFEST + ".tmp")).replace(path)  # the manifest appears last, complete
-        return cls(root, manifest)
+        return cache
+
+    def _shard_path(self, level: int, shard: int) -> Path:
+        return self.root / f"{safe_filename(self.levels[level].name)}-{shard:05d}.npy"
+
+    def _create_shards(self) -> None:
+        """Every shard file not there yet, zero-filled, before any write. Made by the process that
+        opens the cache first (rank 0 under DDP, before the other ranks open it): a shard made
+        lazily by whichever rank wrote first would be truncated by another doing the same."""
+        for j, lvl in enumerate(self.levels):
+            for k in range(math.ceil(self.num_images / self.shard_size)):
+                n = min(self.shard_size, self.num_images - k * self.shard_size)
+                if self._shard_path(j, k).exists():
+                    continue
+                np.lib.format.open_memmap(self._shard_path(j, k), mode="w+", dtype=np.float16,
+                                          shape=(n, *map(int, lvl.grid), int(lvl.dim))).flush()
 
     @staticmethod
     def _check(found: dict, wanted: dict, root: Path, setting: str) -> None:
@@ -148,7 +173,7 @@ class FeatureCache:
         if found.get("format") != wanted["format"]:
             raise ConfigError(f"Setting {setting!r}: {root} holds a cache of another format. {fix}")
         ft, wt = found["teacher"], wanted["teacher"]
-        diffs = [k for k in ("name", "args", "precision") if ft.get(k) != wt.get(k)]
+        diffs = [k for k in ("name", "args", "precision", "input_size") if ft.get(k) != wt.get(k)]
         if teacher_fingerprint(ft.get("describe") or {}) != wt["describe"]:
             diffs.append("describe")
         a, b = ft.get("weights_checksum"), wt.get("weights_checksum")
@@ -176,14 +201,13 @@ class FeatureCache:
     def _shard(self, level: int, shard: int) -> np.memmap:
         key = (level, shard := int(shard))
         if key not in self._shards:
-            path = self.root / f"{safe_filename(self.levels[level].name)}-{shard:05d}.npy"
-            if path.exists():
-                self._shards[key] = np.load(path, mmap_mode="r+", allow_pickle=False)
-            else:
-                lvl = self.levels[level]
-                n = min(self.shard_size, self.num_images - shard * self.shard_size)
-                self._shards[key] = np.lib.format.open_memmap(
-                    path, mode="w+", dtype=np.float16, shape=(n, *map(int, lvl.grid), int(lvl.dim)))
+            path = self._shard_path(level, shard)
+            if not path.exists():
+                raise ConfigError(
+                    f"Setting 'model.feature_cache': {path} is missing from the cache in {self.root} "
+                    f"(deleted, or a cache from a version that made shards as it went). Delete the "
+                    f"folder to rebuild the cache.")
+            self._shards[key] = np.load(path, mmap_mode="r", allow_pickle=False)
         return self._shards[key]
 
     def has(self, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -211,11 +235,22 @@ class FeatureCache:
                     f"float16's range (|x| > 65504) or non-finite; unset the cache for this teacher."
                 )
             for row, i in zip(f, idx):
-                self._shard(j, i // self.shard_size)[i % self.shard_size] = row
-        for mm in self._shards.values():
-            mm.flush()
+                self._write_row(j, int(i), row)
         self.filled[idx] = 1  # after the data: a killed run never marks half-written features
         self.filled.flush()
+
+    def _write_row(self, level: int, i: int, row: np.ndarray) -> None:
+        """Image ``i``'s row of a level, written as exactly its own bytes (not through a memory
+        map, whose whole-page write-back could overwrite rows that another rank, perhaps on
+        another node of a shared file system, wrote into the same page)."""
+        mm = self._shard(level, i // self.shard_size)
+        data = np.ascontiguousarray(row, dtype=np.float16).tobytes()
+        fd = os.open(mm.filename, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, mm.offset + (i % self.shard_size) * len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @property
     def complete(self) -> bool:

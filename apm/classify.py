@@ -20,7 +20,6 @@ import json
 import math
 import time
 import warnings
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from apm.errors import ConfigError, UnreadableImageError
+from apm.runlog import image_seed, read_log, settings_conflict
 
 GLOBAL = "global"
 LOG_NAME, SUMMARY_NAME = "classify.jsonl", "summary.json"
@@ -50,9 +50,9 @@ class LabelledFolder:
         return path.relative_to(self.root).as_posix()
 
     def seed(self, path: Path, seed: int = 0) -> int:
-        """The image's seed: ``seed`` plus a hash of its key, so it does not change when other
+        """The image's seed (``apm.runlog.image_seed`` of its key): it does not change when other
         files are added or removed (a rerun redoes an image exactly)."""
-        return (seed + zlib.crc32(self.image_id(path).encode())) % 2**31
+        return image_seed(self.image_id(path), seed)
 
 
 def _imagenet_names() -> dict[str, str]:
@@ -186,45 +186,14 @@ def classification_inputs(data: str | Path, classes: str | None = None,
         problems.append(f"'--steps' {list(steps)}: give one or more step counts >= 0 (e.g. 0 10 50)")
     if log is not None and settings is not None:
         try:
-            done = read_log(log, warn=False)
+            problem = settings_conflict(read_log(log, "apm classify", warn=False), settings, log)
         except ConfigError as e:
-            problems.append(str(e))
-        else:
-            other = {k: (done[0].get(k), v) for k, v in settings.items() if done and done[0].get(k) != v}
-            if other:
-                diff = "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in other.items())
-                problems.append(f"{log} holds results of other settings ({diff}): give another "
-                                f"'--out' or delete that file to start over")
+            problem = str(e)
+        if problem:
+            problems.append(problem)
     if problems:
         raise ConfigError("apm classify cannot start: " + "; ".join(problems) + ".")
     return folder, tpl
-
-
-def read_log(log: Path, warn: bool = True) -> list[dict[str, Any]]:
-    """The JSON lines already written to ``log`` (none if it does not exist). A last line cut off
-    by an interruption is dropped; with ``warn`` that is said and the file is rewritten clean, so
-    the next line starts on a line of its own."""
-    if not log.exists():
-        return []
-    text = log.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    out, cut = [], False
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n < len(lines):
-                raise ConfigError(f"{log} line {n} is not JSON; it is not a file apm classify "
-                                  f"wrote, or it was edited: give another '--out' or delete it.") from None
-            cut = True
-    if warn and (cut or (text and not text.endswith("\n"))):
-        if cut:
-            warnings.warn(f"{log}: dropped the incomplete last line (an interrupted run); that "
-                          f"image is classified again.", stacklevel=2)
-        log.write_text("".join(json.dumps(x) + "\n" for x in out), encoding="utf-8")
-    return out
 
 
 # -- the work --------------------------------------------------------------------------------------
@@ -317,7 +286,7 @@ def classify_folder(module, folder: LabelledFolder, classifier: torch.Tensor, re
 
     size = int(module.hparams.image_size)
     tf = image_transform(size)
-    done = {line["image"]: line for line in read_log(log)}
+    done = {line["image"]: line for line in read_log(log, "apm classify")}
     todo = [(folder.seed(p, seed), p, c) for p, c in folder.items if folder.image_id(p) not in done]
     if done and len(todo) < len(folder.items):
         print(f"skipping {len(folder.items) - len(todo)} image(s) already in {log} (delete it to redo them)")
@@ -450,14 +419,16 @@ def classify_main(argv: list[str]) -> int:
                           "start) or --config (a fresh student per image, e.g. --config configs/apm.yaml "
                           "--config configs/clip.yaml).")
     protocol = a.protocol or ("ours" if a.ckpt else "official")
-    init = a.init or ("trained" if a.ckpt else "fresh")
+    init = a.init or (None if protocol == "official" else "trained" if a.ckpt else "fresh")
     if init == "trained" and not a.ckpt and protocol == "ours":
         raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
                           "with --config alone the student is fresh (--init fresh).")
     recipe = FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries)
     steps = sorted(set(a.steps))
     settings = {"protocol": recipe.protocol, "init": recipe.init, "steps": steps,
-                "levels": list(a.levels), "lr": recipe.learning_rate()}
+                "levels": list(a.levels), "lr": recipe.learning_rate(), "queries": a.queries,
+                "ckpt": str(Path(a.ckpt).resolve()) if a.ckpt else None,
+                "config": [str(Path(c).resolve()) for c in a.config or []], "run_seed": a.seed}
     out = Path(a.out)
     log = out / LOG_NAME
     folder, templates = classification_inputs(a.data, a.classes, a.templates, a.steps, log, settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -31,6 +32,13 @@ from teachers.multi import DEFAULT_TEACHER, TeacherSet, build_teacher
 LEGACY_DEFAULTS = {"pe_max_freq": 64.0, "level_entry": "first"}
 DEFAULT_LEVEL_ENTRY = "late"
 log = logging.getLogger(__name__)
+
+
+def _without_fp16_autocast(device_type: str):
+    """Reptile's inner loop runs its own backward, with no loss scaling: fp16 autocast (16-mixed)
+    is turned off there (fp32; gradients would underflow), bf16 autocast is kept."""
+    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    return torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext()
 
 
 class APMModule(L.LightningModule):
@@ -231,7 +239,7 @@ class APMModule(L.LightningModule):
 
         hp, t = self.hparams, self.teacher
         if isinstance(t, TeacherSet):  # a sub-folder per member, each with its own identity
-            members = [(s.alias, teacher_identity(s.name, s.args, m), m.levels)
+            members = [(s.alias, teacher_identity(s.name, s.args, m, t.image_size), m.levels)
                        for s, m in zip(t.specs, t.members)]
             open_cache = partial(FeatureCacheSet.open, hp.feature_cache, members, sources)
         else:
@@ -342,18 +350,21 @@ class APMModule(L.LightningModule):
         z = [self.standardizer.encode(i, f) for i, f in enumerate(feats)]
         fit = Adaptation(self.student, images, z, self.loss_weights, hp.queries_per_image)
         inner = torch.optim.AdamW(list(copies.values()), lr=hp.meta_inner_lr, weight_decay=hp.weight_decay)
-        with torch.enable_grad():
+        with torch.enable_grad(), _without_fp16_autocast(images.device.type):
             losses = [fit.step(copies, inner).mean() for _ in range(hp.meta_inner_steps)]
         opt = self.optimizers()
         opt.zero_grad()
         finite = self.loss_is_finite(torch.stack(losses)) and all(
             bool(torch.isfinite(c).all()) for c in copies.values())
         if finite:  # under DDP each rank averages its own copies; Lightning does not sync manual grads
+            # Under 16-mixed, Lightning's optimizer step unscales every gradient by the loss scale:
+            # the hand-set one is scaled first, or the meta update would shrink 65536-fold.
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
             for n, p in theta.items():
                 grad = p.detach() - copies[n].detach().mean(0)
                 if self.trainer.world_size > 1:
                     grad = self.trainer.strategy.reduce(grad, reduce_op="mean")
-                p.grad = grad
+                p.grad = grad if scaler is None else scaler.scale(grad)
             opt.step()
             self.lr_schedulers().step()
             self.log_dict({"train/loss": losses[0], "train/loss_adapted": losses[-1]}, prog_bar=True)
@@ -376,13 +387,18 @@ class APMModule(L.LightningModule):
         log.warning("step %s: the loss is %s; step skipped (%d in a row, %d in all)", step,
                     loss.detach().float().item(), self.nonfinite_in_a_row, self.nonfinite_total)
         if self.nonfinite_in_a_row >= limit:
+            if self.hparams.meta_inner_steps:  # manual optimization: Lightning refuses gradient_clip_val
+                fixes = (f"a lower 'model.meta_inner_lr' (now {self.hparams.meta_inner_lr:g}) or "
+                         f"'model.lr' (now {self.hparams.lr:g}), fewer 'model.meta_inner_steps'")
+            else:
+                fixes = (f"a lower 'model.lr' (now {self.hparams.lr:g}) or more 'model.warmup_steps', "
+                         f"'trainer.gradient_clip_val: 1.0'")
             raise NonFiniteLossError(
                 f"Training stopped at step {step}: the loss was NaN or infinite in {limit} steps in a "
                 f"row ({self.nonfinite_total} skipped in all), the most that setting "
-                f"'model.max_nonfinite_steps' allows. Usual fixes: a lower 'model.lr' (now "
-                f"{self.hparams.lr:g}) or more 'model.warmup_steps', 'trainer.precision: 32-true', "
-                f"'trainer.gradient_clip_val: 1.0', or a look at the images of those steps. Continue "
-                f"from the last good state with --ckpt_path last."
+                f"'model.max_nonfinite_steps' allows. Usual fixes: {fixes}, 'trainer.precision: "
+                f"32-true', or a look at the images of those steps. Continue from the last good state "
+                f"with --ckpt_path last."
             )
         return False
 

@@ -50,12 +50,14 @@ class FitRecipe:
     Args:
         protocol: ``ours`` or ``official`` (the paper's recipe, see the module docstring).
         init: ``trained`` (start from the given student) or ``fresh`` (a new random student per
-            image, seeded by the image's seed); ``official`` is always fresh.
+            image, seeded by the image's seed); default trained (ours) or fresh (official, which
+            is always fresh: ``trained`` with it is an error).
         target_r2: Stop an image when the mean R^2 over levels reaches this.
         max_steps: Stop an image after this many steps whatever its R^2.
         lr: Learning rate; default 1e-3 (ours, AdamW) or 1e-4 (official, Adam).
         queries_per_image: (location, level) queries per step and image, split evenly over
-            levels; default the student's training setting (ours) or every query (official).
+            levels; default the student's training setting (ours). The official recipe queries
+            every location: setting it there is an error.
         eval_every: Steps between R^2 checks (the reported step count is a multiple of it).
         eval_at: Further steps at which R^2 is checked (and ``fit_images``' ``on_eval`` called).
         levels: The levels fitted, by index or name; default all. The loss, the R^2 checks and the
@@ -63,7 +65,7 @@ class FitRecipe:
     """
 
     protocol: str = "ours"
-    init: str = "trained"
+    init: str | None = None
     target_r2: float = 0.9
     max_steps: int = 500
     lr: float | None = None
@@ -75,7 +77,7 @@ class FitRecipe:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"Setting '--protocol': {self.protocol!r} is not one of {', '.join(PROTOCOLS)}.")
-        if self.init not in INITS:
+        if self.init is not None and self.init not in INITS:
             raise ConfigError(f"Setting '--init': {self.init!r} is not one of {', '.join(INITS)}.")
         if self.max_steps < 0 or self.eval_every < 1:
             raise ConfigError(f"Settings '--max-steps' ({self.max_steps}) and '--eval-every' "
@@ -85,8 +87,21 @@ class FitRecipe:
         if self.levels is not None and not len(self.levels):
             raise ConfigError("Setting '--levels' is empty; name at least one level, or leave it "
                               "unset to fit every level.")
-        if self.protocol == "official":
+        if self.official:  # the paper's code: nothing of ours to start from or to sample with
+            ignored = []
+            if self.init == "trained":
+                ignored.append("'--init trained'")
+            if self.queries_per_image is not None:
+                ignored.append(f"'--queries {self.queries_per_image}'")
+            if ignored:
+                raise ConfigError(
+                    f"Setting '--protocol official' with {' and '.join(ignored)}: the paper's recipe "
+                    f"starts every image from a fresh random student and queries every location at "
+                    f"every step, so these would be ignored. Drop them, or use '--protocol ours' "
+                    f"(which starts from the checkpoint and samples queries).")
             self.init = "fresh"
+        elif self.init is None:
+            self.init = "trained"
 
     @property
     def official(self) -> bool:
@@ -103,7 +118,8 @@ class FitRecipe:
 
 @dataclass
 class Fitted:
-    """One image's fitted student and its record."""
+    """One image's fitted student and its record (``seconds``: the fitting, from the teacher's
+    features to the last step; the teacher's forward is not counted)."""
 
     seed: int
     steps: int
@@ -138,9 +154,10 @@ def image_statistics(feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, 
 
 
 def fresh_parameters(student: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """The parameters of a newly initialized student of the same architecture, seeded."""
+    """The parameters of a newly initialized student of the same architecture, seeded; drawn on
+    the CPU, so a seed gives the same student whatever device ``student`` is on."""
     with seeded(seed):
-        new = copy.deepcopy(student)
+        new = copy.deepcopy(student).cpu()
         for m in new.modules():
             if m is not new and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
@@ -315,9 +332,21 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
     """
     if len(seeds) != len(images):
         raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+    # Fitting needs autograd even when called under no_grad or inference_mode (tensors made in
+    # inference mode cannot be saved for backward: they are cloned out of it).
+    with torch.inference_mode(False), torch.enable_grad():
+        images = images.clone()
+        features = None if features is None else [f.clone() for f in features]
+        return _fit(module, images, seeds, recipe, progress, features, on_eval)
+
+
+def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
     student, device = module.student, module.device
     images = images.to(device)
-    start = time.perf_counter()
+    if features is None:
+        with torch.no_grad():
+            features = module.targets(images)
+    start = time.perf_counter()  # the fitting alone: the teacher's forward is not counted
     z, stats = standardized_targets(module, images, recipe, features)
     fitted = select_levels([l.name for l in module.levels], recipe.levels, "--levels")
     if recipe.init == "fresh":

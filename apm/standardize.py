@@ -45,13 +45,23 @@ class LevelStandardizer(nn.Module):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Turn the accumulated sums into mean and std; marks the statistics ready."""
+        """Turn the accumulated sums into mean and std; marks the statistics ready.
+
+        A level seen at one location only (a 1x1 level such as CLIP's ``global``, from a single
+        image) has no spread to measure: it gets mean 0 and the RMS of its features as scale, as
+        ``apm.perceive.image_statistics`` does for one image. Otherwise the scale never falls below
+        1e-4 of that RMS, so a nearly constant level cannot blow its targets up by orders of
+        magnitude."""
         for i, d in enumerate(self.dims):
             n = self.count[i].clamp_min(1)
             mean = getattr(self, f"sum_{i}") / n
-            var = (getattr(self, f"sumsq_{i}") / n - mean.pow(2).sum()) / d
+            raw = getattr(self, f"sumsq_{i}") / n / d  # mean square around zero
+            var = raw - mean.pow(2).sum() / d
+            if self.count[i] < 2:
+                mean, var = torch.zeros_like(mean), raw
+            var = torch.maximum(var, 1e-8 * raw).clamp_min(1e-12)
             self.mean(i).copy_(mean.float())
-            self.std(i).copy_(var.clamp_min(1e-12).sqrt().float())
+            self.std(i).copy_(var.sqrt().float())
         self.ready.fill_(True)
 
     def encode(self, level: int, f: torch.Tensor) -> torch.Tensor:

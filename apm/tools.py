@@ -153,6 +153,7 @@ def perceive_main(argv: list[str]) -> int:
     """``apm perceive``: fit a student to each new image (test-time fitting)."""
     from apm.analysis import config_settings, module_from_config
     from apm.perceive import FitRecipe, perceive_images, save_student
+    from apm.runlog import image_seed, resume
     from teachers.base import select_levels
 
     p = _parser("perceive", "Test-time fitting: per image, a copy of the student is fitted to that "
@@ -189,7 +190,8 @@ def perceive_main(argv: list[str]) -> int:
     p.add_argument("--figures", choices=("pca", "tsne", "none"), default="pca",
                    help="colouring of the before/after island figures, or none")
     p.add_argument("--k", type=int, default=8, help="k-means clusters for the ARI")
-    p.add_argument("--seed", type=int, default=0, help="image i (in input order) is seeded seed + i")
+    p.add_argument("--seed", type=int, default=0,
+                   help="each image is seeded with this plus a hash of its name (apm.runlog.image_seed)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     a = p.parse_args(argv)
     device = pick_device(a.device)
@@ -200,7 +202,7 @@ def perceive_main(argv: list[str]) -> int:
     else:
         raise ConfigError("apm perceive needs --ckpt (a trained student to start from) or --config "
                           "(a fresh student of that config's teacher, e.g. --config configs/apm.yaml).")
-    init = a.init or ("trained" if a.ckpt else "fresh")
+    init = a.init or (None if a.protocol == "official" else "trained" if a.ckpt else "fresh")
     if init == "trained" and not a.ckpt:
         raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
                           "with --config the student is fresh (--init fresh).")
@@ -211,21 +213,26 @@ def perceive_main(argv: list[str]) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "perceive.jsonl"
-    done = {json.loads(line)["image"] for line in log.read_text().splitlines() if line.strip()} if log.exists() else set()
-    todo = [(i, n, img) for i, (n, img) in enumerate(images) if n not in done]
+    settings = {"source": str(Path(a.ckpt).resolve()) if a.ckpt else [str(Path(c).resolve()) for c in a.config],
+                "protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(),
+                "target_r2": a.target_r2, "max_steps": a.max_steps, "queries": a.queries,
+                "eval_every": a.eval_every, "levels": a.levels, "k": a.k, "run_seed": a.seed}
+    done = resume(log, settings, "apm perceive")
+    todo = [(n, img) for n, img in images if n not in done]
     if done:
         print(f"skipping {len(images) - len(todo)} image(s) already in {log} (delete it to redo them)")
     for start in range(0, len(todo), max(1, a.batch_size)):
         part = todo[start : start + max(1, a.batch_size)]
-        batch = torch.stack([img for _, _, img in part])
+        batch = torch.stack([img for _, img in part])
         with torch.no_grad():
             feats = module.targets(batch.to(device))  # the teacher runs once per image
-        fitted = perceive_images(module, batch, [a.seed + i for i, _, _ in part], recipe, features=feats)
-        for b, ((i, name, img), (before, after, rec)) in enumerate(zip(part, fitted)):
+        seeds = [image_seed(name, a.seed) for name, _ in part]
+        fitted = perceive_images(module, batch, seeds, recipe, features=feats)
+        for b, ((name, img), (before, after, rec)) in enumerate(zip(part, fitted)):
             mine = [f[b : b + 1] for f in feats]
             ckpt = out / f"{name}.ckpt"
             save_student(after, ckpt, extra=rec)
-            line = {"image": name, **rec, "ckpt": str(ckpt)}
+            line = {"image": name, **rec, **settings, "ckpt": str(ckpt)}
             for when, m in (("before", before), ("after", after)):
                 scores = island_scores(m, img[None], levels, k=a.k, seed=a.seed, targets=mine)
                 line[f"ari_{when}"] = {lvl: s["ari"][0] for lvl, s in scores.items()}

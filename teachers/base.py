@@ -112,10 +112,13 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Seed the global RNG inside the block only, so a random-weight teacher is the same teacher
-    every time it is built (a checkpoint rebuilds it from its name, arguments and seed)."""
+    """Seed the CPU generator inside the block only, so a random-weight teacher (or a fresh
+    student) is the same every time it is built, on any machine (a checkpoint rebuilds it from its
+    name, arguments and seed). Weights are initialized on the CPU; the CUDA generators are neither
+    seeded nor disturbed (``torch.manual_seed`` would reseed them and ``fork_rng(devices=[])``
+    would not restore them)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         yield
 
 

@@ -197,6 +197,11 @@ def test_classify_command_table_rerun_and_bad_images(configs, tmp_path, capsys):
     assert main([*argv[:-4], "--steps", "0", "10", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "classify.jsonl holds results of other settings" in err and "steps" in err
+    for other, key in ((["--seed", "1"], "run_seed"), (["--queries", "64"], "queries"),
+                       (["--config", configs[-1]], "config")):
+        assert main([*argv, *other]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and key in err, (other, err)
 
 
 def test_bad_input_is_named_in_one_paragraph_before_any_work(configs, tmp_path, capsys):

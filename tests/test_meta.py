@@ -3,9 +3,11 @@
 import copy
 
 import lightning as L
+import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from apm.analysis import load_images
@@ -16,17 +18,29 @@ TINY = dict(teacher="dinov2_tiny", teacher_args={"pretrained": False}, image_siz
             pe_dim=32, level_dim=8, warmup_steps=0, stats_images=2)
 
 
-def test_reptile_step_matches_an_independent_computation():
+def _trainer(precision: str) -> L.Trainer:
+    """One step on the CPU at ``precision``; 16-mixed gets a CPU GradScaler, as on a GPU."""
+    plugins = []
+    if precision == "16-mixed":
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+    return L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, plugins=plugins,
+                     **({} if plugins else {"precision": precision}))
+
+
+# 16-mixed: the meta gradient is set by hand and Lightning's step unscales it by the loss scale
+# (65536), and the inner loop's backward has no scaling: both must be handled, or this fails.
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_reptile_step_matches_an_independent_computation(precision):
     images = torch.stack([img for _, img in load_images(["skimage:astronaut,coffee"], 112)])
     torch.manual_seed(0)
     module = APMModule(**TINY, queries_per_image=0, meta_inner_steps=2, meta_inner_lr=1e-2, lr=0.05)
     start = copy.deepcopy(module.student)
     loader = DataLoader(TensorDataset(images, torch.arange(2)), batch_size=2)
-    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    _trainer(precision).fit(module, loader)
 
-    # by hand: each image's copy takes 2 AdamW steps on its own standardized MSE (every query),
-    # then one AdamW step (fresh state, lr 0.05) on (start - mean of the copies)
+    # by hand, in fp32: each image's copy takes 2 AdamW steps on its own standardized MSE (every
+    # query), then one AdamW step (fresh state, lr 0.05) on (start - mean of the copies)
     sd = module.standardizer
     targets = module.targets(images)
     copies = []
@@ -43,15 +57,22 @@ def test_reptile_step_matches_an_independent_computation():
         copies.append(dict(s.named_parameters()))
     want = copy.deepcopy(start)
     outer = torch.optim.AdamW(want.parameters(), lr=0.05, weight_decay=0.0)
+    pseudo = {}
     for n, p in want.named_parameters():
-        p.grad = p.detach() - torch.stack([c[n].detach() for c in copies]).mean(0)
+        p.grad = pseudo[n] = p.detach() - torch.stack([c[n].detach() for c in copies]).mean(0)
     outer.step()
     got = dict(module.student.named_parameters())
+    compared = total = 0
     for n, p in want.named_parameters():
-        # Adam moves each weight by about lr = 0.05 in the sign of its pseudo-gradient; weights
-        # whose gradients are ~1e-9 (noise between the vmapped and the plain path) may flip
-        off = ((got[n] - p).abs() > 1e-3).float().mean().item()
-        assert off < 0.01, (n, off)
+        # Adam's first step moves each weight by about lr = 0.05 in the sign of its pseudo-gradient.
+        # Where that gradient is at the level of rounding noise (the vmapped path against this
+        # plain one, and other CPUs' kernels), its sign is arbitrary: those weights are not compared.
+        g = pseudo[n].abs()
+        clear = g > 1e-4 * g.max()
+        off = ((got[n] - p).abs() > 1e-3)[clear].float().mean().item()
+        assert off < 0.002, (n, off)
+        compared, total = compared + int(clear.sum()), total + g.numel()
+    assert compared > 0.9 * total, (compared, total)  # nearly every weight was compared
     # and it moved: a step that kept the start would pass the comparison above only by accident
     assert not torch.allclose(got["first.weight"], start.first.weight)
 

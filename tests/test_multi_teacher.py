@@ -303,10 +303,11 @@ def test_single_teacher_checkpoints_of_the_earlier_code_give_the_same_features(n
     assert not isinstance(m.teacher, TeacherSet) and m.hparams.teacher == name
     assert [l.name for l in m.levels] == saved["levels"]  # unprefixed, as before
     image = saved["image"]
-    for got, want in zip(m.targets(image), saved["teacher"]):
-        assert torch.equal(got, want)
-    for got, want in zip(m.predict_features(image), saved["student"]):
-        assert torch.equal(got, want)
+    # Written on another CPU: kernels differ in the last bits (measured up to 1e-6 of a level's
+    # largest value across an AVX2 and an AVX-512 machine). A teacher rebuilt with another seed,
+    # or a legacy setting read wrong (pe_max_freq, level_entry), is off by 1e-1 and more.
+    for got, want in zip([*m.targets(image), *m.predict_features(image)], [*saved["teacher"], *saved["student"]]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_a_set_checkpoint_refuses_another_set(tmp_path):

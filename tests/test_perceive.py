@@ -66,7 +66,8 @@ def test_perceive_command_fits_an_unseen_photograph_and_its_student_reloads(trai
         assert r2[name]["r2"].item() == pytest.approx(value, abs=1e-4)
     # a rerun skips the finished image
     capsys.readouterr()
-    assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(out)]) == 0
+    assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(out), "--max-steps",
+                 "60", "--eval-every", "10"]) == 0
     assert "skipping 1 image" in capsys.readouterr().out
     assert len((out / "perceive.jsonl").read_text().splitlines()) == 1
 
@@ -209,3 +210,76 @@ def test_readme_api_snippet_runs(trained, tmp_path, monkeypatch):
     assert scope["v"].shape == (2, scope["f"].shape[-1])
     assert scope["fitted"].record["r2_mean_after"] > scope["fitted"].record["r2_mean_before"]
     assert APM.from_pretrained("chelsea.ckpt", device="cpu").levels == scope["apm"].levels
+
+
+def test_perceive_reruns_resume_by_name_and_refuse_other_settings(trained, tmp_path, capsys):
+    from apm.runlog import image_seed
+
+    args = ["perceive", "--ckpt", str(trained), "--max-steps", "10", "--figures", "none"]
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out), "--images", "skimage:chelsea,coffee"]) == 0
+    log = out / "perceive.jsonl"
+    first = {x["image"]: x for x in map(json.loads, log.read_text().splitlines())}
+    # seeded by its name, not its place in the list: alone, coffee fits exactly as second of two
+    assert main([*args, "--out", str(tmp_path / "alone"), "--images", "skimage:coffee"]) == 0
+    alone = json.loads((tmp_path / "alone" / "perceive.jsonl").read_text())
+    assert alone["seed"] == first["coffee"]["seed"] == image_seed("coffee", 0) != first["chelsea"]["seed"]
+    assert alone["r2_after"] == pytest.approx(first["coffee"]["r2_after"], abs=1e-5)
+    # the API seeds a path the same way
+    fitted = APM.from_pretrained(trained, device="cpu").perceive("skimage:coffee", max_steps=10, progress=False)
+    assert fitted.record["seed"] == alone["seed"]
+
+    # killed while writing the second line: the rerun drops the cut line and redoes that image
+    lines = log.read_text().splitlines()
+    log.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        assert main([*args, "--out", str(out), "--images", "skimage:chelsea,coffee"]) == 0
+    again = {x["image"]: x for x in map(json.loads, log.read_text().splitlines())}
+    assert set(again) == {"chelsea", "coffee"}
+    assert again["coffee"]["r2_after"] == pytest.approx(first["coffee"]["r2_after"], abs=1e-5)
+
+    # other settings into the same folder: refused, nothing skipped silently
+    capsys.readouterr()
+    assert main([*args, "--out", str(out), "--images", "skimage:chelsea", "--protocol", "official"]) == 2
+    err = capsys.readouterr().err
+    assert "perceive.jsonl holds results of other settings" in err and "protocol" in err
+    assert len(log.read_text().splitlines()) == 2
+
+
+def test_official_protocol_refuses_the_settings_it_would_ignore(trained, tmp_path, capsys):
+    for extra in (["--init", "trained"], ["--queries", "64"]):
+        assert main(["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(tmp_path),
+                     "--protocol", "official", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--protocol official" in err and extra[0] in err and len(err.strip().splitlines()) == 1
+
+
+def test_api_takes_uint8_tensors_fits_under_no_grad_and_times_the_fit_alone(trained):
+    import time
+
+    apm = APM.from_pretrained(trained, device="cpu")
+    img = unseen()
+    as_bytes = (img * 255).round().to(torch.uint8)
+    assert (apm.prepare(as_bytes) - apm.prepare(img)).abs().max() <= 0.5 / 255 + 1e-6
+    assert torch.equal(apm.prepare(as_bytes[None]), apm.prepare(as_bytes))
+
+    with torch.inference_mode():  # a caller's inference or no_grad block does not stop the fit
+        fitted = apm.perceive(img, max_steps=20, progress=False)
+    assert fitted.record["steps"] > 0 and fitted.record["r2_mean_after"] > fitted.record["r2_mean_before"]
+
+    # seconds are the fitting alone, as in apm perceive: a slow teacher does not count
+    hook = apm.module.teacher.register_forward_hook(lambda *_: time.sleep(1.0))
+    try:
+        record = apm.perceive(img, max_steps=0, progress=False).record
+    finally:
+        hook.remove()
+    assert record["seconds"] < 0.5, record["seconds"]
+
+
+def test_api_from_config_starts_fresh_by_default(trained):
+    untrained = APM.from_config(CONFIGS / "apm.yaml", CONFIGS / "smoke.yaml", device="cpu")
+    assert not untrained.trained and APM.from_pretrained(trained, device="cpu").trained
+    record = untrained.perceive(unseen(), max_steps=0, progress=False).record
+    assert record["init"] == "fresh"
+    with pytest.raises(ConfigError, match="--protocol official"):
+        untrained.perceive(unseen(), protocol="official", init="trained", max_steps=0, progress=False)
