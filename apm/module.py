@@ -484,6 +484,13 @@ class APMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        if self._trainer is not None and self.trainer.state.fn == "fit" and "optimizer_states" not in checkpoint:
+            raise ConfigError(
+                f"Setting '--ckpt_path': {path} holds a student's weights only (written by apm "
+                f"perceive or APM.save: no optimizer, scheduler or step), so a training run cannot "
+                f"be resumed from it. --ckpt_path takes a checkpoint of 'apm fit' (last.ckpt, "
+                f"best-*.ckpt); the fitted student itself loads in apm eval, islands, interpolate, "
+                f"perceive, classify and APM.from_pretrained.")
         self._adopt_legacy_settings(checkpoint)
         check_compatible(checkpoint, self, path, "ckpt_path")
 

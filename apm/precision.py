@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 from functools import lru_cache
+from typing import Iterable
 
 import torch
 
@@ -27,11 +28,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_bf16() -> bool:
-    """True when this CPU has bf16 matmul instructions (x86 ``avx512_bf16``/``amx_bf16``)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+def cpu_has_bf16(flags: Iterable[str] | None = None, machine: str | None = None) -> bool:
+    """True when this CPU (or one with these ``/proc/cpuinfo`` ``flags`` and ``machine``
+    architecture) has bf16 matmul instructions (x86 ``avx512_bf16``/``amx_bf16``)."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
         return False  # no reliable probe elsewhere: fp32 is the safe default
-    return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+    return any(f in (cpu_flags() if flags is None else set(flags)) for f in BF16_CPU_FLAGS)
 
 
 def _device_type(device: str | torch.device | None) -> str:

@@ -1,5 +1,6 @@
 """The APM student: one CNN filter writes the image into a trigger column; one shared MLP answers
-queries [T, PE(x, y), E(level)] independently, one per (location, level).
+queries [T, PE(y, x), E(level)] independently, one per (location, level); (y, x) are continuous
+(row, column) coordinates in [0, 1].
 
 Where the level code E enters is a setting. ``level_entry="first"`` (the paper's design): the query
 is [T, PE, E], so every (location, level) runs the whole MLP. ``level_entry="late"``: [T, PE] runs

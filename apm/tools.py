@@ -158,8 +158,8 @@ def perceive_main(argv: list[str]) -> int:
 
     p = _parser("perceive", "Test-time fitting: per image, a copy of the student is fitted to that "
                 "image's teacher features until its mean R^2 over levels reaches --target-r2 or "
-                "--max-steps. Per image it writes <out>/<image>.ckpt (the fitted student: every apm "
-                "command loads it), <image>_before.png and <image>_after.png (island figures), and "
+                "--max-steps. Per image it writes <out>/<image>.ckpt (the fitted student, weights only: every apm "
+                "tool loads it, apm fit --ckpt_path does not), <image>_before.png and <image>_after.png (island figures), and "
                 "one line of <out>/perceive.jsonl (steps, seconds, R^2 and ARI per level before and "
                 "after). A rerun skips the images already in perceive.jsonl.")
     p.add_argument("--ckpt", help="a trained student (checkpoint of 'apm fit'); its weights are the start")

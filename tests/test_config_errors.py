@@ -101,6 +101,18 @@ def test_checkpoint_file_at_another_image_size(capsys, run_dir, monkeypatch):
     assert "'ckpt_path'" in msg and "data.image_size is 56 in the checkpoint but 112 here" in msg
 
 
+def test_a_student_saved_without_its_optimizer_is_no_run_to_resume(capsys, run_dir, monkeypatch):
+    """apm perceive and APM.save write weights only: every tool loads them, apm fit --ckpt_path
+    says why it cannot continue from one (instead of Lightning's KeyError on the optimizer)."""
+    from apm.perceive import save_student
+
+    monkeypatch.chdir(run_dir)
+    save_student(APMModule.from_checkpoint(run_dir / LAST), run_dir / "weights.ckpt")
+    assert APMModule.from_checkpoint(run_dir / "weights.ckpt").hparams.hidden_dims == [64]
+    msg = _fails(capsys, "--ckpt_path", "weights.ckpt")
+    assert "'--ckpt_path'" in msg and "weights only" in msg and "APM.from_pretrained" in msg, msg
+
+
 def test_from_checkpoint_for_tools(run_dir):
     m = APMModule.from_checkpoint(run_dir / LAST)
     assert m.hparams.hidden_dims == [64] and bool(m.standardizer.ready)

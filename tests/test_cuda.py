@@ -126,3 +126,23 @@ def test_gpu_tsne_keeps_neighbours_as_well_as_scikit_learn():
     t_ours, t_theirs = (trustworthiness(x, y, n_neighbors=10) for y in (ours, theirs))
     assert t_ours >= t_theirs - 0.02, (t_ours, t_theirs)
     assert np.ptp(ours, axis=0).min() > 0.5  # spread over the colour cube
+
+
+def test_seeded_building_leaves_the_cuda_generator_alone_and_matches_the_cpu():
+    """A fresh student (apm perceive --init fresh) of a seed is the same on a GPU as on a CPU, and
+    building one neither reseeds nor disturbs the caller's CUDA generator."""
+    from apm.perceive import fresh_parameters
+    from teachers.base import seeded
+
+    torch.cuda.manual_seed(1234)
+    state = torch.cuda.get_rng_state()
+    with seeded(0):
+        torch.rand(3)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    student = APMStudent([Level("a", (4, 4), 8)], image_size=56, patch_size=14, pe_dim=8, level_dim=4,
+                         hidden_dims=[16])
+    on_cpu = fresh_parameters(student, 7)
+    on_gpu = fresh_parameters(student.cuda(), 7)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    for n, p in on_cpu.items():
+        torch.testing.assert_close(on_gpu[n].cpu(), p, rtol=0, atol=0, msg=n)

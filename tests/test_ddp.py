@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -76,10 +77,18 @@ def _fit(cwd, *extra) -> dict:
 def test_two_process_ddp_matches_one_process(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one = _fit(tmp_path / "one", "--trainer.devices", "1", "--data.batch_size", "4")
+    # with the teacher-feature cache: both ranks write their images into the same shard files
+    one = _fit(tmp_path / "one", "--trainer.devices", "1", "--data.batch_size", "4",
+               "--model.feature_cache", "cache")
     two = _fit(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-               "--data.batch_size", "2")
+               "--data.batch_size", "2", "--model.feature_cache", "cache")
     assert one["global_step"] == two["global_step"] == 4
+    shards = sorted(p.name for p in (tmp_path / "one" / "cache").glob("*.npy"))
+    assert "filled.npy" in shards and len(shards) == 4  # filled + 3 levels of one shard each
+    for name in shards:  # every image's rows, none zeroed or overwritten by the other rank
+        a, b = (np.load(tmp_path / run / "cache" / name) for run in ("one", "two"))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=2e-3)
+        assert name == "filled.npy" and a.all() or np.abs(a).reshape(len(a), -1).max(1).min() > 0
 
     hp = {k: v for k, v in one["hyper_parameters"].items() if not k.startswith("_")}
     L.seed_everything(0)  # the CLI's seed_everything: the same initial student

@@ -84,4 +84,20 @@ def test_meta_mode_trains_through_the_cli_and_resumes(tmp_path):
     smoke_fit(tmp_path, 6, "--model.meta_inner_steps", "2", "--ckpt_path", "last")
     resumed = torch.load(ckpt, weights_only=True)
     assert resumed["global_step"] == 6
+    # the outer AdamW went on from its saved state (6 steps), not from a fresh one (2)
+    assert all(float(s["step"]) == 6 for s in resumed["optimizer_states"][0]["state"].values())
     assert not torch.equal(resumed["state_dict"]["student.first.weight"], saved["state_dict"]["student.first.weight"])
+
+
+def test_a_non_finite_meta_step_names_settings_that_apply_to_it():
+    """Meta mode optimizes by hand, where Lightning refuses gradient_clip_val: the message must
+    not suggest it."""
+    from apm.errors import NonFiniteLossError
+
+    module = APMModule(**TINY, meta_inner_steps=2, max_nonfinite_steps=1)
+    with pytest.raises(NonFiniteLossError) as e:
+        module.loss_is_finite(torch.tensor(float("nan")))
+    assert "gradient_clip_val" not in str(e.value) and "model.meta_inner_lr" in str(e.value)
+    plain = APMModule(**TINY, max_nonfinite_steps=1)
+    with pytest.raises(NonFiniteLossError, match="gradient_clip_val"):
+        plain.loss_is_finite(torch.tensor(float("inf")))

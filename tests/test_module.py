@@ -121,3 +121,24 @@ def test_a_moved_teacher_class_still_loads_its_checkpoints_and_caches(tmp_path, 
     manifest["teacher"]["describe"]["class"] = "old_package.old_file.DINOv2Teacher"
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
     FeatureCache.open(tmp_path / "c", identity, m.teacher.levels, ["astronaut"], verbose=False)
+
+
+def test_level_statistics_against_numpy_and_a_one_location_level_from_one_image():
+    import numpy as np
+
+    from apm.standardize import LevelStandardizer
+
+    g = torch.Generator().manual_seed(0)
+    grid = torch.randn(2, 8, 8, 5, generator=g) * 3 + 7  # a level with many locations
+    one = torch.randn(1, 1, 1, 6, generator=g) * 40 + 5  # CLIP's `global`, seen in one image
+    sd = LevelStandardizer([5, 6])
+    sd.update([grid, one])
+    sd.finalize()
+    x = grid.reshape(-1, 5).double().numpy()
+    np.testing.assert_allclose(sd.mean(0).numpy(), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(sd.std(0).item(), np.sqrt(((x - x.mean(0)) ** 2).mean()), rtol=1e-5)
+    # one location, one image: no spread to measure. Mean 0 and the RMS as scale, so another
+    # image's embedding of the same magnitude standardizes to O(1), not to ~1e5 (a clamped std)
+    other = torch.randn(1, 1, 1, 6, generator=g) * 40 + 5
+    z = sd.encode(1, other)
+    assert torch.all(sd.mean(1) == 0) and 0.2 < z.pow(2).mean().sqrt() < 5, z

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from apm.analysis import load_images, load_trained_module
 from apm.cli import main
 from apm.data import APMDataModule, image_transform, skimage_photo
 from apm.errors import ConfigError
@@ -138,6 +139,14 @@ def test_two_teacher_checkpoint_in_eval_islands_and_interpolate(run, tmp_path):
     res = json.loads(out.read_text())
     assert list(res["levels"]) == SMOKE_LEVELS  # one row per level of each teacher, then rgb
     assert all(np.isfinite(v) for m in res["levels"].values() for v in m.values())
+    # R^2 of an MViTv2 level (its own grid) against a numpy computation from the features
+    module = load_trained_module(ckpt, torch.device("cpu"))
+    images = torch.stack([img for _, img in load_images(["skimage:astronaut,coffee"], 112)])
+    i = SMOKE_LEVELS.index("mvitv2_tiny/block2")
+    t = module.targets(images)[i].reshape(2, -1, module.levels[i].dim).double().numpy()
+    p = module.predict_features(images, [i])[0].reshape(t.shape).double().numpy()
+    r2 = [1 - ((p[b] - t[b]) ** 2).sum() / ((t[b] - t[b].mean(0)) ** 2).sum() for b in range(2)]
+    assert res["levels"]["mvitv2_tiny/block2"]["r2"] == pytest.approx(np.mean(r2), abs=1e-4)
 
     figs = tmp_path / "islands"
     assert main(["islands", "--ckpt", ckpt, "--images", "skimage:astronaut", "--out", str(figs),
@@ -168,6 +177,8 @@ def test_two_teacher_checkpoint_in_perceive_and_the_api(run, tmp_path):
                  "--max-steps", "20", "--eval-every", "10", "--device", "cpu"]) == 0
     (line,) = [json.loads(x) for x in (out / "perceive.jsonl").read_text().splitlines()]
     assert list(line["r2_after"]) == SMOKE_LEVELS and set(line["ari_after"]) == set(SMOKE_LEVELS)
+    assert line["r2_mean_after"] > line["r2_mean_before"] + 0.1, line  # the fit fits every level
+    assert all(line["r2_after"][n] > line["r2_before"][n] for n in SMOKE_LEVELS), line
     assert sorted(p.name for p in out.glob("*.png")) == ["camera_after.png", "camera_before.png"]
     fitted = APM.from_pretrained(line["ckpt"], device="cpu")
     assert fitted.levels == SMOKE_LEVELS
@@ -275,6 +286,15 @@ def test_adding_a_teacher_fills_only_its_own_cache(tmp_path):
     assert calls == {"mvitv2_tiny": 0, "dinov2_tiny": 0}
     with pytest.raises(ConfigError, match="another teacher"):  # a changed member is still refused
         fit_cached(tmp_path, cache, [DINO, {**MVIT, "args": {**MVIT["args"], "seed": 1}}])
+
+
+def test_a_member_cache_is_refused_when_the_images_it_resizes_change_size(tmp_path):
+    """A member resizes the set's input to its own side: its features depend on both sizes."""
+    kw = dict(teachers=[MVIT], hidden_dims=[32], pe_dim=8, level_dim=4, feature_cache=str(tmp_path))
+    APMModule(image_size=56, **kw).open_feature_cache(PHOTOS)
+    APMModule(image_size=56, **kw).open_feature_cache(PHOTOS)  # the same: reused
+    with pytest.raises(ConfigError, match="input_size"):
+        APMModule(image_size=112, **kw).open_feature_cache(PHOTOS)
 
 
 def test_a_one_teacher_cache_and_a_set_cache_are_not_mixed(tmp_path):

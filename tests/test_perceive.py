@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 
 from apm import APM
 from apm.analysis import load_images, load_trained_module
@@ -16,6 +17,7 @@ from apm.data import skimage_photo
 from apm.errors import ConfigError
 from apm.module import APMModule
 from apm.perceive import FitRecipe, fit_images, fitted_module
+from teachers import create_teacher
 from tests.conftest import CONFIGS, ROOT
 
 TRAIN = "skimage:astronaut,coffee"
@@ -181,7 +183,11 @@ def test_api_features_match_eval_and_any_grid(trained):
     assert torch.allclose(apm.features(img, lvl, size=(2 * h, 2 * w), chunk=37), fine, atol=1e-5)
     batch = torch.stack([img, load_images(["skimage:coffee"], 224)[0][1]])
     assert apm.features(batch, lvl).shape == (2, h, w, coarse.shape[-1])
-    assert torch.allclose(apm.teacher_features(img, lvl), module.targets(img[None])[1][0])
+    # the teacher's features, against the same tiny DINOv2 built on its own and the patch colours
+    teacher = create_teacher("dinov2_tiny", image_size=224)
+    torch.testing.assert_close(apm.teacher_features(img, lvl), teacher(img[None])[1][0])
+    colours = rearrange(torch.nn.functional.avg_pool2d(img[None], 14), "1 c h w -> h w c")
+    torch.testing.assert_close(apm.teacher_features(img, "rgb"), colours)
 
 
 def test_api_reads_paths_as_the_commands_do(trained, tmp_path):

@@ -4,6 +4,7 @@ precision default and compile flag wire through."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,18 @@ def test_stream_rejects_mismatched_inputs():
         list(s.stream(images(), torch.zeros(3, dtype=torch.long), torch.rand(4, 2)))
 
 
-def test_default_precision_follows_the_hardware():
-    assert default_precision("cpu") == ("bf16-mixed" if cpu_has_bf16() else "32-true")
+def test_bf16_is_native_only_with_the_bf16_instructions():
+    # flag sets of real CPUs: Zen 3 (AVX2), Skylake-SP (AVX-512 without bf16), Cooper Lake, Sapphire Rapids
+    zen3 = ["sse4_2", "avx", "avx2", "fma", "f16c"]
+    skylake = zen3 + ["avx512f", "avx512bw", "avx512vl", "avx512_vnni"]
+    assert not cpu_has_bf16(zen3, "x86_64") and not cpu_has_bf16(skylake, "x86_64")
+    assert cpu_has_bf16(skylake + ["avx512_bf16"], "x86_64")
+    assert cpu_has_bf16(skylake + ["amx_bf16", "amx_tile"], "x86_64")
+    assert not cpu_has_bf16(["avx512_bf16"], "aarch64")  # no probe there: fp32
+    with open("/proc/cpuinfo") as f:  # this machine, read independently
+        here = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    native = platform.machine() == "x86_64" and bool(here & {"avx512_bf16", "amx_bf16"})
+    assert default_precision("cpu") == ("bf16-mixed" if native else "32-true")
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
         assert default_precision("cuda") == "bf16-mixed"
     with autocast("cpu", "bf16-mixed"):
@@ -171,6 +182,16 @@ def test_compiled_student_trains_like_the_plain_one():
     locs = [None] * len(plain.levels)
     for a, b in zip(plain.student(x, locs), compiled.student(x, locs)):
         torch.testing.assert_close(a, b)
-    loss = sum(F.mse_loss(p, torch.zeros_like(p)) for p in compiled.student(x, locs))
-    loss.backward()
-    assert all(p.grad is not None for p in compiled.student.parameters())
+    # three AdamW steps on the same batch move both to the same weights
+    target = [torch.randn_like(p) for p in plain.student(x, locs)]
+    start = plain.student.first.weight.detach().clone()
+    for m in (plain, compiled):
+        opt = torch.optim.AdamW(m.student.parameters(), lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            sum(F.mse_loss(p, t) for p, t in zip(m.student(x, locs), target)).backward()
+            opt.step()
+    moved = (plain.student.first.weight - start).abs().max()
+    for (n, a), b in zip(plain.student.named_parameters(), compiled.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    assert moved > 1e-3
