@@ -112,12 +112,25 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         sys.argv = saved_argv
 
 
+def show_teacher_log() -> None:
+    """The teachers' one-line INFO messages (where the weights came from) on stderr."""
+    import logging
+
+    log = logging.getLogger("teachers")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``apm`` and ``python -m apm``."""
     from apm.errors import APMError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     quiet_wandb()
+    show_teacher_log()
     try:
         if argv and argv[0] in TOOLS:
             module, _, fn = TOOLS[argv[0]].partition(":")

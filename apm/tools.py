@@ -110,8 +110,10 @@ def eval_main(argv: list[str]) -> int:
                 per_image.setdefault(name, {}).setdefault(m, []).extend(v)
     summary = summarize(per_image)
     control = "the teacher of the next image" if count > 1 else "the teacher of the image flipped left-right"
-    summary.update(images=[n for n, _ in images], ckpt=str(a.ckpt), k=a.k, control=control)
+    summary.update(images=[n for n, _ in images], ckpt=str(a.ckpt), k=a.k, control=control,
+                   teacher_weights=module.teacher.weights_source)
     print(format_table(summary))
+    print(f"teacher weights: {module.teacher.weights_source or 'random or unrecorded (see the checkpoint)'}")
     print(f"control (ari_control, nmi_control): each image's student islands against {control}")
     bad = [f"{n}.{m}" for n, v in summary["levels"].items() for m, x in v.items() if not math.isfinite(x)]
     if bad:

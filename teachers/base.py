@@ -49,6 +49,7 @@ class Teacher(nn.Module, ABC):
     patch_size: int
     image_size: int
     precision: str = "32"  # a key of TEACHER_PRECISIONS; set with ``set_precision``
+    weights_source: str | None = None  # where the weights came from, where an adapter says so
 
     @property
     @abstractmethod

