@@ -11,11 +11,11 @@ from pathlib import Path
 
 # Extra subcommands: name -> "module:function" taking argv (list[str]); lazily imported.
 TOOLS: dict[str, str] = {
-    "islands": "apm.tools:islands_main",
-    "eval": "apm.tools:eval_main",
-    "interpolate": "apm.tools:interpolate_main",
-    "perceive": "apm.tools:perceive_main",
-    "classify": "apm.classify:classify_main",
+    "islands": "apm.commands.islands:main",
+    "eval": "apm.commands.eval:main",
+    "interpolate": "apm.commands.interpolate:main",
+    "perceive": "apm.commands.perceive:main",
+    "classify": "apm.commands.classify:main",
 }
 
 

@@ -19,11 +19,11 @@ from apm.cache import teacher_fingerprint
 from apm.checkpoints import check_compatible, read_checkpoint
 from apm.data import batch_images
 from apm.errors import ConfigError, NonFiniteLossError
-from apm.islands import RGB_LEVEL as RGB
+from apm.objective import QuerySampler, gather, weighted_mse
 from apm.standardize import LevelStandardizer
-from apm.student import LEVEL_ENTRIES, APMStudent
+from apm.student import LEVEL_ENTRIES, RGB, APMStudent
 from teachers import Level
-from teachers.base import TEACHER_PRECISIONS, check_image_size, level_indices
+from teachers.base import TEACHER_PRECISIONS, check_image_size, select_levels
 from teachers.multi import DEFAULT_TEACHER, TeacherSet, build_teacher
 
 # Settings whose default changed, with the value a checkpoint written before them was trained with:
@@ -285,24 +285,11 @@ class APMModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def sample_locations(self, batch: int, device: torch.device) -> list[torch.Tensor | None]:
-        """Per level, (B, n) random distinct locations, n = queries_per_image / levels; or None
-        (all locations) when sampling is off or n covers the grid. With the level code entering
-        late, levels on one grid get the same tensor: the student then runs the level-free work
-        once per sampled location and supervises every level there."""
-        q = self.hparams.queries_per_image
-        share = self.student.entry > 0  # a level-free layer to share
-        drawn: dict[tuple[int, int], torch.Tensor] = {}  # per grid, when shared
-        out: list[torch.Tensor | None] = []
-        for lvl in self.levels:
-            n = math.ceil(q / len(self.levels)) if q else lvl.num_locations
-            if n >= lvl.num_locations:
-                out.append(None)
-                continue
-            loc = drawn.get(lvl.grid) if share else None
-            if loc is None:
-                loc = drawn[lvl.grid] = torch.rand(batch, lvl.num_locations, device=device).argsort(1)[:, :n]
-            out.append(loc)
-        return out
+        """Per level, (B, n) random distinct locations, or None for every location: this step's
+        queries (``apm.objective.QuerySampler``; levels on one grid share theirs when the level
+        code enters late)."""
+        sampler = QuerySampler(self.levels, self.hparams.queries_per_image, self.student.entry > 0)
+        return sampler.per_level(sampler.draw(batch, device))
 
     def distillation_loss(self, images: torch.Tensor, feats: Sequence[torch.Tensor]
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -311,17 +298,14 @@ class APMModule(L.LightningModule):
         over levels. Returns the loss and per-level ``train/loss_*`` and ``train/cos_*``."""
         locs = self.sample_locations(images.shape[0], images.device)
         preds = self.student(images, locs)
-        total, wsum, logs = 0.0, 0.0, {}
-        for i, (lvl, f, loc, p) in enumerate(zip(self.levels, feats, locs, preds)):
-            t = rearrange(f, "b h w d -> b (h w) d")
-            if loc is not None:
-                t = t.gather(1, loc[..., None].expand(-1, -1, t.shape[-1]))
-            z = self.standardizer.encode(i, t)
-            loss = F.mse_loss(p.float(), z)
-            total, wsum = total + self.loss_weights[i] * loss, wsum + self.loss_weights[i]
+        targets = [gather(f, loc) for f, loc in zip(feats, locs)]
+        z = [self.standardizer.encode(i, t) for i, t in enumerate(targets)]
+        loss, losses = weighted_mse(preds, z, self.loss_weights)
+        logs = {}
+        for i, (lvl, t, p, l) in enumerate(zip(self.levels, targets, preds, losses)):
             cos = F.cosine_similarity(self.standardizer.decode(i, p.float()), t, dim=-1).mean()
-            logs.update({f"train/loss_{lvl.name}": loss, f"train/cos_{lvl.name}": cos})
-        return total / max(wsum, 1e-12), logs
+            logs.update({f"train/loss_{lvl.name}": l, f"train/cos_{lvl.name}": cos})
+        return loss, logs
 
     def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                       batch_idx: int) -> torch.Tensor:
@@ -412,7 +396,7 @@ class APMModule(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Per level: cosine, centred cosine, R^2 (teacher's scale) and MSE (standardized), each (B,)."""
-        levels = level_indices(self.levels, levels)
+        levels = select_levels(self.levels, levels)
         feats = self.targets(images)
         return self.fidelity([feats[i] for i in levels], self.predict_features(images, levels), levels)
 
@@ -451,7 +435,7 @@ class APMModule(L.LightningModule):
     def predict_features(self, images: torch.Tensor, levels: Sequence[int] | None = None,
                          chunk: int | None = None) -> list[torch.Tensor]:
         """The student's dense features on the teacher's scale, per level (B, h, w, d)."""
-        levels = level_indices(self.levels, levels)
+        levels = select_levels(self.levels, levels)
         preds = self.student.dense(images, levels, chunk)
         return [self.standardizer.decode(i, p.float()) for i, p in zip(levels, preds)]
 
