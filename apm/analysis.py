@@ -195,20 +195,22 @@ def interpolation_strip(module, image_a: torch.Tensor, image_b: torch.Tensor, st
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    written = [out]
-    if gif:
-        from PIL import Image
+    return [out, _interpolation_gif(out.with_suffix(".gif"), maps, ends, steps, display)] if gif else [out]
 
-        gap = np.ones((display, 4, 3))
-        frames = []
-        for s in range(steps):
-            tiles = [ends[0], gap]
-            for m in maps:
-                tiles += [islands.upsample_nearest(m[s], display), gap]
-            tiles.append(ends[1])
-            frames.append(Image.fromarray((np.concatenate(tiles, axis=1) * 255).round().astype(np.uint8)))
-        path = out.with_suffix(".gif")
-        frames = frames + frames[-2:0:-1]  # there and back
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0)
-        written.append(path)
-    return written
+
+def _interpolation_gif(path: Path, maps: list[np.ndarray], ends: list[np.ndarray], steps: int,
+                       display: int) -> Path:
+    """One frame per step (A, the levels, B side by side), there and back."""
+    from PIL import Image
+
+    gap = np.ones((display, 4, 3))
+    frames = []
+    for s in range(steps):
+        tiles = [ends[0], gap]
+        for m in maps:
+            tiles += [islands.upsample_nearest(m[s], display), gap]
+        tiles.append(ends[1])
+        frames.append(Image.fromarray((np.concatenate(tiles, axis=1) * 255).round().astype(np.uint8)))
+    frames = frames + frames[-2:0:-1]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0)
+    return path

@@ -59,3 +59,14 @@ def weighted_mse(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
     losses = [F.mse_loss(p.float(), t) for p, t in zip(preds, targets)]
     total = sum(w * l for w, l in zip(weights, losses))
     return total / max(sum(weights), 1e-12), losses
+
+
+def warmup_cosine(step: int, warmup: int, total: int | None, final: float) -> float:
+    """The learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then a cosine
+    decay to ``final`` at ``total`` (constant after the warm-up when ``total`` is unknown)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not total:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))

@@ -322,13 +322,11 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
         return _fit(module, images, seeds, recipe, progress, features, on_eval)
 
 
-def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
+def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
+           features: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], Adaptation, list]:
+    """The stacked starting parameters of every image's copy, the inner loop over the fitted
+    levels, and each level's standardization."""
     student, device = module.student, module.device
-    images = images.to(device)
-    if features is None:
-        with torch.no_grad():
-            features = module.targets(images)
-    start = time.perf_counter()  # the fitting alone: the teacher's forward is not counted
     z, stats = standardized_targets(module, images, recipe, features)
     fitted = select_levels(module.levels, recipe.levels, "--levels")
     if recipe.init == "fresh":
@@ -342,8 +340,19 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
     weights = [1.0] * len(module.levels) if recipe.official else module.loss_weights
     fit = Adaptation(student, images, [z[i] for i in fitted], [weights[i] for i in fitted], q, gens,
                      [stats[i] for i in fitted], fitted)
+    return params, fit, stats
+
+
+def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
+    device = module.device
+    images = images.to(device)
+    if features is None:
+        with torch.no_grad():
+            features = module.targets(images)
+    start = time.perf_counter()  # the fitting alone: the teacher's forward is not counted
+    params, fit, stats = _start(module, images, seeds, recipe, features)
     opt = recipe.optimizer(list(params.values()), 0.0 if recipe.official else module.hparams.weight_decay)
-    names = [module.levels[i].name for i in fitted]
+    names = [module.student.levels[i].name for i in fit.levels]
     active = list(range(len(images)))
     results: list[Fitted | None] = [None] * len(images)
     curves: list[list[tuple[int, float]]] = [[] for _ in images]
@@ -353,10 +362,7 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
     step = 0
     while True:
         if step % recipe.eval_every == 0 or step == recipe.max_steps or step in eval_at:
-            if step:
-                r2, preds = fit.evaluate(params)
-            else:
-                r2 = before
+            r2, preds = fit.evaluate(params) if step else (before, preds)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if on_eval is not None:
@@ -365,11 +371,10 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
             for j, i in enumerate(active):
                 mean = float(r2[j].mean())
                 curves[i].append((step, round(mean, 5)))
-                reached = mean >= recipe.target_r2
-                if reached or step == recipe.max_steps:
+                if mean >= recipe.target_r2 or step == recipe.max_steps:
                     results[i] = Fitted(
                         seed=int(seeds[i]), steps=step, seconds=time.perf_counter() - start,
-                        reached=reached, r2_before=dict(zip(names, before[i].tolist())),
+                        reached=mean >= recipe.target_r2, r2_before=dict(zip(names, before[i].tolist())),
                         r2_after=dict(zip(names, r2[j].tolist())), curve=curves[i],
                         params={n: p[j].detach().clone() for n, p in params.items()},
                         stats=[(m[i], s[i]) for m, s in stats])
@@ -382,15 +387,19 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
                 params, opt = _keep(params, opt, keep.to(device))
                 fit.subset(keep.to(device))
             bar.set_postfix(r2=f"{float(r2.mean(1).min()):.3f}", left=len(active))
-        losses = fit.step(params, opt)
-        if not torch.isfinite(losses).all():
-            bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
-            raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
-                              f"lower '--lr' (now {recipe.learning_rate():g}).")
+        _step(fit, params, opt, active, step, recipe)
         step += 1
         bar.update(1)
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def _step(fit: Adaptation, params, opt, active: list[int], step: int, recipe: FitRecipe) -> None:
+    losses = fit.step(params, opt)
+    if not torch.isfinite(losses).all():
+        bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
+        raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
+                          f"lower '--lr' (now {recipe.learning_rate():g}).")
 
 
 def fitted_module(module, fitted: Fitted):

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from apm.classify import (GLOBAL, LOG_NAME, SUMMARY_NAME, classification_inputs, classification_recipe,
                           classify_folder, global_among_fitted, format_table, summarize)
-from apm.commands.common import parser, student_args
+from apm.commands.common import parser, recipe_from_args, student_args
 from apm.errors import ConfigError
 from apm.loading import load_student, pick_device
-from apm.perceive import FitRecipe
 from teachers.clip import imagenet_templates, text_classifier
 
 
-def main(argv: list[str]) -> int:
-    """``apm classify``: zero-shot classification of a labelled folder after test-time fitting."""
+def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "classify", "The APM paper's evaluation: per image of a labelled folder (one subfolder per "
         "class), the CLIP teacher's zero-shot prediction, then a student fitted to that image's "
@@ -55,17 +54,17 @@ def main(argv: list[str]) -> int:
                    help="each image is seeded with this plus a hash of its path in the folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """``apm classify``: zero-shot classification of a labelled folder after test-time fitting."""
+    a = build_parser().parse_args(argv)
     if not a.ckpt and not a.config:
         raise ConfigError("apm classify needs --ckpt (a trained student with a CLIP teacher, the warm "
                           "start) or --config (a fresh student per image, e.g. --config configs/apm.yaml "
                           "--config configs/clip.yaml).")
-    protocol = a.protocol or ("ours" if a.ckpt else "official")
-    init = a.init or (None if protocol == "official" else "trained" if a.ckpt else "fresh")
-    if init == "trained" and not a.ckpt and protocol == "ours":
-        raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
-                          "with --config alone the student is fresh (--init fresh).")
-    recipe = FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries)
+    recipe = recipe_from_args(a, a.protocol or ("ours" if a.ckpt else "official"))
     steps = sorted(set(a.steps))
     settings = {"protocol": recipe.protocol, "init": recipe.init, "steps": steps,
                 "levels": list(a.levels), "lr": recipe.learning_rate(), "queries": a.queries,

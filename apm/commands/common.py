@@ -32,6 +32,18 @@ def student_from_args(a: argparse.Namespace, command: str, fresh: str, device):
     return load_student(a.ckpt, configs, device)
 
 
+def recipe_from_args(a: argparse.Namespace, protocol: str, **kwargs):
+    """The fitting recipe of a command's --protocol, --init, --lr and --queries: ``init`` defaults
+    to trained with --ckpt and fresh without (the official protocol is always fresh)."""
+    from apm.perceive import FitRecipe
+
+    init = a.init or (None if protocol == "official" else "trained" if a.ckpt else "fresh")
+    if init == "trained" and not a.ckpt and protocol == "ours":
+        raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
+                          "with --config alone the student is fresh (--init fresh).")
+    return FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries, **kwargs)
+
+
 def embedding_args(p: argparse.ArgumentParser, method: str = "tsne") -> None:
     p.add_argument("--levels", nargs="+", default=None,
                    help="levels to show, by name (block1, rgb, ...) or index; default all")

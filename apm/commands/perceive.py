@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from apm.analysis import island_figures, island_scores
-from apm.commands.common import IMAGES_HELP, parser, student_args, student_from_args
-from apm.errors import ConfigError
+from apm.commands.common import (IMAGES_HELP, parser, recipe_from_args, student_args,
+                                 student_from_args)
 from apm.loading import load_images, pick_device
 from apm.perceive import FitRecipe, perceive_images, save_student
 from apm.runlog import image_seed, resume
 from teachers.base import select_levels
 
 
-def main(argv: list[str]) -> int:
-    """``apm perceive``: fit a student to each new image (test-time fitting)."""
+def build_parser() -> argparse.ArgumentParser:
     p = parser("perceive", "Test-time fitting: per image, a copy of the student is fitted to that "
                 "image's teacher features until its mean R^2 over levels reaches --target-r2 or "
                 "--max-steps. Per image it writes <out>/<image>.ckpt (the fitted student, weights only: every apm "
@@ -53,16 +53,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="each image is seeded with this plus a hash of its name (apm.runlog.image_seed)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """``apm perceive``: fit a student to each new image (test-time fitting)."""
+    a = build_parser().parse_args(argv)
     device = pick_device(a.device)
     module = student_from_args(a, "perceive", "a fresh student of that config's teacher", device)
-    init = a.init or (None if a.protocol == "official" else "trained" if a.ckpt else "fresh")
-    if init == "trained" and not a.ckpt:
-        raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
-                          "with --config the student is fresh (--init fresh).")
-    recipe = FitRecipe(protocol=a.protocol, init=init, target_r2=a.target_r2, max_steps=a.max_steps,
-                       lr=a.lr, queries_per_image=a.queries, eval_every=a.eval_every, levels=a.levels)
-    levels = select_levels(module.levels, a.levels, "--levels")
+    recipe = recipe_from_args(a, a.protocol, target_r2=a.target_r2, max_steps=a.max_steps,
+                              eval_every=a.eval_every, levels=a.levels)
     images = load_images(a.images, module.hparams.image_size, skip_bad=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,28 +76,39 @@ def main(argv: list[str]) -> int:
     if done:
         print(f"skipping {len(images) - len(todo)} image(s) already in {log} (delete it to redo them)")
     for start in range(0, len(todo), max(1, a.batch_size)):
-        part = todo[start : start + max(1, a.batch_size)]
-        batch = torch.stack([img for _, img in part])
-        with torch.no_grad():
-            feats = module.targets(batch.to(device))  # the teacher runs once per image
-        seeds = [image_seed(name, a.seed) for name, _ in part]
-        fitted = perceive_images(module, batch, seeds, recipe, features=feats)
-        for b, ((name, img), (before, after, rec)) in enumerate(zip(part, fitted)):
-            mine = [f[b : b + 1] for f in feats]
-            ckpt = out / f"{name}.ckpt"
-            save_student(after, ckpt, extra=rec)
-            line = {"image": name, **rec, **settings, "ckpt": str(ckpt)}
-            for when, m in (("before", before), ("after", after)):
-                scores = island_scores(m, img[None], levels, k=a.k, seed=a.seed, targets=mine)
-                line[f"ari_{when}"] = {lvl: s["ari"][0] for lvl, s in scores.items()}
-                if a.figures != "none":
-                    line[f"figure_{when}"] = str(island_figures(m, img[None], [f"{name}_{when}"], out, levels,
-                                                                method=a.figures, seed=a.seed, k=a.k,
-                                                                targets=mine)[0])
+        for line in perceive_batch(module, todo[start : start + max(1, a.batch_size)], recipe, a, out):
+            line.update(settings)
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
-            print(f"{name}: mean R^2 {rec['r2_mean_before']:.3f} -> {rec['r2_mean_after']:.3f} in "
-                  f"{rec['steps']} steps, {rec['seconds']:.1f} s ({'reached' if rec['reached'] else 'not reached'}"
-                  f" {a.target_r2}) -> {ckpt}")
     print(f"wrote {log}")
     return 0
+
+
+def perceive_batch(module, part: list[tuple[str, torch.Tensor]], recipe: FitRecipe,
+                   a: argparse.Namespace, out: Path) -> list[dict]:
+    """Fit ``part``'s images (name, image) at once; per image, save the fitted student, score and
+    draw the islands before and after, print a line, and return its JSON record."""
+    levels = select_levels(module.levels, a.levels, "--levels")
+    batch = torch.stack([img for _, img in part])
+    with torch.no_grad():
+        feats = module.targets(batch.to(module.device))  # the teacher runs once per image
+    seeds = [image_seed(name, a.seed) for name, _ in part]
+    lines = []
+    for b, ((name, img), (before, after, rec)) in enumerate(
+            zip(part, perceive_images(module, batch, seeds, recipe, features=feats))):
+        mine = [f[b : b + 1] for f in feats]
+        ckpt = out / f"{name}.ckpt"
+        save_student(after, ckpt, extra=rec)
+        line = {"image": name, **rec, "ckpt": str(ckpt)}
+        for when, m in (("before", before), ("after", after)):
+            scores = island_scores(m, img[None], levels, k=a.k, seed=a.seed, targets=mine)
+            line[f"ari_{when}"] = {lvl: s["ari"][0] for lvl, s in scores.items()}
+            if a.figures != "none":
+                line[f"figure_{when}"] = str(island_figures(m, img[None], [f"{name}_{when}"], out, levels,
+                                                            method=a.figures, seed=a.seed, k=a.k,
+                                                            targets=mine)[0])
+        reached = "reached" if rec["reached"] else "not reached"
+        print(f"{name}: mean R^2 {rec['r2_mean_before']:.3f} -> {rec['r2_mean_after']:.3f} in "
+              f"{rec['steps']} steps, {rec['seconds']:.1f} s ({reached} {a.target_r2}) -> {ckpt}")
+        lines.append(line)
+    return lines
