@@ -116,9 +116,20 @@ def show_teacher_log() -> None:
     """The teachers' one-line INFO messages (where the weights came from) on stderr."""
     import logging
 
+    class ToStderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after set-up)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     log = logging.getLogger("teachers")
-    if not log.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+        handler = ToStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
