@@ -1,15 +1,13 @@
 """The analysis library behind ``apm islands``, ``apm eval``, ``apm interpolate`` and the
 ``IslandFigures`` callback: pure functions on modules, features and images (no argument parsing).
 
-Inputs (``load_images``, ``load_trained_module``, ``teacher_from_config``), features and figures
-(``level_features``, ``island_figures``, ``teacher_figures``), scores (``island_scores``,
+Its inputs come from ``apm.loading``. Features and figures (``level_features``, ``island_figures``, ``teacher_figures``), scores (``island_scores``,
 ``summarize``, ``format_table``) and the trigger-column interpolation (``interpolate_features``,
 ``interpolation_strip``).
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,145 +16,8 @@ import torch
 from einops import rearrange
 
 from apm import islands
-from apm.errors import ConfigError
-from teachers.base import level_indices
-
-
-# -- inputs ----------------------------------------------------------------------------------------
-def load_images(specs: Sequence[str], image_size: int, setting: str = "--images",
-                skip_bad: bool = False) -> list[tuple[str, torch.Tensor]]:
-    """(name, image (3, S, S) in [0, 1]) for image files, folders (searched recursively) and
-    ``skimage:NAME[,NAME...]`` (photographs embedded in scikit-image). A missing path or an
-    unreadable file is an error, or with ``skip_bad`` a warning naming it (and a count at the
-    end); ConfigError when no image is left."""
-    from apm.data import find_images, image_transform, load_image, skimage_names, skimage_photo
-    from apm.errors import UnreadableImageError
-
-    tf = image_transform(image_size)
-    out: list[tuple[str, torch.Tensor]] = []
-    skipped: list[str] = []
-
-    def bad(message: str) -> None:
-        if not skip_bad:
-            raise ConfigError(message)
-        warnings.warn(f"skipped: {message}", stacklevel=3)
-        skipped.append(message)
-
-    for spec in specs:
-        if spec.startswith("skimage:"):
-            out += [(name, tf(skimage_photo(name))) for name in skimage_names(spec, setting)]
-            continue
-        path = Path(spec)
-        if not path.exists():
-            bad(f"Setting {setting!r}: {spec!r} does not exist. Give image files, folders of images, "
-                f"or skimage:NAME for an embedded photograph.")
-            continue
-        files = find_images(path)
-        if not files:
-            bad(f"Setting {setting!r}: no image files under {spec!r}.")
-        for f in files:
-            try:
-                out.append((f.stem, tf(load_image(f, image_size))))
-            except UnreadableImageError as e:
-                bad(f"Setting {setting!r}: {e}")
-    if skipped:
-        warnings.warn(f"{len(skipped)} of the inputs in {setting!r} were skipped (named above); "
-                      f"{len(out)} image(s) loaded.", stacklevel=2)
-    if not out:
-        raise ConfigError(f"Setting {setting!r}: no readable image among {list(specs)}.")
-    names: dict[str, int] = {}
-    unique = []
-    for name, img in out:  # two files with one stem must not overwrite each other's figure
-        names[name] = names.get(name, 0) + 1
-        unique.append((name if names[name] == 1 else f"{name}-{names[name]}", img))
-    return unique
-
-
-def pick_device(device: str) -> torch.device:
-    """``auto`` = CUDA when available, else CPU; ConfigError for CUDA without a GPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("Setting '--device': CUDA is not available on this machine; use --device cpu.")
-    return torch.device(device)
-
-
-def load_trained_module(path: str, device: torch.device, **overrides: Any):
-    """An APMModule in eval mode from a checkpoint of ``apm fit`` (safe load, shape checked;
-    ``overrides`` replace saved settings, and one that changes the teacher or a shape is refused
-    with a ConfigError naming '--ckpt'); ConfigError when no training step ran (the level
-    statistics are not set)."""
-    from apm.module import APMModule
-
-    module = APMModule.from_checkpoint(path, map_location=device, setting="--ckpt", **{
-        **overrides, "compile": False, "feature_cache": None})
-    if not bool(module.standardizer.ready):
-        raise ConfigError(f"Setting '--ckpt': {path} was saved before the level statistics were "
-                          f"computed (no training step ran); use a checkpoint of a trained run.")
-    return module
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_configs(paths: Sequence[str]) -> tuple[dict, dict, int]:
-    """The model and data sections of LightningCLI config files (later files override earlier
-    ones, as with ``apm fit -c a.yaml -c b.yaml``) and the image size they set."""
-    import yaml
-
-    cfg: dict = {}
-    for p in paths:
-        if not Path(p).is_file():
-            raise ConfigError(f"Setting '--config': {p!r} is not a file; give a config such as configs/apm.yaml.")
-        cfg = _deep_merge(cfg, yaml.safe_load(Path(p).read_text()) or {})
-    model, data = cfg.get("model") or {}, cfg.get("data") or {}
-    return model, data, int(data.get("image_size") or model.get("image_size") or 448)
-
-
-def config_settings(paths: Sequence[str]) -> dict[str, Any]:
-    """The model settings of LightningCLI config files, with the data section's image size."""
-    model, _, image_size = _read_configs(paths)
-    settings = {k: v for k, v in model.items() if k not in ("class_path", "init_args")}
-    settings.update(model.get("init_args") or {})
-    return {**settings, "image_size": image_size}
-
-
-def module_from_config(paths: Sequence[str], device: torch.device, **overrides: Any):
-    """A fresh, untrained APMModule (no level statistics) with the model settings of LightningCLI
-    config files; ``overrides`` replace settings."""
-    from apm.module import APMModule
-
-    settings = config_settings(paths)
-    try:
-        module = APMModule(**{**settings, "compile": False, "feature_cache": None, **overrides})
-    except TypeError as e:
-        raise ConfigError(f"Setting '--config': the model section of {', '.join(paths)} does not fit "
-                          f"APMModule ({e}); see 'apm fit --help' for the model settings.") from None
-    return module.to(device).eval()
-
-
-def teacher_from_config(paths: Sequence[str], device: torch.device):
-    """The teacher (``model.teacher``, or the set of ``model.teachers``) and image size named by
-    LightningCLI config files (later files override earlier ones, as with ``apm fit -c a.yaml -c
-    b.yaml``)."""
-    from teachers.multi import build_teacher
-
-    model, _, image_size = _read_configs(paths)
-    teacher = build_teacher(model.get("teacher"), model.get("teacher_args"), model.get("teachers"),
-                            image_size)
-    teacher.set_precision(str(model.get("teacher_precision", "32")))
-    return teacher.to(device), image_size
-
-
-def resolve_levels(names: list[str], wanted: Sequence[str] | None) -> list[int]:
-    """Indices of the wanted levels (names or integer indices); all when None."""
-    from teachers.base import select_levels
-
-    return select_levels(names, list(wanted) if wanted else None, "--levels")
+from apm.student import RGB
+from teachers.base import select_levels
 
 
 # -- features, figures, scores ---------------------------------------------------------------------
@@ -178,7 +39,7 @@ def island_figures(module, images: torch.Tensor, names: Sequence[str], out_dir: 
     """One island figure per image (input | teacher | student, a row per level) from an APMModule;
     each row is labelled with its grid and the ARI of k-means islands. Returns the PNG paths.
     ``targets``: as in ``level_features``."""
-    levels = level_indices(module.levels, levels)
+    levels = select_levels(module.levels, levels)
     teacher, student = level_features(module, images, levels, targets)
     lnames = [module.levels[i].name for i in levels]
     paths = []
@@ -198,7 +59,7 @@ def teacher_figures(teacher, images: torch.Tensor, names: Sequence[str], out_dir
                     seed: int = 0, max_iter: int = 1000, display: int = 192) -> list[Path]:
     """Island figures of a teacher alone (input | teacher islands)."""
     lv = teacher.levels
-    levels = level_indices(lv, levels)
+    levels = select_levels(lv, levels)
     with torch.no_grad():
         feats = teacher(images.to(next(teacher.parameters()).device))
     paths = []
@@ -233,7 +94,7 @@ def island_scores(module, images: torch.Tensor, levels: Sequence[int] | None = N
     same agreement with another image's teacher islands (ari_control, nmi_control: what chance
     scores; see ``control_teacher``, whose ``following`` is the teacher's features of
     ``next_image`` (3, S, S) when given). ``targets``: as in ``level_features``."""
-    levels = level_indices(module.levels, levels)
+    levels = select_levels(module.levels, levels)
     images = images.to(module.device)
     teacher, student = level_features(module, images, levels, targets)  # one teacher pass for the batch
     following: list[torch.Tensor | None] = [None] * len(levels)
@@ -302,11 +163,11 @@ def interpolation_strip(module, image_a: torch.Tensor, image_b: torch.Tensor, st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = level_indices(module.levels, levels)
+    levels = select_levels(module.levels, levels)
     feats = interpolate_features(module, image_a, image_b, steps, levels)
     maps = []
     for i, f in zip(levels, feats):
-        if module.levels[i].name == islands.RGB_LEVEL and f.shape[-1] == 3:
+        if module.levels[i].name == RGB and f.shape[-1] == 3:
             maps.append(np.clip(f.cpu().numpy(), 0, 1))
         else:
             maps.append(islands.embed_rgb([f], method, perplexity, seed, device=module.device)[0])
@@ -334,20 +195,22 @@ def interpolation_strip(module, image_a: torch.Tensor, image_b: torch.Tensor, st
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    written = [out]
-    if gif:
-        from PIL import Image
+    return [out, _interpolation_gif(out.with_suffix(".gif"), maps, ends, steps, display)] if gif else [out]
 
-        gap = np.ones((display, 4, 3))
-        frames = []
-        for s in range(steps):
-            tiles = [ends[0], gap]
-            for m in maps:
-                tiles += [islands.upsample_nearest(m[s], display), gap]
-            tiles.append(ends[1])
-            frames.append(Image.fromarray((np.concatenate(tiles, axis=1) * 255).round().astype(np.uint8)))
-        path = out.with_suffix(".gif")
-        frames = frames + frames[-2:0:-1]  # there and back
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0)
-        written.append(path)
-    return written
+
+def _interpolation_gif(path: Path, maps: list[np.ndarray], ends: list[np.ndarray], steps: int,
+                       display: int) -> Path:
+    """One frame per step (A, the levels, B side by side), there and back."""
+    from PIL import Image
+
+    gap = np.ones((display, 4, 3))
+    frames = []
+    for s in range(steps):
+        tiles = [ends[0], gap]
+        for m in maps:
+            tiles += [islands.upsample_nearest(m[s], display), gap]
+        tiles.append(ends[1])
+        frames.append(Image.fromarray((np.concatenate(tiles, axis=1) * 255).round().astype(np.uint8)))
+    frames = frames + frames[-2:0:-1]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0)
+    return path

@@ -48,19 +48,20 @@ class APM:
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto") -> "APM":
-        """A trained student from a checkpoint of ``apm fit`` or ``apm perceive``."""
-        from apm.analysis import load_trained_module, pick_device
+        """A trained student from a checkpoint of ``apm fit`` or ``apm perceive``, or a folder
+        written by ``save_pretrained``."""
+        from apm.loading import load_student, pick_device
 
-        return cls(load_trained_module(str(path), pick_device(str(device))))
+        return cls(load_student(path, device=pick_device(device)))
 
     @classmethod
     def from_config(cls, *configs: str | Path, device: str | torch.device = "auto", **overrides: Any) -> "APM":
-        """A fresh, untrained student of a LightningCLI config's teacher and student settings
-        (later configs override earlier ones; ``overrides`` replace model settings), for
-        ``perceive`` from scratch."""
-        from apm.analysis import module_from_config, pick_device
+        """A fresh, untrained student of LightningCLI configs' teacher and student settings, read
+        by LightningCLI's parser (later configs override earlier ones; ``overrides`` replace model
+        settings), for ``perceive`` from scratch."""
+        from apm.loading import load_student, pick_device
 
-        return cls(module_from_config([str(c) for c in configs], pick_device(str(device)), **overrides))
+        return cls(load_student(configs=configs, device=pick_device(device), overrides=overrides))
 
     # -- what it knows ----------------------------------------------------------------------------
     @property
@@ -94,7 +95,7 @@ class APM:
         by (its seed comes from that name, as in ``apm perceive``)."""
         from PIL import Image
 
-        from apm.analysis import load_images
+        from apm.loading import load_images
         from apm.data import image_transform, to_rgb
 
         tf = image_transform(self.image_size)
@@ -185,8 +186,17 @@ class APM:
         return out if isinstance(image, torch.Tensor) and image.ndim == 4 else out[0]
 
     def save(self, path: str | Path) -> Path:
-        """Write this student as a checkpoint every ``apm`` command and ``from_pretrained`` load."""
+        """Write this student as a checkpoint file (weights only) that every ``apm`` tool and
+        ``from_pretrained`` load."""
         from apm.perceive import save_student
 
         save_student(self.module, path)
         return Path(path)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write this student as a folder: ``config.json`` (settings, the teacher by registered name,
+        arguments and weights' source, the levels) and ``model.safetensors`` (weights and level
+        statistics; no pickle). ``APM.from_pretrained(folder)`` and every ``apm`` tool load it."""
+        from apm.loading import save_pretrained
+
+        return save_pretrained(self.module, folder)

@@ -12,9 +12,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from apm.analysis import island_figures, resolve_levels
+from apm.analysis import island_figures
 from apm.data import batch_images
 from apm.skipping import readable_items
+from teachers.base import select_levels
 
 
 class IslandFigures(L.Callback):
@@ -83,8 +84,8 @@ class IslandFigures(L.Callback):
         images = self._images(trainer)
         if images is None:
             return
-        levels = resolve_levels([l.name for l in pl_module.levels],
-                                [str(l) for l in self.levels] if self.levels else None)
+        levels = select_levels(pl_module.levels,
+                               [str(l) for l in self.levels] if self.levels else None, "IslandFigures.levels")
         step = trainer.global_step
         names = [f"step{step:06d}-{i}" for i in range(len(images))]
         was_training = pl_module.training

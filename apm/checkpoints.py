@@ -173,4 +173,5 @@ def _brief(desc: dict | None) -> str:
         return "the set " + " + ".join(f"{m.get('alias')} ({_brief(m)})" for m in desc["members"])
     levels = desc.get("levels") or []
     name = desc.get("model_name") or desc.get("class", "?")
-    return f"{name} at {desc.get('image_size')} px with {len(levels)} levels"
+    weights = f", weights {desc['weights_source']}" if desc.get("weights_source") else ""
+    return f"{name} at {desc.get('image_size')} px with {len(levels)} levels{weights}"

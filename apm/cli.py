@@ -11,11 +11,11 @@ from pathlib import Path
 
 # Extra subcommands: name -> "module:function" taking argv (list[str]); lazily imported.
 TOOLS: dict[str, str] = {
-    "islands": "apm.tools:islands_main",
-    "eval": "apm.tools:eval_main",
-    "interpolate": "apm.tools:interpolate_main",
-    "perceive": "apm.tools:perceive_main",
-    "classify": "apm.classify:classify_main",
+    "islands": "apm.commands.islands:main",
+    "eval": "apm.commands.eval:main",
+    "interpolate": "apm.commands.interpolate:main",
+    "perceive": "apm.commands.perceive:main",
+    "classify": "apm.commands.classify:main",
     "segment": "apm.commands.segment:main",
 }
 
@@ -117,9 +117,20 @@ def show_teacher_log() -> None:
     """The teachers' one-line INFO messages (where the weights came from) on stderr."""
     import logging
 
+    class ToStderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after set-up)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     log = logging.getLogger("teachers")
-    if not log.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+        handler = ToStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-RGB_LEVEL = "rgb"  # the level of patch-mean colours that APMModule adds after the teacher's
+from apm.student import RGB
+
 METHODS = ("tsne", "pca")
 # Up to this many points per level, apm.tsne's exact t-SNE beats scikit-learn's Barnes-Hut on a
 # CPU too (one thread: 24 s against 42 s at 2,048 points, 142 s against 110 s at 4,050); beyond,
@@ -209,7 +210,7 @@ def level_rows(names: Sequence[str], teacher: Sequence[torch.Tensor | np.ndarray
     The ``rgb`` level (patch-mean colours) is shown as the colours themselves.
     """
     blocks = [[teacher[i]] + ([student[i]] if student is not None else []) for i in range(len(names))]
-    colour = [name == RGB_LEVEL and as_points(teacher[i]).shape[1] == 3 for i, name in enumerate(names)]
+    colour = [name == RGB and as_points(teacher[i]).shape[1] == 3 for i, name in enumerate(names)]
     embedded = iter(embed_rgb_levels([b for b, c in zip(blocks, colour) if not c], method,
                                      perplexity, seed, max_iter=max_iter, device=device))
     rows = []

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from tqdm.auto import tqdm
 
 from apm import metrics
 from apm.cache import teacher_fingerprint
-from apm.checkpoints import check_compatible, read_checkpoint
+from apm.checkpoints import check_compatible
 from apm.data import batch_images
-from apm.errors import ConfigError, NonFiniteLossError
-from apm.islands import RGB_LEVEL as RGB
+from apm.errors import ConfigError
+from apm.nonfinite import NonFiniteGuard
+from apm.meta import reptile_step
+from apm.objective import QuerySampler, gather, warmup_cosine, weighted_mse
 from apm.standardize import LevelStandardizer
-from apm.student import LEVEL_ENTRIES, APMStudent
+from apm.targets import TeacherTargets
+from apm.student import LEVEL_ENTRIES, RGB, APMStudent
 from teachers import Level
-from teachers.base import TEACHER_PRECISIONS, check_image_size, level_indices
-from teachers.multi import DEFAULT_TEACHER, TeacherSet, build_teacher
+from teachers.base import TEACHER_PRECISIONS, check_image_size, select_levels
+from teachers.multi import DEFAULT_TEACHER, build_teacher
 
 # Settings whose default changed, with the value a checkpoint written before them was trained with:
 # the positional code's top frequency before it followed the grid, and where the level code
@@ -34,11 +36,41 @@ DEFAULT_LEVEL_ENTRY = "late"
 log = logging.getLogger(__name__)
 
 
-def _without_fp16_autocast(device_type: str):
-    """Reptile's inner loop runs its own backward, with no loss scaling: fp16 autocast (16-mixed)
-    is turned off there (fp32; gradients would underflow), bf16 autocast is kept."""
-    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
-    return torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext()
+def check_settings(hp: Any) -> None:
+    """ConfigError naming the setting, for values the student or the loop cannot take."""
+    if hp.column_filters < 1:
+        raise ConfigError(f"Setting 'model.column_filters': {hp.column_filters}; use 1 (the paper's "
+                          f"single filter) or more.")
+    if hp.meta_inner_steps < 0:
+        raise ConfigError(f"Setting 'model.meta_inner_steps': {hp.meta_inner_steps}; use 0 (plain "
+                          f"distillation) or the number of inner fitting steps per image (e.g. 5).")
+    if hp.meta_inner_steps and hp.compile:
+        raise ConfigError("Settings 'model.meta_inner_steps' and 'model.compile': the meta-learning "
+                          "inner loop runs the student through torch.func.vmap, which a compiled "
+                          "student does not support; unset one of them.")
+    if str(hp.teacher_precision) not in TEACHER_PRECISIONS:
+        raise ConfigError(f"Setting 'model.teacher_precision': {hp.teacher_precision!r} is not one of "
+                          f"{', '.join(TEACHER_PRECISIONS)}; 32 (the default) keeps the targets "
+                          f"independent of trainer.precision.")
+    if hp.level_entry not in LEVEL_ENTRIES:
+        raise ConfigError(f"Setting 'model.level_entry': {hp.level_entry!r} is not one of "
+                          f"{', '.join(LEVEL_ENTRIES)}.")
+
+
+def level_loss_weights(names: Sequence[str], rgb_weight: float,
+                       level_weights: dict[str, float] | None) -> list[float]:
+    """The loss weight of each level: ``level_weights`` by name (default 1), ``rgb_weight`` for
+    the ``rgb`` level; ConfigError for a name that is not a level."""
+    weights = level_weights or {}
+    if RGB in weights:
+        raise ConfigError(
+            f"Setting 'model.level_weights': the {RGB!r} level is weighted by 'model.rgb_weight' "
+            f"(now {rgb_weight:g}); move {RGB}: {weights[RGB]} there.")
+    unknown = set(weights) - set(names)
+    if unknown:
+        raise ConfigError(f"Setting 'model.level_weights': {sorted(unknown)} are not levels of this "
+                          f"run; the levels are {', '.join(names)}.")
+    return [rgb_weight if n == RGB else weights.get(n, 1.0) for n in names]
 
 
 class APMModule(L.LightningModule):
@@ -134,53 +166,25 @@ class APMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if column_filters < 1:
-            raise ConfigError(f"Setting 'model.column_filters': {column_filters}; use 1 (the paper's "
-                              f"single filter) or more.")
-        if meta_inner_steps < 0:
-            raise ConfigError(f"Setting 'model.meta_inner_steps': {meta_inner_steps}; use 0 (plain "
-                              f"distillation) or the number of inner fitting steps per image (e.g. 5).")
-        if meta_inner_steps and compile:
-            raise ConfigError("Settings 'model.meta_inner_steps' and 'model.compile': the meta-learning "
-                              "inner loop runs the student through torch.func.vmap, which a compiled "
-                              "student does not support; unset one of them.")
+        check_settings(self.hparams)
         self.automatic_optimization = not meta_inner_steps  # Reptile sets its own update
-        self.nonfinite_in_a_row, self.nonfinite_total, self._skip_update = 0, 0, False
+        self.guard = NonFiniteGuard(max_nonfinite_steps, meta_inner_steps, lr, meta_inner_lr)
+        self._skip_update = False
         # Kept out of the module tree: a frozen teacher is rebuilt from its name, not checkpointed.
         object.__setattr__(self, "teacher", build_teacher(teacher, teacher_args, teachers, image_size))
         if teacher is None and teachers is None:  # recorded by name, as checkpoints always were
             self.hparams.teacher = DEFAULT_TEACHER
-        if str(teacher_precision) not in TEACHER_PRECISIONS:
-            raise ConfigError(f"Setting 'model.teacher_precision': {teacher_precision!r} is not one of "
-                              f"{', '.join(TEACHER_PRECISIONS)}; 32 (the default) keeps the targets "
-                              f"independent of trainer.precision.")
         self.teacher.set_precision(str(teacher_precision))
         patch_size = patch_size or self.teacher.patch_size
         check_image_size(image_size, patch_size, "the student's patch size ('model.patch_size')")
         self.levels: list[Level] = list(self.teacher.levels)
-        grid = (image_size // patch_size,) * 2
         if rgb:
-            self.levels.append(Level(RGB, grid, 3))
-        names = [l.name for l in self.levels]
-        if RGB in (level_weights or {}):
-            raise ConfigError(
-                f"Setting 'model.level_weights': the {RGB!r} level is weighted by 'model.rgb_weight' "
-                f"(now {rgb_weight:g}); move {RGB}: {level_weights[RGB]} there."
-            )
-        unknown = set(level_weights or {}) - set(names)
-        if unknown:
-            raise ConfigError(
-                f"Setting 'model.level_weights': {sorted(unknown)} are not levels of this run; the "
-                f"levels are {', '.join(names)}."
-            )
-        self.loss_weights = [(rgb_weight if n == RGB else (level_weights or {}).get(n, 1.0)) for n in names]
+            self.levels.append(Level(RGB, (image_size // patch_size,) * 2, 3))
+        self.loss_weights = level_loss_weights([l.name for l in self.levels], rgb_weight, level_weights)
         if pe_max_freq is None:
             pe_max_freq = max(max(l.grid) for l in self.levels) / 2
-        if level_entry not in LEVEL_ENTRIES:
-            raise ConfigError(f"Setting 'model.level_entry': {level_entry!r} is not one of "
-                              f"{', '.join(LEVEL_ENTRIES)}.")
         self.student = self._new_student(patch_size, pe_max_freq, level_entry)
-        self.feature_cache = None  # an apm.cache.FeatureCache(Set), opened in on_fit_start
+        self.target_source = TeacherTargets(self.teacher, rgb, patch_size)
         self.standardizer = LevelStandardizer([l.dim for l in self.levels])
 
     def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str) -> APMStudent:
@@ -194,63 +198,20 @@ class APMModule(L.LightningModule):
     # -- targets ---------------------------------------------------------------------------------
     def targets(self, images: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-level targets on the teacher's scale, (B, h, w, d): the teacher's levels, then the
-        patch-mean colour when ``rgb`` is on. With the feature cache on and the images' dataset
-        ``index`` given, cached features are read and only uncached images go through the teacher."""
-        if self.feature_cache is not None and index is not None:
-            feats = self._cached_features(images, index)
-        else:
-            feats = self._teacher_features(images)
-        if self.hparams.rgb:
-            p = self.student.patch_size
-            feats.append(rearrange(F.avg_pool2d(images.float(), p), "b c h w -> b h w c"))
-        return feats
+        patch-mean colour when ``rgb`` is on (``apm.targets.TeacherTargets``; with the feature
+        cache open and the images' dataset ``index`` given, cached features are read)."""
+        return self.target_source(images, index)
 
-    def _teacher_features(self, images: torch.Tensor, member: int | None = None) -> list[torch.Tensor]:
-        """The teacher's levels, or only those of member ``member`` of a TeacherSet."""
-        if next(self.teacher.parameters(), images).device != images.device:
-            self.teacher.to(images.device)
-        feats = self.teacher(images) if member is None else self.teacher.member_features(member, images)
-        return [f.float() for f in feats]
-
-    def _cached_features(self, images: torch.Tensor, index: torch.Tensor) -> list[torch.Tensor]:
-        if isinstance(self.teacher, TeacherSet):  # each member on its own cache and misses
-            return [f for i, part in enumerate(self.feature_cache.parts)
-                    for f in self._cached_part(part, images, index, i)]
-        return self._cached_part(self.feature_cache, images, index)
-
-    def _cached_part(self, cache, images: torch.Tensor, index: torch.Tensor,
-                     member: int | None = None) -> list[torch.Tensor]:
-        hit = cache.has(index)
-        if bool(hit.all()):
-            return [f.to(images.device, non_blocking=True) for f in cache.read(index)]
-        miss = (~hit).nonzero().squeeze(1)
-        new = self._teacher_features(images[miss.to(images.device)], member)
-        cache.write(index[miss], new)
-        if not bool(hit.any()):
-            return new
-        feats = [f.to(images.device) for f in cache.read(index)]
-        return [f.index_copy(0, miss.to(f.device), n) for f, n in zip(feats, new)]  # exact, not fp16
+    @property
+    def feature_cache(self):
+        """The open teacher-feature cache (``apm.cache``), or None."""
+        return self.target_source.cache
 
     def open_feature_cache(self, sources) -> None:
         """Open (or create) the cache in ``feature_cache`` for these training images, in order."""
-        from functools import partial
-
-        from apm.cache import FeatureCache, FeatureCacheSet, teacher_identity
-
-        hp, t = self.hparams, self.teacher
-        if isinstance(t, TeacherSet):  # a sub-folder per member, each with its own identity
-            members = [(s.alias, teacher_identity(s.name, s.args, m, t.image_size), m.levels)
-                       for s, m in zip(t.specs, t.members)]
-            open_cache = partial(FeatureCacheSet.open, hp.feature_cache, members, sources)
-        else:
-            identity = teacher_identity(hp.teacher, hp.teacher_args, t)
-            open_cache = partial(FeatureCache.open, hp.feature_cache, identity, t.levels, sources)
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if strategy is None or strategy.is_global_zero:
-            open_cache()
-        if strategy is not None:
-            strategy.barrier("feature_cache")
-        self.feature_cache = open_cache(verbose=False)
+        hp = self.hparams
+        self.target_source.open_cache(hp.feature_cache, hp.teacher, hp.teacher_args, sources, strategy)
 
     @torch.no_grad()
     def fit_statistics(self, batches) -> None:
@@ -285,24 +246,11 @@ class APMModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def sample_locations(self, batch: int, device: torch.device) -> list[torch.Tensor | None]:
-        """Per level, (B, n) random distinct locations, n = queries_per_image / levels; or None
-        (all locations) when sampling is off or n covers the grid. With the level code entering
-        late, levels on one grid get the same tensor: the student then runs the level-free work
-        once per sampled location and supervises every level there."""
-        q = self.hparams.queries_per_image
-        share = self.student.entry > 0  # a level-free layer to share
-        drawn: dict[tuple[int, int], torch.Tensor] = {}  # per grid, when shared
-        out: list[torch.Tensor | None] = []
-        for lvl in self.levels:
-            n = math.ceil(q / len(self.levels)) if q else lvl.num_locations
-            if n >= lvl.num_locations:
-                out.append(None)
-                continue
-            loc = drawn.get(lvl.grid) if share else None
-            if loc is None:
-                loc = drawn[lvl.grid] = torch.rand(batch, lvl.num_locations, device=device).argsort(1)[:, :n]
-            out.append(loc)
-        return out
+        """Per level, (B, n) random distinct locations, or None for every location: this step's
+        queries (``apm.objective.QuerySampler``; levels on one grid share theirs when the level
+        code enters late)."""
+        sampler = QuerySampler(self.levels, self.hparams.queries_per_image, self.student.entry > 0)
+        return sampler.per_level(sampler.draw(batch, device))
 
     def distillation_loss(self, images: torch.Tensor, feats: Sequence[torch.Tensor]
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -311,17 +259,14 @@ class APMModule(L.LightningModule):
         over levels. Returns the loss and per-level ``train/loss_*`` and ``train/cos_*``."""
         locs = self.sample_locations(images.shape[0], images.device)
         preds = self.student(images, locs)
-        total, wsum, logs = 0.0, 0.0, {}
-        for i, (lvl, f, loc, p) in enumerate(zip(self.levels, feats, locs, preds)):
-            t = rearrange(f, "b h w d -> b (h w) d")
-            if loc is not None:
-                t = t.gather(1, loc[..., None].expand(-1, -1, t.shape[-1]))
-            z = self.standardizer.encode(i, t)
-            loss = F.mse_loss(p.float(), z)
-            total, wsum = total + self.loss_weights[i] * loss, wsum + self.loss_weights[i]
+        targets = [gather(f, loc) for f, loc in zip(feats, locs)]
+        z = [self.standardizer.encode(i, t) for i, t in enumerate(targets)]
+        loss, losses = weighted_mse(preds, z, self.loss_weights)
+        logs = {}
+        for i, (lvl, t, p, l) in enumerate(zip(self.levels, targets, preds, losses)):
             cos = F.cosine_similarity(self.standardizer.decode(i, p.float()), t, dim=-1).mean()
-            logs.update({f"train/loss_{lvl.name}": loss, f"train/cos_{lvl.name}": cos})
-        return total / max(wsum, 1e-12), logs
+            logs.update({f"train/loss_{lvl.name}": l, f"train/cos_{lvl.name}": cos})
+        return loss, logs
 
     def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                       batch_idx: int) -> torch.Tensor:
@@ -339,68 +284,22 @@ class APMModule(L.LightningModule):
         return loss
 
     def meta_step(self, images: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One Reptile step: fit a copy of the student to each image for ``meta_inner_steps``
-        steps, then update the shared weights with (weights - mean of the fitted copies) as the
-        gradient. Logs the inner loss before (``train/loss``) and after (``train/loss_adapted``)."""
-        from apm.perceive import Adaptation
-
-        hp = self.hparams
-        theta = dict(self.student.named_parameters())
-        copies = {n: p.detach().expand(len(images), *p.shape).clone().requires_grad_() for n, p in theta.items()}
-        z = [self.standardizer.encode(i, f) for i, f in enumerate(feats)]
-        fit = Adaptation(self.student, images, z, self.loss_weights, hp.queries_per_image)
-        inner = torch.optim.AdamW(list(copies.values()), lr=hp.meta_inner_lr, weight_decay=hp.weight_decay)
-        with torch.enable_grad(), _without_fp16_autocast(images.device.type):
-            losses = [fit.step(copies, inner).mean() for _ in range(hp.meta_inner_steps)]
-        opt = self.optimizers()
-        opt.zero_grad()
-        finite = self.loss_is_finite(torch.stack(losses)) and all(
-            bool(torch.isfinite(c).all()) for c in copies.values())
-        if finite:  # under DDP each rank averages its own copies; Lightning does not sync manual grads
-            # Under 16-mixed, Lightning's optimizer step unscales every gradient by the loss scale:
-            # the hand-set one is scaled first, or the meta update would shrink 65536-fold.
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            for n, p in theta.items():
-                grad = p.detach() - copies[n].detach().mean(0)
-                if self.trainer.world_size > 1:
-                    grad = self.trainer.strategy.reduce(grad, reduce_op="mean")
-                p.grad = grad if scaler is None else scaler.scale(grad)
-            opt.step()
-            self.lr_schedulers().step()
-            self.log_dict({"train/loss": losses[0], "train/loss_adapted": losses[-1]}, prog_bar=True)
-        self.log("train/nonfinite_steps", float(self.nonfinite_total))
-        return losses[0]
+        """One Reptile step (``apm.meta.reptile_step``)."""
+        return reptile_step(self, images, feats)
 
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
-        """Whether ``loss`` is finite on every rank; counts the non-finite ones and raises
-        NonFiniteLossError after ``max_nonfinite_steps`` in a row."""
-        finite = bool(torch.isfinite(loss).all())
-        if self._trainer is not None and self.trainer.world_size > 1:
-            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
-        if finite:
-            self.nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        limit = max(1, int(self.hparams.max_nonfinite_steps))
-        step = self.global_step if self._trainer is not None else "?"
-        log.warning("step %s: the loss is %s; step skipped (%d in a row, %d in all)", step,
-                    loss.detach().float().item(), self.nonfinite_in_a_row, self.nonfinite_total)
-        if self.nonfinite_in_a_row >= limit:
-            if self.hparams.meta_inner_steps:  # manual optimization: Lightning refuses gradient_clip_val
-                fixes = (f"a lower 'model.meta_inner_lr' (now {self.hparams.meta_inner_lr:g}) or "
-                         f"'model.lr' (now {self.hparams.lr:g}), fewer 'model.meta_inner_steps'")
-            else:
-                fixes = (f"a lower 'model.lr' (now {self.hparams.lr:g}) or more 'model.warmup_steps', "
-                         f"'trainer.gradient_clip_val: 1.0'")
-            raise NonFiniteLossError(
-                f"Training stopped at step {step}: the loss was NaN or infinite in {limit} steps in a "
-                f"row ({self.nonfinite_total} skipped in all), the most that setting "
-                f"'model.max_nonfinite_steps' allows. Usual fixes: {fixes}, 'trainer.precision: "
-                f"32-true', or a look at the images of those steps. Continue from the last good state "
-                f"with --ckpt_path last."
-            )
-        return False
+        """Whether ``loss`` is finite on every rank (``apm.nonfinite.NonFiniteGuard``: counted,
+        and NonFiniteLossError after ``max_nonfinite_steps`` in a row)."""
+        strategy = self.trainer.strategy if self._trainer is not None and self.trainer.world_size > 1 else None
+        return self.guard.check(loss, self.global_step if self._trainer is not None else "?", strategy)
+
+    @property
+    def nonfinite_total(self) -> int:
+        return self.guard.total
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        return self.guard.in_a_row
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._skip_update:  # gradients of a non-finite loss: AdamW skips parameters without one
@@ -412,7 +311,7 @@ class APMModule(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Per level: cosine, centred cosine, R^2 (teacher's scale) and MSE (standardized), each (B,)."""
-        levels = level_indices(self.levels, levels)
+        levels = select_levels(self.levels, levels)
         feats = self.targets(images)
         return self.fidelity([feats[i] for i in levels], self.predict_features(images, levels), levels)
 
@@ -451,7 +350,7 @@ class APMModule(L.LightningModule):
     def predict_features(self, images: torch.Tensor, levels: Sequence[int] | None = None,
                          chunk: int | None = None) -> list[torch.Tensor]:
         """The student's dense features on the teacher's scale, per level (B, h, w, d)."""
-        levels = level_indices(self.levels, levels)
+        levels = select_levels(self.levels, levels)
         preds = self.student.dense(images, levels, chunk)
         return [self.standardizer.decode(i, p.float()) for i, p in zip(levels, preds)]
 
@@ -467,14 +366,7 @@ class APMModule(L.LightningModule):
         if total is None and self.trainer is not None:
             total = int(self.trainer.estimated_stepping_batches) if math.isfinite(self.trainer.estimated_stepping_batches) else None
 
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if not total:
-                return 1.0
-            t = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
+        schedule = partial(warmup_cosine, warmup=hp.warmup_steps, total=total, final=hp.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -510,12 +402,9 @@ class APMModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", setting: str = "--ckpt",
                         **overrides: Any) -> "APMModule":
-        """A module in eval mode from a checkpoint of ``apm fit``, read with ``weights_only=True``
-        (``overrides`` replace saved hyperparameters; a change of shape is refused with
-        ConfigError naming ``setting``)."""
-        ckpt = read_checkpoint(path, setting)
-        hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-        module = cls(**{**LEGACY_DEFAULTS, **hp, **overrides})
-        check_compatible(ckpt, module, path, setting)
-        module.load_state_dict(ckpt["state_dict"])
-        return module.to(map_location).eval()
+        """A module in eval mode from a checkpoint of ``apm fit`` (or a ``save_pretrained``
+        folder), read without pickle (``overrides`` replace saved hyperparameters; a change of
+        shape is refused with ConfigError naming ``setting``). See ``apm.loading.load_student``."""
+        from apm.loading import load_student
+
+        return load_student(path, device=map_location, trained=False, overrides=overrides, setting=setting)

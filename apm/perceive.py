@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from apm import metrics
 from apm.errors import ConfigError
+from apm.objective import QuerySampler, gather, weighted_mse
+from apm.standardize import LevelStandardizer
 from teachers.base import seeded, select_levels
 
 PROTOCOLS = ("ours", "official")
@@ -141,16 +141,16 @@ class Fitted:
 
 def image_statistics(feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per level, each image's own (mean (B, d), std (B,)) from its features (B, h, w, d): the
-    standardization of a student that has no statistics from training. The mean is taken over
-    locations (zero for a 1x1 level, which has one location) and the std is the RMS of the centred
-    features, as ``LevelStandardizer`` does over a data set."""
-    out = []
-    for f in feats:
-        x = rearrange(f.float(), "b h w d -> b (h w) d")
-        mean = x.mean(1) if x.shape[1] > 1 else torch.zeros_like(x[:, 0])
-        std = (x - mean[:, None]).pow(2).mean((1, 2)).clamp_min(1e-12).sqrt()
-        out.append((mean, std))
-    return out
+    standardization of a student that has no statistics from training, computed for each image
+    alone by ``LevelStandardizer`` (so a 1x1 level gets mean 0 and its RMS as scale)."""
+    per_image = []
+    for b in range(len(feats[0])):
+        sd = LevelStandardizer([f.shape[-1] for f in feats]).to(feats[0].device)
+        sd.update([f[b : b + 1] for f in feats])
+        sd.finalize()
+        per_image.append(sd)
+    return [(torch.stack([sd.mean(i) for sd in per_image]), torch.stack([sd.std(i) for sd in per_image]))
+            for i in range(len(feats))]
 
 
 def fresh_parameters(student: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -193,12 +193,8 @@ class Adaptation:
         self.scales = list(scales) if scales is not None else None  # per level (mean (N, d), std (N,))
         self.targets = [rearrange(t, "n h w d -> n (h w) d") for t in targets]
         self.weights = list(weights)
-        levels = [student.levels[i] for i in self.levels]
-        shared = student.entry > 0  # late level code: levels on one grid share their locations
-        self.keys = [l.grid if shared else i for i, l in zip(self.levels, levels)]
-        n = math.ceil(queries_per_image / len(levels)) if queries_per_image else None
-        self.sampled = {k: (n, l.num_locations) for k, l in zip(self.keys, levels)
-                        if n is not None and n < l.num_locations}
+        self.sampler = QuerySampler([student.levels[i] for i in self.levels], queries_per_image,
+                                    student.entry > 0)
 
     def subset(self, keep: torch.Tensor) -> None:
         """Keep only these images (indices into the current batch)."""
@@ -209,33 +205,19 @@ class Adaptation:
         if self.generators is not None:
             self.generators = [self.generators[i] for i in keep.tolist()]
 
-    def _draw(self) -> dict[Any, torch.Tensor]:
-        device, out = self.images.device, {}
-        for key, (n, total) in self.sampled.items():
-            if self.generators is None:
-                out[key] = torch.rand(len(self.images), total, device=device).argsort(1)[:, :n]
-            else:
-                out[key] = torch.stack([torch.randperm(total, generator=g)[:n] for g in self.generators]).to(device)
-        return {str(k): v for k, v in out.items()}
-
     def _predict(self, params: dict[str, torch.Tensor], image: torch.Tensor,
                  locs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         one = {k: v[None] for k, v in locs.items()}  # one object per key: levels on a grid share it
-        per_level = [one.get(str(k)) for k in self.keys]
-        return [p[0] for p in functional_call(self.student, params, (image[None], per_level, self.levels))]
+        return [p[0] for p in functional_call(self.student, params, (image[None], self.sampler.per_level(one),
+                                                                     self.levels))]
 
     def loss(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per image (N,): the weighted mean over levels of the MSE at this step's queries."""
-        locs = self._draw()
-        targets = []
-        for key, t in zip(self.keys, self.targets):
-            loc = locs.get(str(key))
-            targets.append(t if loc is None else t.gather(1, loc[..., None].expand(-1, -1, t.shape[-1])))
+        locs = self.sampler.draw(len(self.images), self.images.device, self.generators)
+        targets = [gather(t, loc) for t, loc in zip(self.targets, self.sampler.per_level(locs))]
 
         def one(p, image, tgt, loc):
-            preds = self._predict(p, image, loc)
-            losses = [w * F.mse_loss(y.float(), t) for w, y, t in zip(self.weights, preds, tgt)]
-            return torch.stack(losses).sum() / max(sum(self.weights), 1e-12)
+            return weighted_mse(self._predict(p, image, loc), tgt, self.weights)[0]
 
         return vmap(one)(params, self.images, targets, locs)
 
@@ -340,15 +322,13 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
         return _fit(module, images, seeds, recipe, progress, features, on_eval)
 
 
-def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
+def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
+           features: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], Adaptation, list]:
+    """The stacked starting parameters of every image's copy, the inner loop over the fitted
+    levels, and each level's standardization."""
     student, device = module.student, module.device
-    images = images.to(device)
-    if features is None:
-        with torch.no_grad():
-            features = module.targets(images)
-    start = time.perf_counter()  # the fitting alone: the teacher's forward is not counted
     z, stats = standardized_targets(module, images, recipe, features)
-    fitted = select_levels([l.name for l in module.levels], recipe.levels, "--levels")
+    fitted = select_levels(module.levels, recipe.levels, "--levels")
     if recipe.init == "fresh":
         init = [fresh_parameters(student, s) for s in seeds]
     else:
@@ -360,8 +340,19 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
     weights = [1.0] * len(module.levels) if recipe.official else module.loss_weights
     fit = Adaptation(student, images, [z[i] for i in fitted], [weights[i] for i in fitted], q, gens,
                      [stats[i] for i in fitted], fitted)
+    return params, fit, stats
+
+
+def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
+    device = module.device
+    images = images.to(device)
+    if features is None:
+        with torch.no_grad():
+            features = module.targets(images)
+    start = time.perf_counter()  # the fitting alone: the teacher's forward is not counted
+    params, fit, stats = _start(module, images, seeds, recipe, features)
     opt = recipe.optimizer(list(params.values()), 0.0 if recipe.official else module.hparams.weight_decay)
-    names = [module.levels[i].name for i in fitted]
+    names = [module.student.levels[i].name for i in fit.levels]
     active = list(range(len(images)))
     results: list[Fitted | None] = [None] * len(images)
     curves: list[list[tuple[int, float]]] = [[] for _ in images]
@@ -371,10 +362,7 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
     step = 0
     while True:
         if step % recipe.eval_every == 0 or step == recipe.max_steps or step in eval_at:
-            if step:
-                r2, preds = fit.evaluate(params)
-            else:
-                r2 = before
+            r2, preds = fit.evaluate(params) if step else (before, preds)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if on_eval is not None:
@@ -383,11 +371,10 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
             for j, i in enumerate(active):
                 mean = float(r2[j].mean())
                 curves[i].append((step, round(mean, 5)))
-                reached = mean >= recipe.target_r2
-                if reached or step == recipe.max_steps:
+                if mean >= recipe.target_r2 or step == recipe.max_steps:
                     results[i] = Fitted(
                         seed=int(seeds[i]), steps=step, seconds=time.perf_counter() - start,
-                        reached=reached, r2_before=dict(zip(names, before[i].tolist())),
+                        reached=mean >= recipe.target_r2, r2_before=dict(zip(names, before[i].tolist())),
                         r2_after=dict(zip(names, r2[j].tolist())), curve=curves[i],
                         params={n: p[j].detach().clone() for n, p in params.items()},
                         stats=[(m[i], s[i]) for m, s in stats])
@@ -400,15 +387,19 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
                 params, opt = _keep(params, opt, keep.to(device))
                 fit.subset(keep.to(device))
             bar.set_postfix(r2=f"{float(r2.mean(1).min()):.3f}", left=len(active))
-        losses = fit.step(params, opt)
-        if not torch.isfinite(losses).all():
-            bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
-            raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
-                              f"lower '--lr' (now {recipe.learning_rate():g}).")
+        _step(fit, params, opt, active, step, recipe)
         step += 1
         bar.update(1)
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def _step(fit: Adaptation, params, opt, active: list[int], step: int, recipe: FitRecipe) -> None:
+    losses = fit.step(params, opt)
+    if not torch.isfinite(losses).all():
+        bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
+        raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
+                          f"lower '--lr' (now {recipe.learning_rate():g}).")
 
 
 def fitted_module(module, fitted: Fitted):

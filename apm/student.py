@@ -23,9 +23,10 @@ from einops import rearrange
 from torch import nn
 
 from apm.codes import grid_coords, sincos_2d
-from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level, check_image_size, level_indices
+from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level, check_image_size, select_levels
 
 LEVEL_ENTRIES = ("first", "late")
+RGB = "rgb"  # the pixel level: each patch's mean colour
 
 
 class APMStudent(nn.Module):
@@ -208,7 +209,7 @@ class APMStudent(nn.Module):
         """All locations of the given levels (default all), each (B, h, w, d). Per grid and chunk of
         its locations (default all at once), W_P PE and the level-free work are done once and
         shared by every level on that grid; ``chunk`` bounds memory."""
-        levels = level_indices(self.levels, levels)
+        levels = select_levels(self.levels, levels)
         col = self.column_term(self.trigger(images))
         preds: dict[int, list[torch.Tensor]] = {lvl: [] for lvl in levels}
         for grid in dict.fromkeys(self.levels[lvl].grid for lvl in levels):

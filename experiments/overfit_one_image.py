@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from apm.analysis import island_figures, island_scores, load_images, summarize  # noqa: E402
+from apm.analysis import island_figures, island_scores, summarize  # noqa: E402
+from apm.loading import load_images  # noqa: E402
 from apm.module import APMModule  # noqa: E402
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from bench import write_results  # noqa: E402
 from overfit_one_image import overfit  # noqa: E402
 
-from apm.analysis import load_images  # noqa: E402
+from apm.loading import load_images  # noqa: E402
 from apm.codes import grid_coords  # noqa: E402
 from apm.module import APMModule  # noqa: E402
 

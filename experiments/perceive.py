@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import bench  # noqa: E402
 
-from apm.analysis import island_scores, load_trained_module  # noqa: E402
+from apm.analysis import island_scores  # noqa: E402
+from apm.loading import load_student  # noqa: E402
 from apm.cli import build_cli  # noqa: E402
 from apm.data import find_images, image_transform, load_image  # noqa: E402
 from apm.module import APMModule  # noqa: E402
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"distilling ({name}) on {len(train)} photographs for {a.minutes} min")
             ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, a.hidden, extra,
                                         teacher_args)
-        starts[name] = load_trained_module(str(ckpt), device)
+        starts[name] = load_student(str(ckpt), device=device)
         log(f"  {steps[name]} steps -> {ckpt}")
     hp = {k: v for k, v in starts["plain"].hparams.items() if not k.startswith("_")}
     starts["fresh"] = APMModule(**{**hp, "feature_cache": None}).to(device).eval()  # no statistics: each image's own

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import bench  # noqa: E402
 
 from apm import segment  # noqa: E402
-from apm.analysis import load_trained_module  # noqa: E402
+from apm.loading import load_student  # noqa: E402
 from apm.data import find_images  # noqa: E402
 from apm.perceive import FitRecipe  # noqa: E402
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
     start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
-    module = load_trained_module(str(a.ckpt), torch.device("cpu"))
+    module = load_student(str(a.ckpt), device="cpu")
     size = int(module.hparams.image_size)
     files = [str(f) for f in find_images(a.images)[: a.n]]
     photos, bad = segment.load_photos(files, size)

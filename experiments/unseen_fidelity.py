@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import bench  # noqa: E402
 
-from apm.analysis import island_scores, load_trained_module  # noqa: E402
+from apm.analysis import island_scores  # noqa: E402
+from apm.loading import load_student  # noqa: E402
 from apm.cli import build_cli  # noqa: E402
 from apm.data import find_images, image_transform, load_image  # noqa: E402
 
@@ -53,7 +54,7 @@ def distill(train_dir: Path, out: Path, steps: int, hidden: list[int], extra: li
 
 
 def score(ckpt: Path, images: list[tuple[str, torch.Tensor]]) -> dict:
-    module = load_trained_module(str(ckpt), torch.device("cpu"))
+    module = load_student(str(ckpt), device=torch.device("cpu"))
     per = {n: island_scores(module, img[None], k=8) for n, img in images}
     levels = list(next(iter(per.values())))
     r2 = {l: statistics.mean(per[n][l]["r2"][0] for n in per) for l in levels}

@@ -123,12 +123,14 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def select_levels(names: list[str], wanted: Sequence[int | str] | None, setting: str,
-                  default: Sequence[int] | None = None) -> list[int]:
-    """Resolve a user's level selection (indices, negative indices, or names) to indices.
+def select_levels(levels: Sequence[str | Level], wanted: Sequence[int | str] | None,
+                  setting: str = "levels", default: Sequence[int] | None = None) -> list[int]:
+    """The one level resolver: the indices into ``levels`` (names or ``Level``s) of a selection by
+    index, negative index or name; ``default`` (else all) when ``wanted`` is None.
 
     Raises ConfigError naming ``setting`` and the valid choices when one is out of range.
     """
+    names = [l if isinstance(l, str) else l.name for l in levels]
     if wanted is None:
         return list(default if default is not None else range(len(names)))
     if isinstance(wanted, (int, str)):
@@ -155,13 +157,6 @@ def select_levels(names: list[str], wanted: Sequence[int | str] | None, setting:
     if len(set(out)) != len(out):
         raise ConfigError(f"Setting {setting!r}: a level is selected twice in {list(wanted)}.")
     return out
-
-
-def level_indices(levels: Sequence[Level], wanted: Sequence[int | str] | None = None,
-                  setting: str = "levels") -> list[int]:
-    """Indices into ``levels`` of the wanted ones (indices, negative indices or names); all of
-    them when ``wanted`` is None."""
-    return select_levels([l.name for l in levels], wanted, setting)
 
 
 def check_image_size(image_size: int, multiple: int, what: str) -> None:

@@ -315,23 +315,29 @@ def zero_shot_logits(image_embedding: torch.Tensor, classifier: torch.Tensor) ->
     return 100.0 * F.normalize(image_embedding.float(), dim=-1) @ classifier.float().T
 
 
-def _variant(name: str, model_name: str, weights: str, doc: str) -> None:
-    def factory(pretrained: bool = True, **kwargs) -> CLIPTeacher:
-        kwargs.setdefault("model_name", model_name)
-        kwargs.setdefault("weights", weights)
-        return CLIPTeacher(pretrained=pretrained, **kwargs)
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    register_teacher(factory, name=name)
+@register_teacher
+def clip_vit_b16(pretrained: bool = True, **kwargs) -> CLIPTeacher:
+    """OpenAI CLIP ViT-B/16 (open_clip ViT-B-16, openai)."""
+    return CLIPTeacher(**{"model_name": "ViT-B-16", "weights": "openai", **kwargs}, pretrained=pretrained)
 
 
-_variant("clip_vit_b16", "ViT-B-16", "openai", "OpenAI CLIP ViT-B/16 (open_clip ViT-B-16, openai).")
-_variant("clip_vit_l14", "ViT-L-14", "openai", "OpenAI CLIP ViT-L/14 (open_clip ViT-L-14, openai).")
-_variant("clip_vit_h14", "ViT-H-14", "laion2b_s32b_b79k",
-         "OpenCLIP ViT-H/14 trained on LAION-2B (open_clip ViT-H-14, laion2b_s32b_b79k).")
-_variant("clip_vit_h14_dfn", "ViT-H-14", "dfn5b",
-         "DFN-5B CLIP ViT-H/14 (open_clip ViT-H-14, dfn5b).")
+@register_teacher
+def clip_vit_l14(pretrained: bool = True, **kwargs) -> CLIPTeacher:
+    """OpenAI CLIP ViT-L/14 (open_clip ViT-L-14, openai)."""
+    return CLIPTeacher(**{"model_name": "ViT-L-14", "weights": "openai", **kwargs}, pretrained=pretrained)
+
+
+@register_teacher
+def clip_vit_h14(pretrained: bool = True, **kwargs) -> CLIPTeacher:
+    """OpenCLIP ViT-H/14 trained on LAION-2B (open_clip ViT-H-14, laion2b_s32b_b79k)."""
+    return CLIPTeacher(**{"model_name": "ViT-H-14", "weights": "laion2b_s32b_b79k", **kwargs},
+                       pretrained=pretrained)
+
+
+@register_teacher
+def clip_vit_h14_dfn(pretrained: bool = True, **kwargs) -> CLIPTeacher:
+    """DFN-5B CLIP ViT-H/14 (open_clip ViT-H-14, dfn5b)."""
+    return CLIPTeacher(**{"model_name": "ViT-H-14", "weights": "dfn5b", **kwargs}, pretrained=pretrained)
 
 
 @register_teacher(name="clip")

@@ -225,23 +225,60 @@ def _load_pretrained(model_name: str) -> transformers.PreTrainedModel:
     )
 
 
-def _variant(size: str, registers: bool):
-    name = f"dinov2_{size}" + ("_reg" if registers else "")
-    hf = f"facebook/dinov2-{'with-registers-' if registers else ''}{size}"
-
-    def factory(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
-        kwargs.setdefault("model_name", hf)
-        return DINOv2Teacher(pretrained=pretrained, size=None if pretrained else size,
-                             registers=None if pretrained else (4 if registers else 0), **kwargs)
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"DINOv2 {size}{' with 4 registers' if registers else ''} ({hf})."
-    register_teacher(factory, name=name)
+def _released(size: str, registers: bool, pretrained: bool, kwargs: dict) -> DINOv2Teacher:
+    """A released DINOv2 (``size``, with or without registers): its weights, or with
+    ``pretrained=False`` its architecture with random weights."""
+    kwargs.setdefault("model_name", f"facebook/dinov2-{'with-registers-' if registers else ''}{size}")
+    return DINOv2Teacher(pretrained=pretrained, size=None if pretrained else size,
+                         registers=None if pretrained else (4 if registers else 0), **kwargs)
 
 
-for _size in ("small", "base", "large", "giant"):
-    for _reg in (False, True):
-        _variant(_size, _reg)
+@register_teacher
+def dinov2_small(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 small (facebook/dinov2-small)."""
+    return _released("small", False, pretrained, kwargs)
+
+
+@register_teacher
+def dinov2_small_reg(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 small with 4 registers (facebook/dinov2-with-registers-small)."""
+    return _released("small", True, pretrained, kwargs)
+
+
+@register_teacher
+def dinov2_base(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 base (facebook/dinov2-base)."""
+    return _released("base", False, pretrained, kwargs)
+
+
+@register_teacher
+def dinov2_base_reg(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 base with 4 registers (facebook/dinov2-with-registers-base)."""
+    return _released("base", True, pretrained, kwargs)
+
+
+@register_teacher
+def dinov2_large(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 large (facebook/dinov2-large)."""
+    return _released("large", False, pretrained, kwargs)
+
+
+@register_teacher
+def dinov2_large_reg(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 large with 4 registers (facebook/dinov2-with-registers-large)."""
+    return _released("large", True, pretrained, kwargs)
+
+
+@register_teacher
+def dinov2_giant(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 giant (facebook/dinov2-giant)."""
+    return _released("giant", False, pretrained, kwargs)
+
+
+@register_teacher
+def dinov2_giant_reg(pretrained: bool = True, **kwargs) -> DINOv2Teacher:
+    """DINOv2 giant with 4 registers (facebook/dinov2-with-registers-giant)."""
+    return _released("giant", True, pretrained, kwargs)
 
 
 @register_teacher

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apm.analysis import module_from_config
+from apm.loading import load_student
 from apm.classify import (classification_recipe, classify_batch, read_class_names, scan_folder,
                           summarize)
 from apm.cli import main
@@ -44,7 +44,7 @@ def configs(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def module(configs):
-    return module_from_config(configs, CPU)
+    return load_student(configs=configs, device=CPU)
 
 
 def labelled_folder(root: Path, classes: dict[str, list[str]] = CLASSES) -> Path:
@@ -289,7 +289,7 @@ def test_warm_start_from_a_distilled_clip_student(distilled, tmp_path):
     statistics have a large mean (random CLIP embeddings share a direction), so a readout that
     skipped decoding would answer differently; the recorded answers equal the fitted student's
     through APMModule.predict_features."""
-    from apm.analysis import load_trained_module
+    from apm.loading import load_student
 
     data = labelled_folder(tmp_path / "data")
     templates = tmp_path / "templates.txt"
@@ -299,7 +299,7 @@ def test_warm_start_from_a_distilled_clip_student(distilled, tmp_path):
                  "--templates", str(templates), "--steps", "0", "30", "--no-progress", "--device", "cpu"]) == 0
     lines = read_lines(out / "classify.jsonl")
     assert all(x["protocol"] == "ours" and x["init"] == "trained" for x in lines)
-    module = load_trained_module(str(distilled), CPU)
+    module = load_student(str(distilled), device=CPU)
     g = [l.name for l in module.levels].index("global")
     mean, std = module.standardizer.mean(g), module.standardizer.std(g)
     assert mean.norm() > 2 * std * mean.numel() ** 0.5  # the mean is most of every embedding

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from apm.analysis import load_images, load_trained_module
+from apm.loading import load_images, load_student
 from apm.cli import main
 from apm.data import APMDataModule, image_transform, skimage_photo
 from apm.errors import ConfigError
@@ -140,7 +140,7 @@ def test_two_teacher_checkpoint_in_eval_islands_and_interpolate(run, tmp_path):
     assert list(res["levels"]) == SMOKE_LEVELS  # one row per level of each teacher, then rgb
     assert all(np.isfinite(v) for m in res["levels"].values() for v in m.values())
     # R^2 of an MViTv2 level (its own grid) against a numpy computation from the features
-    module = load_trained_module(ckpt, torch.device("cpu"))
+    module = load_student(ckpt, device=torch.device("cpu"))
     images = torch.stack([img for _, img in load_images(["skimage:astronaut,coffee"], 112)])
     i = SMOKE_LEVELS.index("mvitv2_tiny/block2")
     t = module.targets(images)[i].reshape(2, -1, module.levels[i].dim).double().numpy()

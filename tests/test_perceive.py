@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 
 from apm import APM
-from apm.analysis import load_images, load_trained_module
+from apm.loading import load_images, load_student
 from apm.cli import main
 from apm.codes import grid_coords
 from apm.data import skimage_photo
@@ -62,7 +62,7 @@ def test_perceive_command_fits_an_unseen_photograph_and_its_student_reloads(trai
         assert Path(line[key]).is_file()
     # the fitted student reloads through the tools' loader and scores what the fit recorded,
     # measured here on the teacher's scale by a separate code path
-    module = load_trained_module(line["ckpt"], CPU)
+    module = load_student(line["ckpt"], device=CPU)
     r2 = module.evaluate(unseen()[None])
     for name, value in line["r2_after"].items():
         assert r2[name]["r2"].item() == pytest.approx(value, abs=1e-4)
@@ -91,7 +91,7 @@ def test_perceive_fits_only_the_chosen_levels(trained, tmp_path, capsys):
     assert set(line["r2_after"]) == set(line["ari_after"]) == {"block3", "rgb"}
     assert line["r2_mean_after"] > line["r2_mean_before"] + 0.1
     # block1, not fitted, is not what was fitted: its R^2 moves less than the fitted levels'
-    before, after = (load_trained_module(p, CPU).evaluate(unseen()[None]) for p in (trained, line["ckpt"]))
+    before, after = (load_student(p, device=CPU).evaluate(unseen()[None]) for p in (trained, line["ckpt"]))
     gain = {n: after[n]["r2"].item() - before[n]["r2"].item() for n in ("block1", "block3", "rgb")}
     assert gain["block3"] > gain["block1"] and gain["rgb"] > gain["block1"], gain
     capsys.readouterr()
@@ -110,7 +110,7 @@ def test_warm_start_from_the_distilled_student_reaches_the_target_sooner(trained
     """What distillation buys at test time, on the photographs distilled on: the trained student
     starts near the target, a fresh one (same recipe, each image's own statistics) needs many
     steps. A warm start that loses the weights or the statistics fails this."""
-    module = load_trained_module(str(trained), CPU)
+    module = load_student(str(trained), device=CPU)
     hp = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
     images = torch.stack([img for _, img in load_images([TRAIN], 224)])
     warm = steps_to(module, images, "trained", 0.45)
@@ -119,7 +119,7 @@ def test_warm_start_from_the_distilled_student_reaches_the_target_sooner(trained
 
 
 def test_batched_fitting_equals_one_image_at_a_time(trained):
-    module = load_trained_module(str(trained), CPU)
+    module = load_student(str(trained), device=CPU)
     images = torch.stack([img for _, img in load_images(["skimage:chelsea,coffee,moon"], 224)])
     recipe = FitRecipe(init="fresh", max_steps=12, eval_every=4)
     batch = fit_images(module, images, [5, 6, 7], recipe, progress=False)
@@ -135,7 +135,7 @@ def test_batched_fitting_equals_one_image_at_a_time(trained):
 
 
 def test_official_protocol_starts_fresh_with_raw_targets(trained):
-    module = load_trained_module(str(trained), CPU)
+    module = load_student(str(trained), device=CPU)
     hp = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
     untrained = APMModule(**hp).eval()
     official = FitRecipe(protocol="official", max_steps=0)
@@ -289,3 +289,23 @@ def test_api_from_config_starts_fresh_by_default(trained):
     assert record["init"] == "fresh"
     with pytest.raises(ConfigError, match="--protocol official"):
         untrained.perceive(unseen(), protocol="official", init="trained", max_steps=0, progress=False)
+
+
+def test_save_pretrained_writes_a_folder_that_loads_without_pickle(trained, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    apm = APM.from_pretrained(trained, device="cpu")
+    folder = apm.save_pretrained(tmp_path / "student")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["hyper_parameters"]["teacher"] == "dinov2_tiny" and config["apm"]["teacher"]["levels"]
+    assert set(load_file(folder / "model.safetensors")) == set(apm.module.state_dict())  # tensors only
+    again = APM.from_pretrained(folder, device="cpu")
+    img = unseen()
+    for lvl in apm.levels:
+        torch.testing.assert_close(again.features(img, lvl), apm.features(img, lvl))
+    assert main(["eval", "--ckpt", str(folder), "--images", UNSEEN, "--json", str(tmp_path / "e.json"),
+                 "--device", "cpu"]) == 0  # the tools load it too
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="save_pretrained"):
+        APM.from_pretrained(folder, device="cpu")

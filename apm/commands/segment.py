@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 
 from apm import segment
-from apm.analysis import load_trained_module, module_from_config, pick_device, resolve_levels
+from apm.commands.common import student_from_args
 from apm.errors import ConfigError
+from apm.loading import pick_device
+from apm.student import RGB
+from teachers.base import select_levels
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,28 +60,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _module(a: argparse.Namespace, device: torch.device):
-    from apm.analysis import config_settings
-
-    if a.ckpt:
-        return load_trained_module(a.ckpt, device, **(config_settings(a.config) if a.config else {}))
-    if a.config:
-        return module_from_config(a.config, device)
-    raise ConfigError("apm segment needs --ckpt (a trained student) or --config (a teacher, e.g. "
-                      "--config configs/apm.yaml).")
+    return student_from_args(a, "segment", "a teacher alone", device)
 
 
 def _plan(a: argparse.Namespace, module) -> segment.Plan:
-    from apm.islands import RGB_LEVEL
     from apm.perceive import FitRecipe
 
     if min(a.k) < 1 or min(a.tree_k) < 1:
         raise ConfigError(f"Settings '--k' {a.k} and '--tree-k' {a.tree_k}: cluster counts must be 1 or more.")
     names = [l.name for l in module.levels]
-    levels = resolve_levels(names, a.levels) if a.levels else [i for i, n in enumerate(names) if n != RGB_LEVEL]
+    levels = select_levels(names, a.levels, "--levels") if a.levels else [i for i, n in enumerate(names) if n != RGB]
     trained = bool(module.standardizer.ready)
     recipe = (FitRecipe(init="trained" if trained else "fresh", target_r2=a.target_r2, max_steps=a.max_steps,
                         levels=[names[i] for i in levels]) if a.perceive else None)
-    fine = resolve_levels(names, a.upsample_levels) if a.upsample_levels else levels[-1:]
+    fine = select_levels(names, a.upsample_levels, "--upsample-levels") if a.upsample_levels else levels[-1:]
     return segment.Plan(levels=levels, ks=sorted(set(a.k)), seed=a.seed, n_init=a.n_init, student=trained,
                         recipe=recipe, fine=a.upsample, fine_levels=fine if a.upsample > 1 else [],
                         tree_k=tuple(a.tree_k))
@@ -88,7 +83,7 @@ def _trees(a: argparse.Namespace, module, plan: segment.Plan, photos: dict, resu
     """Parse-tree figures (teacher and every scored student) of the first --tree-images images."""
     names = [module.levels[i].name for i in plan.levels]
     if a.tree_levels:
-        wanted = [module.levels[i].name for i in resolve_levels([l.name for l in module.levels], a.tree_levels)]
+        wanted = [module.levels[i].name for i in select_levels(module.levels, a.tree_levels, "--tree-levels")]
     else:
         wanted = list(dict.fromkeys(names[round(j * (len(names) - 1) / 3)] for j in range(4)))
     lo, up = plan.tree_k

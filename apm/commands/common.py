@@ -1,0 +1,57 @@
+"""What the commands share: their parser, the student options (--ckpt / --config) and the
+embedding options of the figure commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from apm.errors import ConfigError
+from apm.loading import load_student
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"apm {prog}", description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def student_args(p: argparse.ArgumentParser, ckpt_help: str, config_help: str,
+                 required: bool = False) -> None:
+    """--ckpt (a trained student) and --config (repeatable LightningCLI configs)."""
+    p.add_argument("--ckpt", required=required, help=ckpt_help)
+    if config_help:
+        p.add_argument("--config", action="append", default=None, help=config_help)
+
+
+def student_from_args(a: argparse.Namespace, command: str, fresh: str, device):
+    """The student a command works on: --ckpt (checked against --config when both are given), or
+    a fresh one of --config; ConfigError naming both options when neither is."""
+    configs = getattr(a, "config", None)
+    if not a.ckpt and not configs:
+        raise ConfigError(f"apm {command} needs --ckpt (a trained student) or --config ({fresh}, e.g. "
+                          f"--config configs/apm.yaml).")
+    return load_student(a.ckpt, configs, device)
+
+
+def recipe_from_args(a: argparse.Namespace, protocol: str, **kwargs):
+    """The fitting recipe of a command's --protocol, --init, --lr and --queries: ``init`` defaults
+    to trained with --ckpt and fresh without (the official protocol is always fresh)."""
+    from apm.perceive import FitRecipe
+
+    init = a.init or (None if protocol == "official" else "trained" if a.ckpt else "fresh")
+    if init == "trained" and not a.ckpt and protocol == "ours":
+        raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
+                          "with --config alone the student is fresh (--init fresh).")
+    return FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries, **kwargs)
+
+
+def embedding_args(p: argparse.ArgumentParser, method: str = "tsne") -> None:
+    p.add_argument("--levels", nargs="+", default=None,
+                   help="levels to show, by name (block1, rgb, ...) or index; default all")
+    p.add_argument("--method", choices=("tsne", "pca"), default=method,
+                   help="embedding of features into RGB: joint t-SNE, or the first 3 principal components")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    p.add_argument("--seed", type=int, default=0, help="seed of t-SNE, PCA and k-means")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
+
+
+IMAGES_HELP = "image files, folders, or skimage:NAME[,NAME...] (embedded photographs)"
