@@ -23,6 +23,7 @@ from apm.meta import reptile_step
 from apm.objective import QuerySampler, gather, warmup_cosine, weighted_mse
 from apm.standardize import LevelStandardizer
 from apm.targets import TeacherTargets
+from apm.glom import GLOMStudent, glom_settings
 from apm.student import LEVEL_ENTRIES, RGB, APMStudent
 from teachers import Level
 from teachers.base import TEACHER_PRECISIONS, check_image_size, select_levels
@@ -33,6 +34,7 @@ from teachers.multi import DEFAULT_TEACHER, build_teacher
 # entered before that was a setting.
 LEGACY_DEFAULTS = {"pe_max_freq": 64.0, "level_entry": "first"}
 DEFAULT_LEVEL_ENTRY = "late"
+STUDENTS = ("apm", "glom")
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,22 @@ def check_settings(hp: Any) -> None:
     if hp.level_entry not in LEVEL_ENTRIES:
         raise ConfigError(f"Setting 'model.level_entry': {hp.level_entry!r} is not one of "
                           f"{', '.join(LEVEL_ENTRIES)}.")
+    check_student_settings(hp)
+
+
+def check_student_settings(hp: Any) -> None:
+    """ConfigError naming ``model.student`` or ``model.glom`` for values they cannot take."""
+    student = hp.get("student", "apm")
+    if student not in STUDENTS:
+        raise ConfigError(f"Setting 'model.student': {student!r} is not one of {', '.join(STUDENTS)}.")
+    if hp.get("glom") is not None and student != "glom":
+        raise ConfigError("Setting 'model.glom' is given but 'model.student' is 'apm'; set "
+                          "'model.student: glom' (or drop 'model.glom').")
+    if student == "glom":
+        try:
+            glom_settings(hp.get("glom"))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"Setting 'model.glom': {e}.") from None
 
 
 def level_loss_weights(names: Sequence[str], rgb_weight: float,
@@ -133,6 +151,19 @@ class APMModule(L.LightningModule):
             ``ours`` recipe of apm/perceive.py), then moves the shared weights toward the mean of
             the fitted copies, using the AdamW above with ``lr`` on the difference.
         meta_inner_lr: Learning rate of the inner AdamW (``apm perceive``'s default is 1e-3).
+        student: ``apm`` (default: the column filter and the shared field MLP above) or ``glom``
+            (Hinton's GLOM, apm/glom.py: a column of level states per patch, updated for T iterations
+            by bottom-up and top-down nets and parameter-free attention within each level; a head
+            per level). Training, evaluation, fitting and every tool work with either. GLOM uses
+            ``pe_dim`` and ``pe_max_freq``; ``hidden_dims``, ``level_dim``, ``level_entry`` and
+            ``column_filters`` are APM's only. See docs/glom.md.
+        glom: GLOM's settings (with ``student: glom``), each optional: ``dim`` (state width per level,
+            128), ``hidden`` (bottom-up and top-down nets' hidden width, 256), ``iterations`` (T, 3),
+            ``beta`` (attention inverse temperature, 1.0), ``window`` (attend within this many cells,
+            null = the whole grid), ``agreement`` (weight of the level above's similarities in the
+            attention, 0.0), ``chunk`` (attention rows per block, 256: bounds memory),
+            ``every_iteration`` (the loss on every iteration's readout, not only the last; training
+            only, false), ``attention`` and ``top_down`` (false drops that term: ablations, true).
     """
 
     def __init__(
@@ -163,6 +194,8 @@ class APMModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         meta_inner_steps: int = 0,
         meta_inner_lr: float = 1e-3,
+        student: str = "apm",
+        glom: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -187,10 +220,15 @@ class APMModule(L.LightningModule):
         self.target_source = TeacherTargets(self.teacher, rgb, patch_size)
         self.standardizer = LevelStandardizer([l.dim for l in self.levels])
 
-    def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str) -> APMStudent:
+    def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str
+                     ) -> APMStudent | GLOMStudent:
         hp = self.hparams
-        student = APMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, hp.level_dim,
-                             hp.hidden_dims, pe_max_freq, level_entry, hp.column_filters)
+        if hp.student == "glom":
+            student = GLOMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, pe_max_freq,
+                                  **(hp.glom or {}))
+        else:
+            student = APMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, hp.level_dim,
+                                 hp.hidden_dims, pe_max_freq, level_entry, hp.column_filters)
         if hp.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
             student.compile(**({} if hp.compile is True else {"backend": hp.compile}))
         return student
@@ -258,10 +296,13 @@ class APMModule(L.LightningModule):
         teacher's scale: queries sampled per level, MSE on the standardized scale, weighted mean
         over levels. Returns the loss and per-level ``train/loss_*`` and ``train/cos_*``."""
         locs = self.sample_locations(images.shape[0], images.device)
-        preds = self.student(images, locs)
         targets = [gather(f, loc) for f, loc in zip(feats, locs)]
         z = [self.standardizer.encode(i, t) for i, t in enumerate(targets)]
-        loss, losses = weighted_mse(preds, z, self.loss_weights)
+        every = getattr(self.student, "settings", {}).get("every_iteration")  # GLOM's option
+        steps = self.student.iterate(images, locs) if every else [self.student(images, locs)]
+        per_step = [weighted_mse(p, z, self.loss_weights) for p in steps]  # the mean over them
+        preds, losses = steps[-1], per_step[-1][1]
+        loss = per_step[0][0] if len(per_step) == 1 else torch.stack([l for l, _ in per_step]).mean()
         logs = {}
         for i, (lvl, t, p, l) in enumerate(zip(self.levels, targets, preds, losses)):
             cos = F.cosine_similarity(self.standardizer.decode(i, p.float()), t, dim=-1).mean()
