@@ -151,16 +151,19 @@ def _module_from_saved(path: str | Path, setting: str, overrides: dict[str, Any]
     hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
     module = APMModule(**{**LEGACY_DEFAULTS, **hp, "compile": False, "feature_cache": None,
                           **(overrides or {})})
-    restore(module, ckpt, path, setting)
+    restore(module, ckpt, path, setting, legacy=False)  # built with the legacy defaults already
     return module
 
 
-def restore(module, ckpt: dict[str, Any], path: str | Path, setting: str) -> None:
+def restore(module, ckpt: dict[str, Any], path: str | Path, setting: str, legacy: bool = True) -> None:
     """Load a checkpoint's student and statistics into ``module`` after checking that it holds
-    the same teacher and shapes (ConfigError naming ``setting`` otherwise)."""
+    the same teacher and shapes (ConfigError naming ``setting`` otherwise). ``legacy``: first give
+    ``module`` the settings a checkpoint from before they existed was trained with, as
+    ``apm fit --ckpt_path`` does."""
     from apm.checkpoints import check_compatible
 
-    module._adopt_legacy_settings(ckpt)
+    if legacy:
+        module._adopt_legacy_settings(ckpt)
     check_compatible(ckpt, module, path, setting)
     module.load_state_dict(ckpt["state_dict"])
 
