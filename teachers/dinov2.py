@@ -86,8 +86,9 @@ class DINOv2Teacher(Teacher):
                 )
             self.model = self._random(model_name, size, registers, config_overrides or {}, seed)
             self.weights_source = f"random (seed {seed})"
-        sha = f" sha256={self.weights_sha256[:12]}" if self.weights_sha256 else ""
-        log.info("Teacher weights: %s%s", self.weights_source, sha)
+        if pretrained:  # random weights are named by the config; where real ones came from is news
+            sha = f" sha256={self.weights_sha256[:12]}" if self.weights_sha256 else ""
+            log.info("Teacher weights: %s%s", self.weights_source, sha)
         cfg = self.model.config
         self.num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         names = ["embed"] + [f"block{i}" for i in range(1, cfg.num_hidden_layers + 1)]

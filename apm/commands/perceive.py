@@ -63,6 +63,7 @@ def main(argv: list[str]) -> int:
     module = student_from_args(a, "perceive", "a fresh student of that config's teacher", device)
     recipe = recipe_from_args(a, a.protocol, target_r2=a.target_r2, max_steps=a.max_steps,
                               eval_every=a.eval_every, levels=a.levels)
+    select_levels(module.levels, a.levels, "--levels")  # a bad level is named before any work
     images = load_images(a.images, module.hparams.image_size, skip_bad=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
