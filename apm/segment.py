@@ -506,12 +506,15 @@ class Plan:
         levels: The module's level indices scored (and nested, in this order).
         ks: k-means cluster counts; ODS and OIS choose among them.
         seed: Seed of k-means, of the random partitions and of the fitting (``image_seed``).
-        n_init: k-means++ starts per k-means.
+        n_init: k-means++ starts per k-means on a level's grid.
         student: Score the module's own student (False for an untrained one).
         recipe: A ``FitRecipe``: fit a copy of the student to each image first (``fitted``).
         fine: > 1: also score islands at ``fine`` times the grid, the teacher's features upsampled
-            bilinearly against the (fitted) student queried there, for ``fine_levels``.
+            bilinearly against the (fitted) student queried there, for ``fine_levels``, with
+            ``fine_n_init`` k-means++ starts (fine**2 times the points: each start costs as much more).
         tree_k: (lower, upper): k of the lower and of the upper level of each nested pair.
+        reseed: Also cluster the teacher's features with k-means seeded ``seed + 1``
+            (``teacher_reseeded``): how far the measures move with k-means' seed alone.
     """
 
     levels: list[int]
@@ -522,7 +525,9 @@ class Plan:
     recipe: object | None = None
     fine: int = 0
     fine_levels: list[int] = field(default_factory=list)
+    fine_n_init: int = 3
     tree_k: tuple[int, int] = (8, 4)
+    reseed: bool = False
 
 
 def load_photos(specs: Sequence[str], size: int) -> tuple[list[tuple[str, torch.Tensor, tuple[int, int]]], list[str]]:
@@ -594,7 +599,7 @@ def fine_scores(module, fitted, image: torch.Tensor, targets: Sequence[torch.Ten
         if student is not None:
             feats[f"{who}_queried"] = student_features(student, image, lvl, grid)
             feats[f"{who}_bilinear"] = upsample_features(student_features(student, image, lvl, module.levels[lvl].grid), grid)
-        out[module.levels[lvl].name] = {s: score_maps(kmeans_maps(f, plan.ks, plan.seed, plan.n_init), truth)
+        out[module.levels[lvl].name] = {s: score_maps(kmeans_maps(f, plan.ks, plan.seed, plan.fine_n_init), truth)
                                         for s, f in feats.items()}
     return out
 
@@ -613,6 +618,8 @@ def score_image(module, name: str, image: torch.Tensor, truth: Truth, plan: Plan
     names = [module.levels[i].name for i in plan.levels]
     ks = sorted(set(plan.ks) | set(plan.tree_k))
     maps = {s: {n: kmeans_maps(f, ks, plan.seed, plan.n_init) for n, f in zip(names, fs)} for s, fs in feats.items()}
+    if plan.reseed:
+        maps["teacher_reseeded"] = {n: kmeans_maps(f, ks, plan.seed + 1, plan.n_init) for n, f in zip(names, feats["teacher"])}
     pick = lambda m: {k: m[k] for k in plan.ks}  # noqa: E731
     scores = {s: {n: score_maps(pick(m), truth) for n, m in lv.items()} for s, lv in maps.items()}
     patch = module.student.patch_size

@@ -16,6 +16,7 @@ Writes ``experiments/results/segment_real_cpu.json`` and figures under ``experim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -73,7 +74,7 @@ def islands_figure(results: list[dict], truths: dict, photos: dict, levels: list
     for r, res in enumerate(results):
         img = image_to_array(photos[res["name"]])
         gt = truths[res["name"]].maps[0]
-        panels = [(img, res["name"]), (segment.island_colours(img, gt)[gt], "person")]
+        panels = [(img, "photograph"), (segment.island_colours(img, gt)[gt], "person")]
         for lvl in levels:
             for s in sources:
                 m = segment.compact(res["maps"][s][lvl][k])
@@ -81,8 +82,9 @@ def islands_figure(results: list[dict], truths: dict, photos: dict, levels: list
         for c, (p, title) in enumerate(panels):
             axes[r, c].imshow(np.clip(p, 0, 1), interpolation="nearest")
             axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
-            if r == 0 or c == 0:
+            if r == 0 and c:
                 axes[r, c].set_title(title, fontsize=7)
+        axes[r, 0].set_ylabel(res["name"], fontsize=7)
     fig.suptitle(f"k-means islands (k={k}) beside one person's segmentation", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,11 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gt", type=Path, default=DATA / "groundTruth" / "val")
     p.add_argument("--n", type=int, default=20, help="photographs (the first n of the folder, sorted)")
     p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 6, 8, 12])
-    p.add_argument("--target-r2", type=float, default=0.9)
-    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--target-r2", type=float, default=0.95)
+    p.add_argument("--max-steps", type=int, default=400)
+    p.add_argument("--n-init", type=int, default=10, help="k-means++ starts on a level's grid")
     p.add_argument("--upsample", type=int, default=4)
     p.add_argument("--upsample-levels", nargs="+", default=["block6", "block12"])
     p.add_argument("--tree-k", type=int, nargs=2, default=[8, 4])
+    p.add_argument("--tree-image", default="101087", help="the photograph drawn as a parse tree")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads: 1 on a shared CPU (two threads of a busy machine spin and wait)")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "segment_real_cpu.json")
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = segment.Plan(levels=levels, ks=a.k, recipe=FitRecipe(target_r2=a.target_r2, max_steps=a.max_steps,
                                                                 levels=[names[i] for i in levels]),
                         fine=a.upsample, fine_levels=[names.index(n) for n in a.upsample_levels],
-                        tree_k=tuple(a.tree_k))
+                        tree_k=tuple(a.tree_k), reseed=True, n_init=a.n_init)
     results = []
     for name, img, _ in photos:
         if name in truths:
@@ -134,26 +138,48 @@ def main(argv: list[str] | None = None) -> dict:
     print(segment.format_tables(summary))
     print(f"{len(results)} photographs in {seconds:.0f} s, {cpu:.0f} CPU-s (load average before: {load[0]:.1f})")
     img = {n: im for n, im, _ in photos}
-    figures = tree_figures(results[0], img, names, levels, plan, a.figures)
-    figures.append(str(islands_figure(results[:3], truths, img, ["block3", "block6", "block12"], 6,
+    tree = next((r for r in results if r["name"] == a.tree_image), results[0])
+    figures = tree_figures(tree, img, names, levels, plan, a.figures)
+    figures.append(str(islands_figure(results[:4], truths, img, ["block3", "block6", "block12"], 6,
                                       a.figures / "islands_vs_people.png")))
     ckpt = torch.load(a.ckpt, map_location="cpu", weights_only=True)
     doc = segment.to_json(summary, results, images=[r["name"] for r in results], skipped=bad + bad_gt,
                           figures=figures, seconds=round(seconds, 1), cpu_seconds=round(cpu, 1),
                           loadavg_after=os.getloadavg(), published=PUBLISHED,
-                          gaps={s: gaps(summary, s) for s in ("student", "fitted")},
+                          gaps={s: gaps(summary, s) for s in ("student", "fitted", "teacher_reseeded")},
                           goals={"fitted_within_teacher": goal_met(gaps(summary, "fitted")),
+                                 "teacher_reseeded_within_teacher": goal_met(gaps(summary, "teacher_reseeded")),
                                  "under_10_minutes_for_20": bool(seconds < 600 and len(results) >= 20),
                                  "under_10_cpu_minutes_for_20": bool(cpu < 600 and len(results) >= 20)},
                           settings={"ckpt": str(a.ckpt), "distilled_steps": int(ckpt.get("global_step", 0)),
                                     "teacher_weights": module.teacher.weights_source, "image_size": size,
                                     "k": a.k, "target_r2": a.target_r2, "max_steps": a.max_steps,
                                     "upsample": a.upsample, "upsample_levels": a.upsample_levels,
-                                    "tree_k": a.tree_k, "n_init": plan.n_init, "vi_units": "bits",
+                                    "tree_k": a.tree_k, "n_init": plan.n_init, "fine_n_init": plan.fine_n_init, "vi_units": "bits",
                                     "threads": a.threads,
                                     "loadavg_before": load, "device": bench.device_info(torch.device("cpu"))})
-    bench.write_results(a.json, doc)
+    write(doc, a.json, a.figures / "per_image.json")
     return doc
+
+
+def rounded(x, digits: int = 4):
+    """Floats in nested dicts and lists rounded (the per-image file stays small)."""
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return [rounded(v, digits) for v in x] if isinstance(x, list) else x
+
+
+def write(doc: dict, path: Path, per_image_path: Path) -> None:
+    """The summary to ``path`` (indented) and the per-image scores (every source, level and k) to
+    ``per_image_path`` (compact, 4 decimals)."""
+    doc = dict(doc)
+    per_image = doc.pop("per_image")
+    doc["per_image_file"] = str(per_image_path.relative_to(ROOT) if per_image_path.is_relative_to(ROOT) else per_image_path)
+    per_image_path.parent.mkdir(parents=True, exist_ok=True)
+    per_image_path.write_text(json.dumps(rounded(per_image), separators=(",", ":")) + "\n")
+    bench.write_results(path, doc)
 
 
 def tree_figures(result: dict, photos: dict, names: list[str], levels: list[int], plan: segment.Plan,

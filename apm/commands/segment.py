@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-r2", type=float, default=0.9, help="fitting: stop at this mean R^2 over the levels")
     p.add_argument("--upsample", type=int, default=0,
                    help="> 1: also islands at this many times the grid: the teacher's grid upsampled "
-                   "bilinearly against the (fitted) student queried there")
+                   "bilinearly against the (fitted) student queried there (k-means with 3 starts there)")
     p.add_argument("--upsample-levels", nargs="+", default=None, help="levels of --upsample; default the last")
     p.add_argument("--tree-k", nargs=2, type=int, default=[8, 4], metavar=("LOWER", "UPPER"),
                    help="k of the lower and of the upper level in the nesting of adjacent levels")
@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tree-images", type=int, default=1, help="images drawn as parse trees with --figures")
     p.add_argument("--tree-levels", nargs="+", default=None,
                    help="levels of the parse tree, lowest first; default 4 spread over --levels")
+    p.add_argument("--reseed", action="store_true",
+                   help="also the teacher's islands with k-means seeded --seed + 1 (teacher_reseeded): "
+                   "how much the measures move with the k-means seed alone")
     p.add_argument("--n-init", type=int, default=3, help="k-means++ starts per k-means")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means, random partitions and fitting")
     p.add_argument("--json", help="output JSON file")
@@ -76,7 +79,7 @@ def _plan(a: argparse.Namespace, module) -> segment.Plan:
     fine = select_levels(names, a.upsample_levels, "--upsample-levels") if a.upsample_levels else levels[-1:]
     return segment.Plan(levels=levels, ks=sorted(set(a.k)), seed=a.seed, n_init=a.n_init, student=trained,
                         recipe=recipe, fine=a.upsample, fine_levels=fine if a.upsample > 1 else [],
-                        tree_k=tuple(a.tree_k))
+                        tree_k=tuple(a.tree_k), reseed=a.reseed)
 
 
 def _trees(a: argparse.Namespace, module, plan: segment.Plan, photos: dict, results: list[dict]) -> list[str]:
@@ -86,6 +89,9 @@ def _trees(a: argparse.Namespace, module, plan: segment.Plan, photos: dict, resu
         wanted = [module.levels[i].name for i in select_levels(module.levels, a.tree_levels, "--tree-levels")]
     else:
         wanted = list(dict.fromkeys(names[round(j * (len(names) - 1) / 3)] for j in range(4)))
+    if set(wanted) - set(names):
+        raise ConfigError(f"Setting '--tree-levels': {sorted(set(wanted) - set(names))} are not among the "
+                          f"scored levels ({', '.join(names)}); add them to --levels.")
     lo, up = plan.tree_k
     have = sorted(set(plan.ks) | {lo, up})  # the k-means maps kept: k from LOWER (lowest) to UPPER (top)
     ks = [min(have, key=lambda k: abs(k - (lo + (up - lo) * j / max(1, len(wanted) - 1))))
@@ -108,7 +114,7 @@ def main(argv: list[str]) -> int:
     device = pick_device(a.device)
     module = _module(a, device)
     plan = _plan(a, module)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     photos, bad_images = segment.load_photos(a.images, int(module.hparams.image_size))
     if not Path(a.gt).is_dir():
         raise ConfigError(f"Setting '--gt': {a.gt!r} is not a folder of ground truth (<name>.mat, "
@@ -131,15 +137,16 @@ def main(argv: list[str]) -> int:
     if skipped:
         warnings.warn(f"{len(skipped)} input(s) skipped (named above): {len(bad_images)} image(s), "
                       f"{len(bad_truth)} ground truth; {len(results)} image(s) scored.", stacklevel=1)
-    seconds = time.perf_counter() - start
-    print(f"{len(results)} image(s) scored, {len(skipped)} skipped, {seconds:.1f} s")
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"{len(results)} image(s) scored, {len(skipped)} skipped, {seconds:.1f} s ({cpu:.1f} CPU-s)")
     if a.json:
         doc = segment.to_json(summary, results, images=[r["name"] for r in results], skipped=skipped,
-                              figures=figures, seconds=round(seconds, 2), settings={
+                              figures=figures, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), settings={
                                   "ckpt": a.ckpt, "config": a.config, "gt": a.gt, "k": plan.ks,
                                   "levels": [module.levels[i].name for i in plan.levels], "perceive": a.perceive,
                                   "max_steps": a.max_steps, "target_r2": a.target_r2, "upsample": a.upsample,
                                   "tree_k": list(plan.tree_k), "n_init": plan.n_init, "seed": plan.seed,
+                                  "fine_n_init": plan.fine_n_init, "reseed": plan.reseed,
                                   "image_size": int(module.hparams.image_size), "vi_units": "bits",
                                   "teacher_weights": getattr(module.teacher, "weights_source", None)})
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
