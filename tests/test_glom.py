@@ -82,6 +82,12 @@ def test_attention_moves_each_vector_toward_its_cluster_mean_by_the_hand_compute
     cells = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
     torch.testing.assert_close(same_level_attention(x, beta, 1, cells, window=0), x)
     torch.testing.assert_close(same_level_attention(x, beta, 2, cells, window=1), out)
+    # agreement at the level above: A1 and B1 agree there, so A1 is pulled toward B1 more than B2
+    above = torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]])
+    logits = beta * (x @ x.T / 2 + 0.5 * above @ above.T / math.sqrt(2))
+    want = torch.softmax(logits, -1) @ x
+    torch.testing.assert_close(same_level_attention(x, beta, above=above, agreement=0.5), want)
+    assert want[0, 3] > 0 == out[0, 3]  # B1 now outweighs B2 in A1's mean
 
 
 def test_repeated_attention_grows_islands():
