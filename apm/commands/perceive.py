@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     module = student_from_args(a, "perceive", "a fresh student of that config's teacher", device)
     recipe = recipe_from_args(a, a.protocol, target_r2=a.target_r2, max_steps=a.max_steps,
                               eval_every=a.eval_every, levels=a.levels)
-    select_levels(module.levels, a.levels, "--levels")  # a bad level is named before any work
+    levels = select_levels(module.levels, a.levels, "--levels")  # a bad level is named before any work
     images = load_images(a.images, module.hparams.image_size, skip_bad=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     if done:
         print(f"skipping {len(images) - len(todo)} image(s) already in {log} (delete it to redo them)")
     for start in range(0, len(todo), max(1, a.batch_size)):
-        for line in perceive_batch(module, todo[start : start + max(1, a.batch_size)], recipe, a, out):
+        for line in perceive_batch(module, todo[start : start + max(1, a.batch_size)], recipe, levels, a, out):
             line.update(settings)
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -85,11 +85,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def perceive_batch(module, part: list[tuple[str, torch.Tensor]], recipe: FitRecipe,
+def perceive_batch(module, part: list[tuple[str, torch.Tensor]], recipe: FitRecipe, levels: list[int],
                    a: argparse.Namespace, out: Path) -> list[dict]:
     """Fit ``part``'s images (name, image) at once; per image, save the fitted student, score and
     draw the islands before and after, print a line, and return its JSON record."""
-    levels = select_levels(module.levels, a.levels, "--levels")
     batch = torch.stack([img for _, img in part])
     with torch.no_grad():
         feats = module.targets(batch.to(module.device))  # the teacher runs once per image
