@@ -150,17 +150,20 @@ def ari(seg: np.ndarray, truths: np.ndarray | Sequence[np.ndarray]) -> float:
     return region_scores(seg, truths)["ari"]
 
 
-def ods_ois(per_image: Sequence[dict[int, dict[str, float]]]) -> dict[str, dict[str, float]]:
+def ods_ois(per_image: Sequence[dict[int, dict[str, float]]],
+            weights: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
     """Per measure: ``ods`` (the best mean over images at one k, and that ``ods_k``) and ``ois``
-    (the mean over images of each image's best k). ``per_image[i][k][measure]``; equal-sized
-    images, so the benchmark's pixel-pooled covering is this mean."""
+    (the mean over images of each image's best k); ``per_image[i][k][measure]``. Covering is
+    averaged with ``weights`` (default equal): the benchmark pools the ground-truth regions of all
+    images, which weights an image by its annotators times its pixels; PRI and VI are plain means."""
     ks = sorted(set.intersection(*(set(p) for p in per_image)))
     out = {}
     for m in MEASURES:
         best = max if HIGHER_IS_BETTER[m] else min
-        mean = {k: float(np.mean([p[k][m] for p in per_image])) for k in ks}
+        w = weights if m == "covering" and weights is not None else None
+        mean = {k: float(np.average([p[k][m] for p in per_image], weights=w)) for k in ks}
         k_ods = best(ks, key=lambda k: mean[k])
-        ois = float(np.mean([best(p[k][m] for k in ks) for p in per_image]))
+        ois = float(np.average([best(p[k][m] for k in ks) for p in per_image], weights=w))
         out[m] = {"ods": mean[k_ods], "ods_k": int(k_ods), "ois": ois}
     return out
 
@@ -578,11 +581,13 @@ def image_features(module, name: str, image: torch.Tensor, plan: Plan):
 
 
 def nested_pairs(maps: dict[str, dict[int, np.ndarray]], tree_k: tuple[int, int]) -> dict[str, dict[str, float]]:
-    """``nesting`` of each adjacent pair of levels (``maps``: level name -> k -> map, in level
-    order), the lower level's islands at k = tree_k[0], the upper's at tree_k[1]."""
+    """``nesting`` of each adjacent pair of levels ``lower>upper`` (``maps``: level name -> k ->
+    map, in level order), the lower level's islands at k = tree_k[0], the upper's at tree_k[1];
+    then, as the reference of what k alone does, each level in itself (``level>level``: its
+    tree_k[0] islands inside its own tree_k[1] islands)."""
     names = list(maps)
-    return {f"{lo}>{up}": nesting(maps[lo][tree_k[0]], maps[up][tree_k[1]])
-            for lo, up in zip(names[:-1], names[1:])}
+    pairs = list(zip(names[:-1], names[1:])) + [(n, n) for n in names]
+    return {f"{lo}>{up}": nesting(maps[lo][tree_k[0]], maps[up][tree_k[1]]) for lo, up in pairs}
 
 
 def fine_scores(module, fitted, image: torch.Tensor, targets: Sequence[torch.Tensor], truth: Truth,
@@ -598,7 +603,8 @@ def fine_scores(module, fitted, image: torch.Tensor, targets: Sequence[torch.Ten
         feats = {"teacher_bilinear": upsample_features(targets[lvl][0].cpu(), grid)}
         if student is not None:
             feats[f"{who}_queried"] = student_features(student, image, lvl, grid)
-            feats[f"{who}_bilinear"] = upsample_features(student_features(student, image, lvl, module.levels[lvl].grid), grid)
+            own = student_features(student, image, lvl, module.levels[lvl].grid)
+            feats[f"{who}_bilinear"] = upsample_features(own, grid)
         out[module.levels[lvl].name] = {s: score_maps(kmeans_maps(f, plan.ks, plan.seed, plan.fine_n_init), truth)
                                         for s, f in feats.items()}
     return out
@@ -619,7 +625,8 @@ def score_image(module, name: str, image: torch.Tensor, truth: Truth, plan: Plan
     ks = sorted(set(plan.ks) | set(plan.tree_k))
     maps = {s: {n: kmeans_maps(f, ks, plan.seed, plan.n_init) for n, f in zip(names, fs)} for s, fs in feats.items()}
     if plan.reseed:
-        maps["teacher_reseeded"] = {n: kmeans_maps(f, ks, plan.seed + 1, plan.n_init) for n, f in zip(names, feats["teacher"])}
+        maps["teacher_reseeded"] = {n: kmeans_maps(f, ks, plan.seed + 1, plan.n_init)
+                                    for n, f in zip(names, feats["teacher"])}
     pick = lambda m: {k: m[k] for k in plan.ks}  # noqa: E731
     scores = {s: {n: score_maps(pick(m), truth) for n, m in lv.items()} for s, lv in maps.items()}
     patch = module.student.patch_size
@@ -628,6 +635,7 @@ def score_image(module, name: str, image: torch.Tensor, truth: Truth, plan: Plan
     nest = {s: nested_pairs(lv, plan.tree_k) for s, lv in maps.items()} if len(names) > 1 else {}
     fine = fine_scores(module, fitted, image, targets, truth, plan) if plan.fine > 1 and plan.fine_levels else {}
     return {"name": name, "scores": scores, "baselines": base, "nesting": nest, "fine": fine,
+            "annotators": len(truth.maps), "weight": float(len(truth.maps) * truth.maps[0].size),
             "fit": record, "maps": maps, "fit_seconds": fit_s, "seconds": time.perf_counter() - start,
             "cpu_seconds": time.process_time() - cpu}
 
@@ -635,11 +643,12 @@ def score_image(module, name: str, image: torch.Tensor, truth: Truth, plan: Plan
 def summarize(results: Sequence[dict]) -> dict:
     """ODS/OIS over images per level and source, baseline, any-resolution level and source; the
     mean nesting per source and pair; the fitting summary."""
-    first = results[0]
-    out = {"levels": {n: {s: ods_ois([r["scores"][s][n] for r in results]) for s in first["scores"]}
+    first, w = results[0], [r.get("weight", 1.0) for r in results]
+    out = {"levels": {n: {s: ods_ois([r["scores"][s][n] for r in results], w) for s in first["scores"]}
                       for n in next(iter(first["scores"].values()))},
-           "baselines": {b: ods_ois([r["baselines"][b] for r in results]) for b in first["baselines"]},
-           "fine": {n: {s: ods_ois([r["fine"][n][s] for r in results]) for s in v} for n, v in first["fine"].items()},
+           "baselines": {b: ods_ois([r["baselines"][b] for r in results], w) for b in first["baselines"]},
+           "fine": {n: {s: ods_ois([r["fine"][n][s] for r in results], w) for s in v}
+                    for n, v in first["fine"].items()},
            "nesting": {s: {p: {m: float(np.mean([r["nesting"][s][p][m] for r in results])) for m in v}
                            for p, v in pairs.items()} for s, pairs in first["nesting"].items()}}
     fits = [r["fit"] for r in results if r.get("fit")]
@@ -664,18 +673,19 @@ def format_tables(summary: dict) -> str:
     for title, rows in blocks:
         lines += [title, f"  {'':<18}{head}"] + [row(s, v) for s, v in rows.items()]
     for s, pairs in summary.get("nesting", {}).items():
-        lines.append(f"nesting of adjacent levels ({s}): H(upper|lower) nats / H(upper) / share / chance share")
+        lines.append(f"nesting of adjacent levels, then of each level in itself ({s}): "
+                     f"H(upper|lower) nats / H(upper) / share / chance share")
         lines += [f"  {p:<20}{v['h_upper_given_lower']:>8.3f}{v['h_upper']:>8.3f}{v['share']:>8.3f}"
                   f"{v['share_chance']:>8.3f}" for p, v in pairs.items()]
     return "\n".join(lines)
 
 
 def to_json(summary: dict, results: Sequence[dict], **extra) -> dict:
-    """The JSON document: the summary, per-image ODS-free scores (per source, level and k) and
-    fitting records, and ``extra`` (settings, skipped inputs, seconds)."""
-    per_image = [{"name": r["name"], "scores": r["scores"], "baselines": r["baselines"],
-                  "nesting": r["nesting"], "fine": r["fine"], "seconds": round(r["seconds"], 3),
-                  "cpu_seconds": round(r["cpu_seconds"], 3),
+    """The JSON document: the summary, per-image scores (per source, level and k; annotators and
+    covering weight), nesting and fitting records, and ``extra`` (settings, skipped inputs, seconds)."""
+    per_image = [{"name": r["name"], "annotators": r["annotators"], "weight": r["weight"],
+                  "scores": r["scores"], "baselines": r["baselines"], "nesting": r["nesting"], "fine": r["fine"],
+                  "seconds": round(r["seconds"], 3), "cpu_seconds": round(r["cpu_seconds"], 3),
                   "fit": {k: v for k, v in (r["fit"] or {}).items() if k != "curve"} or None}
                  for r in results]
     return {**summary, **extra, "per_image": per_image}

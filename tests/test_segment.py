@@ -90,6 +90,12 @@ def test_ods_picks_one_k_for_the_set_and_ois_the_best_k_per_image():
     # OIS (0.7 + 0.9) / 2 = 0.8. VI (lower is better): k=2 1.25, k=4 1.25 -> 1.25; OIS (1.0 + 0.5) / 2
     assert out["covering"] == {"ods": pytest.approx(0.7), "ods_k": 2, "ois": pytest.approx(0.8)}
     assert out["vi"]["ods"] == pytest.approx(1.25) and out["vi"]["ois"] == pytest.approx(0.75)
+    # the benchmark pools covering over all annotators' regions: an image with 3 annotators weighs
+    # 3 times one with 1. k=2: (3 * 0.5 + 0.9) / 4 = 0.6, k=4: (3 * 0.7 + 0.6) / 4 = 0.675 -> ODS 0.675
+    # at k=4; OIS (3 * 0.7 + 0.9) / 4 = 0.75. PRI and VI stay plain means.
+    pooled = segment.ods_ois(per_image, weights=[3, 1])
+    assert pooled["covering"] == {"ods": pytest.approx(0.675), "ods_k": 4, "ois": pytest.approx(0.75)}
+    assert pooled["pri"] == out["pri"] and pooled["vi"] == out["vi"]
 
 
 def bsds_mat(path, maps) -> None:
@@ -236,7 +242,8 @@ def test_segment_command_end_to_end(tmp_path, capsys):
         assert set(v) == set(segment.MEASURES) and v["covering"]["ods_k"] in (2, 4)
         assert 0 < v["covering"]["ods"] <= v["covering"]["ois"] <= 1 and v["vi"]["ois"] <= v["vi"]["ods"]
     assert set(doc["nesting"]) == {"teacher", "student", "fitted"}
-    assert set(doc["nesting"]["teacher"]) == {"block1>block2", "block2>block3"}
+    assert set(doc["nesting"]["teacher"]) == {"block1>block2", "block2>block3", "block1>block1", "block2>block2",
+                                              "block3>block3"}
     assert doc["fit"]["images"] == 2 and doc["fit"]["r2_mean_after"] > doc["fit"]["r2_mean_before"]
     # the ground truth is the photographs' grey levels: islands of patch colours find it, random
     # partitions do not

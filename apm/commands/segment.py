@@ -82,8 +82,9 @@ def _plan(a: argparse.Namespace, module) -> segment.Plan:
                         tree_k=tuple(a.tree_k), reseed=a.reseed)
 
 
-def _trees(a: argparse.Namespace, module, plan: segment.Plan, photos: dict, results: list[dict]) -> list[str]:
-    """Parse-tree figures (teacher and every scored student) of the first --tree-images images."""
+def _tree_levels(a: argparse.Namespace, module, plan: segment.Plan) -> list[str]:
+    """The levels of the parse trees, lowest first: --tree-levels, or 4 spread over the scored
+    levels; ConfigError (before any work) for one that is not scored."""
     names = [module.levels[i].name for i in plan.levels]
     if a.tree_levels:
         wanted = [module.levels[i].name for i in select_levels(module.levels, a.tree_levels, "--tree-levels")]
@@ -92,6 +93,12 @@ def _trees(a: argparse.Namespace, module, plan: segment.Plan, photos: dict, resu
     if set(wanted) - set(names):
         raise ConfigError(f"Setting '--tree-levels': {sorted(set(wanted) - set(names))} are not among the "
                           f"scored levels ({', '.join(names)}); add them to --levels.")
+    return wanted
+
+
+def _trees(a: argparse.Namespace, wanted: list[str], plan: segment.Plan, photos: dict,
+           results: list[dict]) -> list[str]:
+    """Parse-tree figures (teacher and every scored student) of the first --tree-images images."""
     lo, up = plan.tree_k
     have = sorted(set(plan.ks) | {lo, up})  # the k-means maps kept: k from LOWER (lowest) to UPPER (top)
     ks = [min(have, key=lambda k: abs(k - (lo + (up - lo) * j / max(1, len(wanted) - 1))))
@@ -114,6 +121,7 @@ def main(argv: list[str]) -> int:
     device = pick_device(a.device)
     module = _module(a, device)
     plan = _plan(a, module)
+    tree_levels = _tree_levels(a, module, plan) if a.figures else []
     start, cpu = time.perf_counter(), time.process_time()
     photos, bad_images = segment.load_photos(a.images, int(module.hparams.image_size))
     if not Path(a.gt).is_dir():
@@ -132,7 +140,7 @@ def main(argv: list[str]) -> int:
         print(f"[{i}/{len(todo)}] {name}: {results[-1]['seconds']:.1f} s{note}", flush=True)
     summary = segment.summarize(results)
     print(segment.format_tables(summary))
-    figures = _trees(a, module, plan, dict(todo), results) if a.figures else []
+    figures = _trees(a, tree_levels, plan, dict(todo), results) if a.figures else []
     skipped = bad_images + bad_truth
     if skipped:
         warnings.warn(f"{len(skipped)} input(s) skipped (named above): {len(bad_images)} image(s), "
