@@ -164,14 +164,17 @@ class APM:
     def perceive(self, image: ImageLike, target_r2: float = 0.9, max_steps: int = 500,
                  protocol: str = "ours", init: str | None = None, lr: float | None = None,
                  seed: int = 0, levels: Sequence[str | int] | None = None,
-                 progress: bool = True) -> Perception | list[Perception]:
+                 progress: bool = True, moves: str = "all", solve_heads: bool = False,
+                 ridge: float = 1e-4) -> Perception | list[Perception]:
         """Fit a copy of this student to the image's teacher features (see ``apm perceive``)
         until its mean R^2 over ``levels`` (names or indices; default all) reaches ``target_r2``
         or ``max_steps``; a (B, 3, H, W) tensor fits B independent copies at once and returns a
         list. ``init`` defaults to ``trained`` for a trained student and ``fresh`` for one from
         ``from_config`` (the official protocol is always fresh). A path is seeded as
         ``apm perceive`` seeds it (from its name); in-memory image b of a call is seeded
-        ``seed + b``. This student is not changed."""
+        ``seed + b``. ``moves``, ``solve_heads`` and ``ridge`` choose the route (``apm perceive
+        --help``): ``solve_heads=True, moves="code+heads"`` perceives in a step or a few. This
+        student is not changed."""
         from apm.perceive import FitRecipe, perceive_images
         from apm.runlog import image_seed
 
@@ -179,7 +182,7 @@ class APM:
         if init is None and protocol != "official":
             init = "trained" if self.trained else "fresh"
         recipe = FitRecipe(protocol=protocol, init=init, target_r2=target_r2, max_steps=max_steps, lr=lr,
-                           levels=levels)
+                           levels=levels, moves=moves, solve_heads=solve_heads, ridge=ridge)
         seeds = [image_seed(name, seed)] if name is not None else [seed + b for b in range(len(x))]
         out = [Perception(APM(after), rec) for _, after, rec in
                perceive_images(self.module, x, seeds, recipe, progress)]

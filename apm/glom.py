@@ -293,16 +293,19 @@ class GLOMStudent(nn.Module):
         return getattr(self, f"resample_{level}").to(states.dtype) @ states
 
     def readout(self, e: torch.Tensor, locations: Sequence[torch.Tensor | None],
-                levels: Sequence[int]) -> list[torch.Tensor]:
-        """Per level, the head at ``locations`` (B, n) (None: all) of the states e."""
-        return [self.heads[lvl](gather(self.level_states(e, lvl), loc)) for lvl, loc in zip(levels, locations)]
+                levels: Sequence[int], hidden: bool = False) -> list[torch.Tensor]:
+        """Per level, the head (or, ``hidden``, its input) at ``locations`` (B, n) (None: all) of
+        the states e."""
+        states = [gather(self.level_states(e, lvl), loc) for lvl, loc in zip(levels, locations)]
+        return states if hidden else [self.heads[lvl](x) for lvl, x in zip(levels, states)]
 
     def forward(self, images: torch.Tensor, locations: Sequence[torch.Tensor | None],
-                levels: Sequence[int] | None = None) -> list[torch.Tensor]:
+                levels: Sequence[int] | None = None, hidden: bool = False) -> list[torch.Tensor]:
         """Predict selected locations of every level, or of ``levels`` only, after T iterations
-        (``APMStudent.forward``'s contract: per level (B, n) indices or None; returns (B, n, d))."""
+        (``APMStudent.forward``'s contract: per level (B, n) indices or None; returns (B, n, d), or
+        with ``hidden`` the heads' inputs (B, n, D))."""
         levels = self._levels(locations, levels)
-        return self.readout(self.columns(images)[-1], locations, levels)
+        return self.readout(self.columns(images)[-1], locations, levels, hidden)
 
     def iterate(self, images: torch.Tensor, locations: Sequence[torch.Tensor | None],
                 levels: Sequence[int] | None = None) -> list[list[torch.Tensor]]:

@@ -16,6 +16,11 @@ Recipes (``FitRecipe.protocol``):
 - ``official``: the paper's code: a fresh random student, Adam at 1e-4, raw MSE, every query
   every step.
 
+Routes to a fit in few steps (``FitRecipe.moves`` and ``solve_heads``, any protocol but the
+official one): move only some of the student's parameters per image (the heads, or a per-image
+code: the first layer's bias, a shift of the column term), and/or set every head first to the
+ridge regression of the image's targets on the student's last hidden activations, in closed form.
+
 ``Adaptation`` is the inner loop alone; the meta-learning mode of ``APMModule`` (Reptile) runs it
 from the shared initialization on every training batch.
 """
@@ -41,6 +46,8 @@ from teachers.base import seeded, select_levels
 
 PROTOCOLS = ("ours", "official")
 INITS = ("trained", "fresh")
+# the parameters a per-image fit moves, by name prefix ("all": every one)
+MOVES = {"all": ("",), "heads": ("heads.",), "code": ("first.bias",), "code+heads": ("first.bias", "heads.")}
 
 
 @dataclass
@@ -62,6 +69,14 @@ class FitRecipe:
         eval_at: Further steps at which R^2 is checked (and ``fit_images``' ``on_eval`` called).
         levels: The levels fitted, by index or name; default all. The loss, the R^2 checks and the
             mean R^2 the target applies to cover only these; the other levels are not computed.
+        moves: The parameters the gradient steps move per image: ``all``; ``heads`` (each level's
+            linear readout); ``code`` (the first layer's bias: a per-image shift of the column
+            term, a code of its width); ``code+heads``. The others stay the start's, bit for bit.
+        solve_heads: First set every fitted level's head to the ridge regression of the image's
+            standardized targets on the student's last hidden activations at all the level's
+            locations (the rest of the student as it starts): one closed-form step, counted as
+            step 1 (R^2 is checked after it).
+        ridge: The penalty of ``solve_heads``, relative to the mean squared (centred) activation.
     """
 
     protocol: str = "ours"
@@ -73,6 +88,9 @@ class FitRecipe:
     eval_every: int = 10
     eval_at: Sequence[int] = ()
     levels: Sequence[int | str] | None = None
+    moves: str = "all"
+    solve_heads: bool = False
+    ridge: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -84,6 +102,10 @@ class FitRecipe:
                               f"({self.eval_every}): use max-steps >= 0 and eval-every >= 1.")
         if any(int(s) != s or s < 0 for s in self.eval_at):
             raise ConfigError(f"Setting 'eval_at': {list(self.eval_at)}; give step counts >= 0.")
+        if self.moves not in MOVES:
+            raise ConfigError(f"Setting '--moves': {self.moves!r} is not one of {', '.join(MOVES)}.")
+        if not self.ridge > 0:
+            raise ConfigError(f"Setting '--ridge': {self.ridge}; use a positive penalty (default 1e-4).")
         if self.levels is not None and not len(self.levels):
             raise ConfigError("Setting '--levels' is empty; name at least one level, or leave it "
                               "unset to fit every level.")
@@ -93,12 +115,14 @@ class FitRecipe:
                 ignored.append("'--init trained'")
             if self.queries_per_image is not None:
                 ignored.append(f"'--queries {self.queries_per_image}'")
+            if self.moves != "all" or self.solve_heads:
+                ignored.append(f"'--moves {self.moves}'" if self.moves != "all" else "'--solve-heads'")
             if ignored:
                 raise ConfigError(
                     f"Setting '--protocol official' with {' and '.join(ignored)}: the paper's recipe "
                     f"starts every image from a fresh random student and queries every location at "
-                    f"every step, so these would be ignored. Drop them, or use '--protocol ours' "
-                    f"(which starts from the checkpoint and samples queries).")
+                    f"every step with every weight, so these would be ignored. Drop them, or use "
+                    f"'--protocol ours' (which starts from the checkpoint and samples queries).")
             self.init = "fresh"
         elif self.init is None:
             self.init = "trained"
@@ -137,6 +161,39 @@ class Fitted:
         return {"steps": self.steps, "seconds": round(self.seconds, 4), "reached": self.reached,
                 "r2_mean_before": mean(self.r2_before), "r2_mean_after": mean(self.r2_after),
                 "r2_before": self.r2_before, "r2_after": self.r2_after, "curve": self.curve}
+
+
+def moving_names(student: torch.nn.Module, moves: str) -> list[str]:
+    """The names of ``student``'s parameters that ``moves`` (a key of ``MOVES``) fits per image;
+    ConfigError when the student has none of them."""
+    names = [n for n, _ in student.named_parameters()]
+    picked = [n for n in names if n.startswith(MOVES[moves])]
+    if not picked:
+        groups = ", ".join(sorted({n.split(".")[0] for n in names}))
+        raise ConfigError(f"Setting '--moves {moves}': this {type(student).__name__} has no parameter "
+                          f"named {' or '.join(MOVES[moves])}... (its parameters: {groups}). Use "
+                          f"'--moves all' or 'heads'.")
+    return picked
+
+
+def ridge_readout(h: torch.Tensor, z: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear readout (weight (..., d, k), bias (..., d)) minimizing ||z - h W^T - b||^2 +
+    lam ||W||^2 for activations h (..., n, k) and targets z (..., n, d), lam = ``ridge`` times the
+    mean squared norm of the centred rows of h (the bias is not penalized; ``sklearn``'s ``Ridge``
+    with ``alpha=lam``). Solved in float64, in the n x n (dual) form when n <= k."""
+    h, z = h.double(), z.double()
+    hm, zm = h.mean(-2, keepdim=True), z.mean(-2, keepdim=True)
+    hc, zc = h - hm, z - zm
+    n, k = hc.shape[-2:]
+    lam = (ridge * hc.square().sum((-2, -1)) / n).clamp_min(1e-12)[..., None, None]
+    # The system is symmetric positive definite: Cholesky. (Batched LU, torch.linalg.solve, hits an
+    # MKL error loop on some CPUs after torch.set_num_threads.)
+    def spd_solve(m: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+        return torch.cholesky_solve(rhs, torch.linalg.cholesky(m + lam * eye))
+
+    a = hc.mT @ spd_solve(hc @ hc.mT, zc) if n <= k else spd_solve(hc.mT @ hc, hc.mT @ zc)
+    return a.mT, (zm - hm @ a).squeeze(-2)
 
 
 def image_statistics(feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -206,10 +263,10 @@ class Adaptation:
             self.generators = [self.generators[i] for i in keep.tolist()]
 
     def _predict(self, params: dict[str, torch.Tensor], image: torch.Tensor,
-                 locs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+                 locs: dict[str, torch.Tensor], hidden: bool = False) -> list[torch.Tensor]:
         one = {k: v[None] for k, v in locs.items()}  # one object per key: levels on a grid share it
-        return [p[0] for p in functional_call(self.student, params, (image[None], self.sampler.per_level(one),
-                                                                     self.levels))]
+        args = (image[None], self.sampler.per_level(one), self.levels)
+        return [p[0] for p in functional_call(self.student, params, args, {"hidden": hidden} if hidden else None)]
 
     def loss(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per image (N,): the weighted mean over levels of the MSE at this step's queries."""
@@ -228,6 +285,16 @@ class Adaptation:
         loss.sum().backward()  # copies are independent: each gets only its own gradient
         opt.step()
         return loss.detach()
+
+    @torch.no_grad()
+    def solve_heads(self, params: dict[str, torch.Tensor], ridge: float) -> None:
+        """Set each fitted level's head of every copy, in place, to ``ridge_readout`` of its
+        standardized targets on the copy's last hidden activations at all the level's locations."""
+        hidden = vmap(lambda p, image: self._predict(p, image, {}, hidden=True))(params, self.images)
+        for lvl, h, t in zip(self.levels, hidden, self.targets):
+            weight, bias = ridge_readout(h, t, ridge)
+            params[f"heads.{lvl}.weight"].copy_(weight)
+            params[f"heads.{lvl}.bias"].copy_(bias)
 
     @torch.no_grad()
     def evaluate(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -250,16 +317,17 @@ class Adaptation:
         return self.evaluate(params)[0]
 
 
-def _stack(per_image: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {n: torch.stack([p[n] for p in per_image]).requires_grad_() for n in per_image[0]}
+def _stack(per_image: Sequence[dict[str, torch.Tensor]], moving: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The per-image parameters stacked on a leading axis; only the ``moving`` ones need grad."""
+    return {n: torch.stack([p[n] for p in per_image]).requires_grad_(n in moving) for n in per_image[0]}
 
 
 def _keep(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, keep: torch.Tensor
           ) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
     """The stacked parameters and optimizer state of the kept images only."""
-    new = {n: p.detach()[keep].requires_grad_() for n, p in params.items()}
+    new = {n: p.detach()[keep].requires_grad_(p.requires_grad) for n, p in params.items()}
     accepted = inspect.signature(type(opt)).parameters
-    new_opt = type(opt)(list(new.values()), **{k: v for k, v in opt.defaults.items() if k in accepted})
+    new_opt = type(opt)([p for p in new.values() if p.requires_grad], **{k: v for k, v in opt.defaults.items() if k in accepted})
     for old_p, new_p in zip(params.values(), new.values()):
         state = opt.state.get(old_p)
         if state:
@@ -329,11 +397,15 @@ def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe
     student, device = module.student, module.device
     z, stats = standardized_targets(module, images, recipe, features)
     fitted = select_levels(module.levels, recipe.levels, "--levels")
+    moving = moving_names(student, recipe.moves)
+    if recipe.solve_heads and not all(f"heads.{i}.weight" in dict(student.named_parameters()) for i in fitted):
+        raise ConfigError(f"Setting '--solve-heads': this {type(student).__name__} has no linear head per "
+                          f"level (heads.<level>) to solve; drop '--solve-heads'.")
     if recipe.init == "fresh":
         init = [fresh_parameters(student, s) for s in seeds]
     else:
         init = [{n: p.detach() for n, p in student.named_parameters()}] * len(seeds)
-    params = _stack([{n: p.to(device) for n, p in ps.items()} for ps in init])
+    params = _stack([{n: p.to(device) for n, p in ps.items()} for ps in init], moving)
     q = (None if recipe.official else
          module.hparams.queries_per_image if recipe.queries_per_image is None else recipe.queries_per_image)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -351,13 +423,14 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
             features = module.targets(images)
     start = time.perf_counter()  # the fitting alone: the teacher's forward is not counted
     params, fit, stats = _start(module, images, seeds, recipe, features)
-    opt = recipe.optimizer(list(params.values()), 0.0 if recipe.official else module.hparams.weight_decay)
+    opt = recipe.optimizer([p for p in params.values() if p.requires_grad],
+                           0.0 if recipe.official else module.hparams.weight_decay)
     names = [module.student.levels[i].name for i in fit.levels]
     active = list(range(len(images)))
     results: list[Fitted | None] = [None] * len(images)
     curves: list[list[tuple[int, float]]] = [[] for _ in images]
     before, preds = fit.evaluate(params)  # rows stay in the order of ``images``
-    eval_at = {int(s) for s in recipe.eval_at}
+    eval_at = {int(s) for s in recipe.eval_at} | ({1} if recipe.solve_heads else set())
     bar = tqdm(total=recipe.max_steps, desc="fitting", unit="step", disable=not progress, leave=False)
     step = 0
     while True:
@@ -395,6 +468,9 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
 
 
 def _step(fit: Adaptation, params, opt, active: list[int], step: int, recipe: FitRecipe) -> None:
+    if step == 0 and recipe.solve_heads:
+        fit.solve_heads(params, recipe.ridge)
+        return
     losses = fit.step(params, opt)
     if not torch.isfinite(losses).all():
         bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
@@ -428,6 +504,7 @@ def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: 
                  {n: p.detach() for n, p in module.student.named_parameters()})
         before = fitted_module(module, replace(fitted, params=start))
         rec = {"protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(),
+               "moves": recipe.moves, "solve_heads": recipe.solve_heads,
                "target_r2": recipe.target_r2, "seed": fitted.seed, **fitted.record()}
         out.append((before, fitted_module(module, fitted), rec))
     return out

@@ -161,7 +161,7 @@ class APMStudent(nn.Module):
 
     # -- whole forwards --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, locations: Sequence[torch.Tensor | None],
-                levels: Sequence[int] | None = None) -> list[torch.Tensor]:
+                levels: Sequence[int] | None = None, hidden: bool = False) -> list[torch.Tensor]:
         """Predict selected locations of every level, or of ``levels`` only.
 
         Args:
@@ -172,9 +172,10 @@ class APMStudent(nn.Module):
                 of those locations.
             levels: Level indices to predict, in this order; default all. Levels left out are not
                 computed at all (their heads get no gradient).
+            hidden: Return each level's last hidden activations (B, n, H), the input of its head.
 
         Returns:
-            Per level, predictions (B, n, d) in the order of ``locations``.
+            Per level, predictions (B, n, d) (or hidden activations) in the order of ``locations``.
         """
         levels = range(len(self.levels)) if levels is None else list(levels)
         if len(levels) != len(locations):
@@ -193,8 +194,8 @@ class APMStudent(nn.Module):
                 sites.append((grid, loc, site))
             pres.append(site + self.level_term(lvl))
             sizes.append(site.shape[-2])
-        hidden = self._after_entry(torch.cat(pres, dim=1))  # one pass for all levels' queries
-        return [self.heads[lvl](h) for lvl, h in zip(levels, hidden.split(sizes, dim=1))]
+        last = self._after_entry(torch.cat(pres, dim=1)).split(sizes, dim=1)  # one pass for all levels
+        return list(last) if hidden else [self.heads[lvl](h) for lvl, h in zip(levels, last)]
 
     def query(self, images: torch.Tensor, level: int, coords: torch.Tensor,
               chunk: int | None = None) -> torch.Tensor:

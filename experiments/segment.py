@@ -8,7 +8,7 @@ with another k-means seed (the measures' noise floor); the islands of the fitted
 parse-tree figure. 224-px centre crops (16x16 grid).
 
     OMP_NUM_THREADS=1 apm fit -c configs/apm.yaml --model.teacher_args '{pretrained: true}' \\
-        --data.images /work/shared/data/bsds500/images/train --data.image_size 224 \\
+        --data.images bsds500/images/train --data.image_size 224 \\
         --data.val_fraction 0 --data.num_workers 0 --data.batch_size 16 \\
         --model.hidden_dims '[512,512,512]' --model.warmup_steps 50 --model.min_lr_ratio 1.0 \\
         --model.stats_images 32 --model.feature_cache runs/segment_bsds224/cache \\
@@ -42,7 +42,7 @@ from apm.loading import load_student  # noqa: E402
 from apm.data import find_images  # noqa: E402
 from apm.perceive import FitRecipe  # noqa: E402
 
-DATA = Path("/work/shared/data/bsds500")
+DATA = Path(os.environ.get("BSDS500", "bsds500"))  # a folder with images/ and groundTruth/
 PUBLISHED = {  # BSDS500 test set, Arbelaez et al., TPAMI 2011, Table 2 (region measures)
     "mean shift": {"covering": (0.54, 0.58), "pri": (0.79, 0.81), "vi": (1.85, 1.64)},
     "gPb-owt-ucm": {"covering": (0.59, 0.65), "pri": (0.83, 0.86), "vi": (1.69, 1.48)},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from apm.classify import (GLOBAL, LOG_NAME, SUMMARY_NAME, classification_inputs, classification_recipe,
                           classify_folder, global_among_fitted, format_table, summarize)
-from apm.commands.common import parser, recipe_from_args, student_args
+from apm.commands.common import parser, recipe_from_args, route_args, route_settings, student_args
 from apm.errors import ConfigError
 from apm.loading import load_student, pick_device
 from teachers.clip import imagenet_templates, text_classifier
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (ours) or 1e-4 (official)")
     p.add_argument("--queries", type=int, default=None,
                    help="queries per image and step (ours); default the student's training setting")
+    route_args(p)
     p.add_argument("--batch-size", type=int, default=1,
                    help="images fitted at once, each with its own student (the same students; the "
                    "seconds recorded are the batch's share)")
@@ -69,7 +70,8 @@ def main(argv: list[str]) -> int:
     settings = {"protocol": recipe.protocol, "init": recipe.init, "steps": steps,
                 "levels": list(a.levels), "lr": recipe.learning_rate(), "queries": a.queries,
                 "ckpt": str(Path(a.ckpt).resolve()) if a.ckpt else None,
-                "config": [str(Path(c).resolve()) for c in a.config or []], "run_seed": a.seed}
+                "config": [str(Path(c).resolve()) for c in a.config or []], "run_seed": a.seed,
+                **route_settings(recipe)}
     out = Path(a.out)
     log = out / LOG_NAME
     folder, templates = classification_inputs(a.data, a.classes, a.templates, a.steps, log, settings)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from apm.analysis import island_figures, island_scores
-from apm.commands.common import (IMAGES_HELP, parser, recipe_from_args, student_args,
-                                 student_from_args)
+from apm.commands.common import (IMAGES_HELP, parser, recipe_from_args, route_args, route_settings,
+                                 student_args, student_from_args)
 from apm.loading import load_images, pick_device
 from apm.perceive import FitRecipe, perceive_images, save_student
 from apm.runlog import image_seed, resume
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (ours) or 1e-4 (official)")
     p.add_argument("--queries", type=int, default=None,
                    help="queries per image and step (ours); default the student's training setting")
+    route_args(p)
     p.add_argument("--eval-every", type=int, default=10, help="steps between R^2 checks")
     p.add_argument("--levels", nargs="+", default=None,
                    help="fit, score and draw only these levels (names like block6 rgb, or indices); "
@@ -71,7 +72,8 @@ def main(argv: list[str]) -> int:
     settings = {"source": str(Path(a.ckpt).resolve()) if a.ckpt else [str(Path(c).resolve()) for c in a.config],
                 "protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(),
                 "target_r2": a.target_r2, "max_steps": a.max_steps, "queries": a.queries,
-                "eval_every": a.eval_every, "levels": a.levels, "k": a.k, "run_seed": a.seed}
+                "eval_every": a.eval_every, "levels": a.levels, "k": a.k, "run_seed": a.seed,
+                **route_settings(recipe)}
     done = resume(log, settings, "apm perceive")
     todo = [(n, img) for n, img in images if n not in done]
     if done:
