@@ -16,10 +16,11 @@ Recipes (``FitRecipe.protocol``):
 - ``official``: the paper's code: a fresh random student, Adam at 1e-4, raw MSE, every query
   every step.
 
-Routes to a fit in few steps (``FitRecipe.moves`` and ``solve_heads``, any protocol but the
-official one): move only some of the student's parameters per image (the heads, or a per-image
-code: the first layer's bias, a shift of the column term), and/or set every head first to the
-ridge regression of the image's targets on the student's last hidden activations, in closed form.
+Routes to a fit in few steps (``FitRecipe.moves``, ``solve_heads`` and ``resolve_every``, any
+protocol but the official one): move only some of the student's parameters per image (the heads,
+a per-image code: the first layer's bias, a shift of the column term, or all but the heads), and/or
+set every head to the ridge regression of the image's targets on the student's last hidden
+activations, in closed form: first only, or after every gradient step (variable projection).
 
 ``Adaptation`` is the inner loop alone; the meta-learning mode of ``APMModule`` (Reptile) runs it
 from the shared initialization on every training batch.
@@ -47,7 +48,8 @@ from teachers.base import seeded, select_levels
 PROTOCOLS = ("ours", "official")
 INITS = ("trained", "fresh")
 # the parameters a per-image fit moves, by name prefix ("all": every one)
-MOVES = {"all": ("",), "heads": ("heads.",), "code": ("first.bias",), "code+heads": ("first.bias", "heads.")}
+MOVES = {"all": ("",), "heads": ("heads.",), "code": ("first.bias",), "code+heads": ("first.bias", "heads."),
+         "body": ("",)}  # body: every parameter but the heads
 
 
 @dataclass
@@ -77,6 +79,9 @@ class FitRecipe:
             locations (the rest of the student as it starts): one closed-form step, counted as
             step 1 (R^2 is checked after it).
         ridge: The penalty of ``solve_heads``, relative to the mean squared (centred) activation.
+        resolve_every: With ``solve_heads``, solve the heads again after every this many gradient
+            steps (0: only first). Every step, with ``moves="body"``: variable projection, the
+            gradient steps move the rest of the student under heads that are always optimal.
     """
 
     protocol: str = "ours"
@@ -91,6 +96,7 @@ class FitRecipe:
     moves: str = "all"
     solve_heads: bool = False
     ridge: float = 1e-4
+    resolve_every: int = 0
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -104,6 +110,9 @@ class FitRecipe:
             raise ConfigError(f"Setting 'eval_at': {list(self.eval_at)}; give step counts >= 0.")
         if self.moves not in MOVES:
             raise ConfigError(f"Setting '--moves': {self.moves!r} is not one of {', '.join(MOVES)}.")
+        if self.resolve_every < 0 or (self.resolve_every and not self.solve_heads):
+            raise ConfigError(f"Setting '--resolve-every' ({self.resolve_every}): use a count >= 0, "
+                              f"and only with '--solve-heads'.")
         if not self.ridge > 0:
             raise ConfigError(f"Setting '--ridge': {self.ridge}; use a positive penalty (default 1e-4).")
         if self.levels is not None and not len(self.levels):
@@ -167,7 +176,7 @@ def moving_names(student: torch.nn.Module, moves: str) -> list[str]:
     """The names of ``student``'s parameters that ``moves`` (a key of ``MOVES``) fits per image;
     ConfigError when the student has none of them."""
     names = [n for n, _ in student.named_parameters()]
-    picked = [n for n in names if n.startswith(MOVES[moves])]
+    picked = [n for n in names if n.startswith(MOVES[moves]) and not (moves == "body" and n.startswith("heads."))]
     if not picked:
         groups = ", ".join(sorted({n.split(".")[0] for n in names}))
         raise ConfigError(f"Setting '--moves {moves}': this {type(student).__name__} has no parameter "
@@ -472,6 +481,8 @@ def _step(fit: Adaptation, params, opt, active: list[int], step: int, recipe: Fi
         fit.solve_heads(params, recipe.ridge)
         return
     losses = fit.step(params, opt)
+    if recipe.resolve_every and step % recipe.resolve_every == 0:
+        fit.solve_heads(params, recipe.ridge)
     if not torch.isfinite(losses).all():
         bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
         raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
@@ -504,7 +515,7 @@ def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: 
                  {n: p.detach() for n, p in module.student.named_parameters()})
         before = fitted_module(module, replace(fitted, params=start))
         rec = {"protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(),
-               "moves": recipe.moves, "solve_heads": recipe.solve_heads,
+               "moves": recipe.moves, "solve_heads": recipe.solve_heads, "resolve_every": recipe.resolve_every,
                "target_r2": recipe.target_r2, "seed": fitted.seed, **fitted.record()}
         out.append((before, fitted_module(module, fitted), rec))
     return out

@@ -13,7 +13,9 @@ test-time fitting reaches mean R^2 0.9 from four starting points.
    to a fit in few steps (``FitRecipe.moves`` / ``solve_heads``): the heads solved in closed form
    and then only the code and heads moved (``solve``; with a 100x larger ridge penalty:
    ``solve_smooth``; from the meta-learned or a fresh student: ``meta_solve``, ``solve_fresh``), only the heads or only the code moved by Adam (``heads``,
-   ``code``). ``--cap COND=N`` stops a condition after N steps (a lower bound on its steps).
+   ``code``), and variable projection: the heads solved again after every gradient step of the rest
+   (``varpro``, ``meta_varpro``; run to their cap, not stopped at the target, to see how far a few
+   more steps take the islands). ``--cap COND=N`` stops a condition after N steps.
 4. After fitting, the islands: k-means ARI with the teacher per level and, with ``--gt`` (BSDS
    ground truth), segmentation covering against people at k = 6, beside the teacher's.
 5. ``--holdout``: whether a fit is a field or a table: each level's head solved in closed form on
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -69,6 +72,9 @@ CONDITIONS = {  # name: (start, recipe)
     "meta_solve": ("meta", dict(init="trained", solve_heads=True, moves="code+heads")),
     "solve_smooth": ("plain", dict(init="trained", solve_heads=True, moves="code+heads", ridge=0.1)),
     "solve_fresh": ("fresh", dict(init="fresh", solve_heads=True, moves="code+heads")),
+    "varpro": ("plain", dict(init="trained", solve_heads=True, moves="body", resolve_every=1, target_r2=math.inf)),
+    "varpro25": ("plain", dict(init="trained", solve_heads=True, moves="body", resolve_every=1, target_r2=math.inf)),
+    "meta_varpro": ("meta", dict(init="trained", solve_heads=True, moves="body", resolve_every=1, target_r2=math.inf)),
     "heads": ("plain", dict(init="trained", moves="heads")),
     "code": ("plain", dict(init="trained", moves="code")),
 }
@@ -203,14 +209,15 @@ def main(argv: list[str] | None = None) -> dict:
                      for n, img in images if n in truths}
     fits: dict[str, list[dict]] = {}
     for cond, (start, kw) in conditions.items():
-        recipe = FitRecipe(target_r2=a.target_r2, max_steps=caps.get(cond, a.max_steps), eval_every=a.eval_every,
-                           eval_at=EVAL_AT, **kw)
+        recipe = FitRecipe(**{"target_r2": a.target_r2, "max_steps": caps.get(cond, a.max_steps),
+                              "eval_every": a.eval_every, "eval_at": EVAL_AT, **kw})
         fits[cond] = []
         for i, (img_name, img) in enumerate(images):
             (res,) = fit_images(starts[start], img[None], [i], recipe, progress=False)
             rec = {k: v for k, v in res.record().items() if k != "curve"}
             curve = dict(res.curve)
             rec["r2_at"] = {s: curve[s] for s in (0, *EVAL_AT) if s in curve}
+            rec["steps_to_target"] = next((s for s, r in res.curve if r >= a.target_r2), None)
             fitted = fitted_module(starts[start], res)
             ari = island_scores(fitted, img[None], k=8)
             rec["ari_mean"] = statistics.mean(v["ari"][0] for v in ari.values())
@@ -225,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {c: {"reached": sum(r["reached"] for r in fits[c]), "median_steps": median(c, "steps"),
                    "median_seconds": median(c, "seconds"), "cap": caps.get(c),
+                   "reached_target": sum(r["steps_to_target"] is not None for r in fits[c]),
+                   "median_steps_to_target": (lambda v: None if v == math.inf else v)(statistics.median(
+                       math.inf if r["steps_to_target"] is None else r["steps_to_target"] for r in fits[c])),
                    "seconds_per_step": statistics.median(r["seconds"] / max(1, r["steps"]) for r in fits[c]),
                    "r2_at": {s: statistics.mean(r["r2_at"][s] for r in fits[c]) for s in (0, *EVAL_AT)
                              if all(s in r["r2_at"] for r in fits[c])},

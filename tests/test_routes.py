@@ -60,8 +60,24 @@ def test_solved_heads_perceive_an_unseen_photograph_in_one_step(trained):
     assert r2_after(module, solve, 15) > one_step - 0.02
 
 
+def test_variable_projection_moves_the_body_under_always_solved_heads(trained):
+    """Re-solving the heads after every gradient step of the rest (``resolve_every=1``) keeps
+    gaining where the one-off solve stalls (moving only code and heads) or is undone (moving the
+    body under the first solution's heads). A re-solve skipped, or applied before the step rather
+    than after it, fails this. A large ridge penalty leaves room to gain."""
+    module = load_student(str(trained), device=CPU)
+    base = dict(solve_heads=True, ridge=1e-2)
+    varpro = r2_after(module, FitRecipe(**base, moves="body", resolve_every=1), 10)
+    stalled = r2_after(module, FitRecipe(**base, moves="code+heads"), 10)
+    undone = r2_after(module, FitRecipe(**base, moves="body"), 10)
+    once = r2_after(module, FitRecipe(**base), 1)
+    assert varpro > 0.85 and varpro > max(stalled, undone, once) + 0.08, (varpro, stalled, undone, once)
+    with pytest.raises(ConfigError, match="--resolve-every"):
+        FitRecipe(resolve_every=1)  # without --solve-heads
+
+
 @pytest.mark.parametrize("moves, moved", [("code", {"first.bias"}), ("heads", "heads."),
-                                          ("code+heads", "first.bias heads.")])
+                                          ("code+heads", "first.bias heads."), ("body", "column. first. trunk. level_embed.")])
 def test_fitting_part_of_the_student_leaves_the_rest_bit_for_bit(trained, moves, moved):
     module = load_student(str(trained), device=CPU)
     start = {n: p.detach().clone() for n, p in module.student.named_parameters()}
