@@ -73,7 +73,8 @@ class FitRecipe:
             mean R^2 the target applies to cover only these; the other levels are not computed.
         moves: The parameters the gradient steps move per image: ``all``; ``heads`` (each level's
             linear readout); ``code`` (the first layer's bias: a per-image shift of the column
-            term, a code of its width); ``code+heads``. The others stay the start's, bit for bit.
+            term, a code of its width); ``code+heads``; ``body`` (all but the heads). The others
+            stay the start's, bit for bit.
         solve_heads: First set every fitted level's head to the ridge regression of the image's
             standardized targets on the student's last hidden activations at all the level's
             locations (the rest of the student as it starts): one closed-form step, counted as
@@ -336,7 +337,8 @@ def _keep(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, keep: tor
     """The stacked parameters and optimizer state of the kept images only."""
     new = {n: p.detach()[keep].requires_grad_(p.requires_grad) for n, p in params.items()}
     accepted = inspect.signature(type(opt)).parameters
-    new_opt = type(opt)([p for p in new.values() if p.requires_grad], **{k: v for k, v in opt.defaults.items() if k in accepted})
+    new_opt = type(opt)([p for p in new.values() if p.requires_grad],
+                        **{k: v for k, v in opt.defaults.items() if k in accepted})
     for old_p, new_p in zip(params.values(), new.values()):
         state = opt.state.get(old_p)
         if state:
@@ -481,12 +483,12 @@ def _step(fit: Adaptation, params, opt, active: list[int], step: int, recipe: Fi
         fit.solve_heads(params, recipe.ridge)
         return
     losses = fit.step(params, opt)
-    if recipe.resolve_every and step % recipe.resolve_every == 0:
-        fit.solve_heads(params, recipe.ridge)
     if not torch.isfinite(losses).all():
         bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
         raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
                           f"lower '--lr' (now {recipe.learning_rate():g}).")
+    if recipe.resolve_every and step % recipe.resolve_every == 0:
+        fit.solve_heads(params, recipe.ridge)
 
 
 def fitted_module(module, fitted: Fitted):

