@@ -52,14 +52,20 @@ def read_log(log: Path, command: str, warn: bool = True) -> list[dict[str, Any]]
     return out
 
 
+# Settings added after logs were first written, and the value a line without them was run with.
+ADDED_SETTINGS = {"moves": "all", "solve_heads": False, "ridge": 1e-4, "resolve_every": 0}
+
+
 def settings_conflict(lines: list[dict[str, Any]], settings: dict[str, Any], log: Path) -> str | None:
-    """None when every line of ``log`` was written with ``settings`` (each line carries them),
-    else one sentence naming the settings that differ and the way out."""
+    """None when every line of ``log`` was written with ``settings`` (each line carries them; a
+    line from before a setting existed counts as its ``ADDED_SETTINGS`` value), else one sentence
+    naming the settings that differ and the way out."""
     other: dict[str, tuple[Any, Any]] = {}
     for line in lines:
         for k, v in settings.items():
-            if k not in other and json.loads(json.dumps(line.get(k))) != json.loads(json.dumps(v)):
-                other[k] = (line.get(k), v)
+            was = line.get(k, ADDED_SETTINGS.get(k))
+            if k not in other and json.loads(json.dumps(was)) != json.loads(json.dumps(v)):
+                other[k] = (was, v)
     if not other:
         return None
     diff = "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in other.items())

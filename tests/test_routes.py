@@ -116,6 +116,17 @@ def test_perceive_command_takes_a_route_and_refuses_to_resume_with_another(train
     assert line["r2_mean_after"] > 0.7, line
     assert main([*args, "--moves", "heads"]) == 2
     assert "moves" in capsys.readouterr().err
+    # a log from before the routes existed (no route keys) was run with the default route: a
+    # default rerun resumes it, a route does not
+    old = tmp_path / "old"
+    old.mkdir()
+    legacy = {k: v for k, v in line.items() if k not in ("moves", "solve_heads", "ridge", "resolve_every")}
+    (old / "perceive.jsonl").write_text(json.dumps(legacy) + "\n")
+    again = ["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(old), "--figures", "none",
+             "--max-steps", "20", "--eval-every", "5"]
+    assert main([*again, "--solve-heads", "--moves", "code+heads"]) == 2
+    capsys.readouterr()
+    assert main(again) == 0 and "skipping 1 image" in capsys.readouterr().out
 
 
 def test_routes_the_official_recipe_or_the_student_cannot_take_are_named(trained):
