@@ -50,6 +50,7 @@ INITS = ("trained", "fresh")
 # the parameters a per-image fit moves, by name prefix ("all": every one)
 MOVES = {"all": ("",), "heads": ("heads.",), "code": ("first.bias",), "code+heads": ("first.bias", "heads."),
          "body": ("",)}  # body: every parameter but the heads
+ROUTE = ("moves", "solve_heads", "ridge", "resolve_every")  # the FitRecipe fields that choose the route
 
 
 @dataclass
@@ -136,6 +137,10 @@ class FitRecipe:
             self.init = "fresh"
         elif self.init is None:
             self.init = "trained"
+
+    def route(self) -> dict[str, Any]:
+        """The route settings (``ROUTE``) and their values, as a run log records them."""
+        return {k: getattr(self, k) for k in ROUTE}
 
     @property
     def official(self) -> bool:
@@ -409,7 +414,8 @@ def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe
     z, stats = standardized_targets(module, images, recipe, features)
     fitted = select_levels(module.levels, recipe.levels, "--levels")
     moving = moving_names(student, recipe.moves)
-    if recipe.solve_heads and not all(f"heads.{i}.weight" in dict(student.named_parameters()) for i in fitted):
+    names = dict(student.named_parameters())
+    if recipe.solve_heads and not all(f"heads.{i}.weight" in names for i in fitted):
         raise ConfigError(f"Setting '--solve-heads': this {type(student).__name__} has no linear head per "
                           f"level (heads.<level>) to solve; drop '--solve-heads'.")
     if recipe.init == "fresh":
@@ -516,8 +522,7 @@ def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: 
         start = (fresh_parameters(module.student, fitted.seed) if recipe.init == "fresh" else
                  {n: p.detach() for n, p in module.student.named_parameters()})
         before = fitted_module(module, replace(fitted, params=start))
-        rec = {"protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(),
-               "moves": recipe.moves, "solve_heads": recipe.solve_heads, "resolve_every": recipe.resolve_every,
+        rec = {"protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(), **recipe.route(),
                "target_r2": recipe.target_r2, "seed": fitted.seed, **fitted.record()}
         out.append((before, fitted_module(module, fitted), rec))
     return out

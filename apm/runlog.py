@@ -52,18 +52,23 @@ def read_log(log: Path, command: str, warn: bool = True) -> list[dict[str, Any]]
     return out
 
 
-# Settings added after logs were first written, and the value a line without them was run with.
-ADDED_SETTINGS = {"moves": "all", "solve_heads": False, "ridge": 1e-4, "resolve_every": 0}
+def added_settings() -> dict[str, Any]:
+    """Settings added after logs were first written, and the value a line without them was run
+    with: the fitting route's defaults."""
+    from apm.perceive import FitRecipe
+
+    return FitRecipe().route()
 
 
 def settings_conflict(lines: list[dict[str, Any]], settings: dict[str, Any], log: Path) -> str | None:
     """None when every line of ``log`` was written with ``settings`` (each line carries them; a
-    line from before a setting existed counts as its ``ADDED_SETTINGS`` value), else one sentence
+    line from before a setting existed counts as its ``added_settings`` value), else one sentence
     naming the settings that differ and the way out."""
     other: dict[str, tuple[Any, Any]] = {}
+    added = added_settings()
     for line in lines:
         for k, v in settings.items():
-            was = line.get(k, ADDED_SETTINGS.get(k))
+            was = line.get(k, added.get(k))
             if k not in other and json.loads(json.dumps(was)) != json.loads(json.dumps(v)):
                 other[k] = (was, v)
     if not other:

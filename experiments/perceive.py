@@ -54,6 +54,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import bench  # noqa: E402
 
+from PIL import Image  # noqa: E402
+
+from apm import segment  # noqa: E402
 from apm.analysis import island_scores  # noqa: E402
 from apm.loading import load_student  # noqa: E402
 from apm.cli import build_cli  # noqa: E402
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         for kw in ({}, {"solve_heads": True, "moves": "code+heads"}):
             fit_images(starts[start], images[0][1][None], [0], FitRecipe(max_steps=2, eval_every=1, **kw),
                        progress=False)
-    truths = islands_truth(a.gt, unseen, a.size) if a.gt else {}
+    truths = segment.match_truth([f.stem for f in unseen], [Image.open(f).size[::-1] for f in unseen], a.gt,
+                                 a.size)[0] if a.gt else {}
     teacher_cover = {n: covering_per_level(starts["plain"], img, truths[n], teacher=True)
                      for n, img in images if n in truths}
     fits: dict[str, list[dict]] = {}
@@ -277,26 +281,26 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
-def islands_truth(folder: str, files: list[Path], size: int) -> dict:
-    """The BSDS ground truth of ``files`` (by stem), cropped as the images are."""
-    from apm.segment import find_truth, load_truth
-    from PIL import Image
-
-    found = find_truth(folder)
-    return {f.stem: load_truth(f.stem, found[f.stem], Image.open(f).size[::-1], size)
-            for f in files if f.stem in found}
-
-
 def covering_per_level(module: APMModule, image: torch.Tensor, truth, teacher: bool = False) -> dict[str, float]:
     """Per level, the segmentation covering (against the annotators) of k-means (k = 6) islands of
     the module's dense answers, or of the teacher's features."""
-    from apm.segment import kmeans_maps, score_maps
-
     with torch.no_grad():
         x = image[None].to(module.device)
         feats = module.targets(x) if teacher else module.predict_features(x)
-    return {lvl.name: score_maps(kmeans_maps(f[0].float().cpu(), [6]), truth)[6]["covering"]
+    return {lvl.name: segment.score_maps(segment.kmeans_maps(f[0].float().cpu(), [6]), truth)[6]["covering"]
             for lvl, f in zip(module.levels, feats)}
+
+
+def neighbour_mean(t: torch.Tensor, kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Each cell of a level (t: (h*w, d), row-major) predicted by the mean of its kept 4-neighbours
+    (``kept``: indices), or by the mean of all kept cells where it has none. (h*w, d)."""
+    mask = torch.zeros(t.shape[0], dtype=t.dtype)
+    mask[kept] = 1
+    cross = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=t.dtype)[None, None]
+    maps = torch.cat([t * mask[:, None], mask[:, None]], dim=1).T.reshape(-1, 1, *grid)  # values, then count
+    sums = torch.nn.functional.conv2d(maps, cross, padding=1).reshape(t.shape[1] + 1, -1).T
+    total, count = sums[:, :-1], sums[:, -1:]
+    return torch.where(count > 0, total / count.clamp_min(1), t[kept].mean(0))
 
 
 def held_out_r2(trunks: dict[str, APMModule], images: list[tuple[str, torch.Tensor]], ridges: list[float],
@@ -334,16 +338,7 @@ def held_out_r2(trunks: dict[str, APMModule], images: list[tuple[str, torch.Tens
                 for r in ridges:
                     wgt, b = ridge_readout(hh[kept], t[kept], r)
                     out.setdefault(f"{name}_ridge{r:g}", []).append(score((hh[held].double() @ wgt.mT + b).float()))
-            mask = torch.zeros(h_ * w_, dtype=torch.bool)
-            mask[kept] = True
-            grid, mgrid = t.reshape(h_, w_, -1), mask.reshape(h_, w_).float()
-            pad = lambda v: torch.nn.functional.pad(v, (0, 0, 1, 1, 1, 1)) if v.ndim == 3 else torch.nn.functional.pad(v, (1, 1, 1, 1))  # noqa: E731
-            gs, ms = pad(grid * mgrid[..., None]), pad(mgrid)
-            nsum = gs[:-2, 1:-1] + gs[2:, 1:-1] + gs[1:-1, :-2] + gs[1:-1, 2:]
-            ncount = ms[:-2, 1:-1] + ms[2:, 1:-1] + ms[1:-1, :-2] + ms[1:-1, 2:]
-            mean_all = t[kept].mean(0)
-            neigh = torch.where(ncount[..., None] > 0, nsum / ncount.clamp_min(1)[..., None], mean_all)
-            out.setdefault("neighbours", []).append(score(neigh.reshape(h_ * w_, -1)[held]))
+            out.setdefault("neighbours", []).append(score(neighbour_mean(t, kept, (h_, w_))[held]))
     return {k: statistics.mean(v) for k, v in out.items()}
 
 

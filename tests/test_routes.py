@@ -10,9 +10,9 @@ from sklearn.linear_model import Ridge
 
 from apm.cli import main
 from apm.errors import ConfigError
-from apm.loading import load_student
+from apm.loading import load_images, load_student
 from apm.module import APMModule
-from apm.perceive import FitRecipe, fit_images, fitted_module, ridge_readout
+from apm.perceive import ROUTE, FitRecipe, fit_images, fitted_module, ridge_readout
 from tests.test_perceive import UNSEEN, smoke_fit, unseen
 
 CPU = torch.device("cpu")
@@ -76,14 +76,14 @@ def test_variable_projection_moves_the_body_under_always_solved_heads(trained):
         FitRecipe(resolve_every=1)  # without --solve-heads
 
 
-@pytest.mark.parametrize("moves, moved", [("code", {"first.bias"}), ("heads", "heads."),
+@pytest.mark.parametrize("moves, moved", [("code", "first.bias"), ("heads", "heads."),
                                           ("code+heads", "first.bias heads."), ("body", "column. first. trunk. level_embed.")])
 def test_fitting_part_of_the_student_leaves_the_rest_bit_for_bit(trained, moves, moved):
     module = load_student(str(trained), device=CPU)
     start = {n: p.detach().clone() for n, p in module.student.named_parameters()}
     (res,) = fit_images(module, unseen()[None], [0], FitRecipe(moves=moves, max_steps=8, eval_every=4,
                                                                target_r2=2.0), progress=False)
-    prefixes = tuple(moved) if isinstance(moved, set) else tuple(moved.split())
+    prefixes = tuple(moved.split())
     changed = {n for n in start if not torch.equal(res.params[n], start[n])}
     assert changed == {n for n in start if n.startswith(prefixes)}, changed
     assert res.r2_after != res.r2_before and np.mean(list(res.r2_after.values())) > np.mean(list(res.r2_before.values()))
@@ -93,7 +93,6 @@ def test_fitting_part_of_the_student_leaves_the_rest_bit_for_bit(trained, moves,
 
 def test_solved_route_batched_equals_one_image_at_a_time(trained):
     module = load_student(str(trained), device=CPU)
-    from apm.loading import load_images
     images = torch.stack([img for _, img in load_images(["skimage:chelsea,coffee"], 224)])
     recipe = FitRecipe(solve_heads=True, moves="code+heads", max_steps=4, eval_every=2, target_r2=2.0)
     batch = fit_images(module, images, [3, 4], recipe, progress=False)
@@ -120,7 +119,7 @@ def test_perceive_command_takes_a_route_and_refuses_to_resume_with_another(train
     # default rerun resumes it, a route does not
     old = tmp_path / "old"
     old.mkdir()
-    legacy = {k: v for k, v in line.items() if k not in ("moves", "solve_heads", "ridge", "resolve_every")}
+    legacy = {k: v for k, v in line.items() if k not in ROUTE}
     (old / "perceive.jsonl").write_text(json.dumps(legacy) + "\n")
     again = ["perceive", "--ckpt", str(trained), "--images", UNSEEN, "--out", str(old), "--figures", "none",
              "--max-steps", "20", "--eval-every", "5"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from apm.classify import (GLOBAL, LOG_NAME, SUMMARY_NAME, classification_inputs, classification_recipe,
                           classify_folder, global_among_fitted, format_table, summarize)
-from apm.commands.common import parser, recipe_from_args, route_args, route_settings, student_args
+from apm.commands.common import parser, recipe_from_args, route_args, student_args
 from apm.errors import ConfigError
 from apm.loading import load_student, pick_device
 from teachers.clip import imagenet_templates, text_classifier
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
                 "levels": list(a.levels), "lr": recipe.learning_rate(), "queries": a.queries,
                 "ckpt": str(Path(a.ckpt).resolve()) if a.ckpt else None,
                 "config": [str(Path(c).resolve()) for c in a.config or []], "run_seed": a.seed,
-                **route_settings(recipe)}
+                **recipe.route()}
     out = Path(a.out)
     log = out / LOG_NAME
     folder, templates = classification_inputs(a.data, a.classes, a.templates, a.steps, log, settings)

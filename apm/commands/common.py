@@ -33,9 +33,12 @@ def student_from_args(a: argparse.Namespace, command: str, fresh: str, device):
 
 
 def route_args(p: argparse.ArgumentParser) -> None:
-    """--moves, --solve-heads and --ridge: which parameters a per-image fit moves, and the heads
-    solved in closed form first (docs/perceive.md, "Perceiving in a few steps")."""
-    p.add_argument("--moves", choices=("all", "heads", "code", "code+heads", "body"), default="all",
+    """--moves, --solve-heads, --ridge and --resolve-every (``FitRecipe``'s route fields, with its
+    defaults): which parameters a per-image fit moves, and the heads solved in closed form
+    (docs/perceive.md, "Perceiving in a few steps")."""
+    from apm.perceive import MOVES, FitRecipe
+
+    p.add_argument("--moves", choices=list(MOVES), default=FitRecipe.moves,
                    help="the parameters the gradient steps move per image: all; heads (each level's "
                    "linear readout); code (the first layer's bias, a per-image shift of the column "
                    "term); code+heads; body (all but the heads). The others stay the start's")
@@ -43,31 +46,25 @@ def route_args(p: argparse.ArgumentParser) -> None:
                    help="first set every head to the ridge regression of the image's targets on the "
                    "student's last hidden activations: one closed-form step (with a distilled student, "
                    "mean R^2 about 0.9 in that one step; see docs/perceive.md)")
-    p.add_argument("--ridge", type=float, default=1e-4,
+    p.add_argument("--ridge", type=float, default=FitRecipe.ridge,
                    help="penalty of --solve-heads, relative to the mean squared activation")
-    p.add_argument("--resolve-every", type=int, default=0,
+    p.add_argument("--resolve-every", type=int, default=FitRecipe.resolve_every,
                    help="with --solve-heads, solve the heads again after every N gradient steps (0: "
                    "only first); 1 with --moves body is variable projection, the fastest route to "
                    "the full fit's islands (docs/perceive.md)")
-
-
-def route_settings(recipe) -> dict:
-    """The route of ``recipe`` as a run log's settings (a rerun must match them)."""
-    return {"moves": recipe.moves, "solve_heads": recipe.solve_heads, "ridge": recipe.ridge,
-            "resolve_every": recipe.resolve_every}
 
 
 def recipe_from_args(a: argparse.Namespace, protocol: str, **kwargs):
     """The fitting recipe of a command's --protocol, --init, --lr, --queries and route options
     (``route_args``): ``init`` defaults to trained with --ckpt and fresh without (the official
     protocol is always fresh)."""
-    from apm.perceive import FitRecipe
+    from apm.perceive import ROUTE, FitRecipe
 
     init = a.init or (None if protocol == "official" else "trained" if a.ckpt else "fresh")
     if init == "trained" and not a.ckpt and protocol == "ours":
         raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
                           "with --config alone the student is fresh (--init fresh).")
-    route = {k: getattr(a, k) for k in ("moves", "solve_heads", "ridge", "resolve_every") if hasattr(a, k)}
+    route = {k: getattr(a, k) for k in ROUTE if hasattr(a, k)}
     return FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries, **route, **kwargs)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from apm.analysis import island_figures, island_scores
-from apm.commands.common import (IMAGES_HELP, parser, recipe_from_args, route_args, route_settings,
-                                 student_args, student_from_args)
+from apm.commands.common import (IMAGES_HELP, parser, recipe_from_args, route_args, student_args,
+                                 student_from_args)
 from apm.loading import load_images, pick_device
 from apm.perceive import FitRecipe, perceive_images, save_student
 from apm.runlog import image_seed, resume
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
                 "protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(),
                 "target_r2": a.target_r2, "max_steps": a.max_steps, "queries": a.queries,
                 "eval_every": a.eval_every, "levels": a.levels, "k": a.k, "run_seed": a.seed,
-                **route_settings(recipe)}
+                **recipe.route()}
     done = resume(log, settings, "apm perceive")
     todo = [(n, img) for n, img in images if n not in done]
     if done:
