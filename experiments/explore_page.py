@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -24,6 +25,14 @@ TIMED = """async ([x, y, k]) => {
   const t0 = performance.now(); window.apmExplore.select(x, y); const t1 = performance.now();
   window.apmExplore.setK(k); const t2 = performance.now();
   return [t1 - t0, t2 - t1]; }"""
+
+
+def page_contents(page_path: Path) -> dict:
+    """What the page holds (from its JSON block): photographs, levels, k, sources, settings."""
+    html = page_path.read_text(encoding="utf-8")
+    d = json.loads(re.search(r'<script id="apm-data" type="application/json">(.*?)</script>', html, re.S)[1])
+    return {"photos": len(d["photos"]), "levels": d["levels"], "ks": d["ks"], "sources": d["sources"],
+            "size": d["size"], "note": d["note"], "fit": [p["fit"] for p in d["photos"]], "settings": d["settings"]}
 
 
 def measure(page_path: Path, runs: int, pixel: tuple[int, int]) -> dict:
@@ -38,7 +47,8 @@ def measure(page_path: Path, runs: int, pixel: tuple[int, int]) -> dict:
             ks.append(k)
             assert not requested, requested
     med = lambda xs: round(statistics.median(xs), 1)  # noqa: E731
-    return {"bytes": page_path.stat().st_size, "runs": runs, "load_ms_median": med(loads), "load_ms_max": round(max(loads), 1),
+    return {"bytes": page_path.stat().st_size, "runs": runs, "load_ms_median": med(loads),
+            "load_ms_max": round(max(loads), 1),
             "script_ms_median": med(scripts), "click_ms_median": med(clicks), "k_change_ms_median": med(ks),
             "requests": 0}
 
@@ -62,7 +72,7 @@ def main() -> None:
     p.add_argument("--json", default="experiments/results/explore_page.json")
     a = p.parse_args()
     page = Path(a.page)
-    result = {"page": page.name, **measure(page, a.runs, tuple(a.pixel))}
+    result = {"page": page.name, **measure(page, a.runs, tuple(a.pixel)), "contents": page_contents(page)}
     if a.screenshot:
         screenshot(page, Path(a.screenshot), tuple(a.pixel), *a.size)
         result["screenshot"] = a.screenshot

@@ -84,6 +84,14 @@ def test_run_length_arrays():
         rle_decode([0, 6], (2, 2))
 
 
+def test_names_with_html_in_them_stay_data(tmp_path):
+    from apm.explore import write_page
+
+    path = write_page({"title": "a <b> & c", "photos": [{"name": "</script><!--x"}]}, tmp_path / "p.html")
+    assert page_data(path)["photos"][0]["name"] == "</script><!--x"
+    assert "<title>a &lt;b> &amp; c</title>" in path.read_text()
+
+
 def test_student_islands_take_the_names_of_the_teacher_islands_they_match():
     rng = np.random.default_rng(1)
     teacher = rng.integers(0, 4, (8, 8))

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of ground truth: <name>.mat (BSDS), <name>/*.png or <name>.png, cropped "
                    "as the image is; photographs without any are shown without")
     p.add_argument("--levels", nargs="+", default=None,
-                   help="levels by name or index, lowest first; default every teacher level")
+                   help="levels by name or index, lowest first; default every teacher level but rgb")
     p.add_argument("--k", nargs="+", type=int, default=DEFAULT_KS, help="k-means cluster counts offered")
     p.add_argument("--initial-k", type=int, default=None, help="the k the page opens with (one of --k); "
                    "default the middle one")

@@ -79,6 +79,7 @@ def drawn_mask(page, canvas_id: str) -> np.ndarray:
 def canvas_rgb(page, canvas_id: str) -> np.ndarray:
     """(rows, columns, 3) uint8: what a canvas holds."""
     size, data = page.evaluate("""id => { const c = document.getElementById(id);
-        return [[c.height, c.width, 4], Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]; }""",
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return [[c.height, c.width, 4], Array.from(d)]; }""",
                                canvas_id)
     return np.asarray(data, dtype=np.uint8).reshape(size)[..., :3]

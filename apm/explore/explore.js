@@ -173,7 +173,8 @@
         const y = h - 12 - j * step;
         if (j + 1 < nodes.length) {
           const inside = overlap(n.mask, nodes[j + 1].mask) / n.size;
-          svg += `<line x1="${x}" y1="${y}" x2="${x}" y2="${y - step}" stroke="#888" stroke-width="${1 + 3 * inside}"/>`;
+          svg += `<line x1="${x}" y1="${y}" x2="${x}" y2="${y - step}" stroke="#888"` +
+            ` stroke-width="${1 + 3 * inside}"/>`;
           svg += `<text x="${x + 4}" y="${y - step / 2 + 3}" fill="#777">${Math.round(100 * inside)}%</text>`;
         }
         const r = 3 + 9 * Math.sqrt(n.size / (S * S)), [cr, cg, cb] = colour(n.label);
@@ -182,7 +183,8 @@
       });
     });
     return "<h2>parse tree (lowest level at the bottom)</h2><svg width='" + (left + D.sources.length * colW) +
-      "' height='" + h + "'>" + svg + "</svg><div class='stats'>edge: the share of the lower island inside the upper one</div>";
+      "' height='" + h + "'>" + svg + "</svg><div class='stats'>edge: the share of the lower island " +
+      "inside the upper one</div>";
   }
 
   function build() {  // the panels of the current photograph
@@ -192,7 +194,8 @@
     makePanel($("main"), "photo", p.name + " (" + S + " px)", null, null, true);
     $("levels").innerHTML = "";
     for (const level of D.levels) {
-      const card = document.createElement("div"), row = document.createElement("div"), stats = document.createElement("div");
+      const card = document.createElement("div"), row = document.createElement("div");
+      const stats = document.createElement("div");
       card.className = "card"; row.className = "row"; stats.className = "stats"; stats.id = "stats-" + level;
       card.innerHTML = "<h2>" + level + " <span class='tag'>" + p.grids[level].join("x") + " grid</span></h2>";
       for (const s of D.sources) makePanel(row, s + "-" + level, NAMES[s], s, level, false);
@@ -209,8 +212,10 @@
       p.gt.maps.forEach((_, a) => makePanel(row, "people-" + a, "annotator " + (a + 1), "people", a, false));
       people.append(row);
     }
-    const fit = p.fit ? `; fitted: R² ${p.fit.r2_mean_before.toFixed(2)} → ${p.fit.r2_mean_after.toFixed(2)} in ${p.fit.steps} steps` : "";
-    $("note").textContent = `k-means islands at k = ${D.ks.join(", ")} (one seed); a student's islands take the colour of ` +
+    const fit = p.fit ? `; fitted: R² ${p.fit.r2_mean_before.toFixed(2)} → ${p.fit.r2_mean_after.toFixed(2)}` +
+      ` in ${p.fit.steps} steps` : "";
+    $("note").textContent = `k-means islands at k = ${D.ks.join(", ")} (one seed); ` +
+      `a student's islands take the colour of ` +
       `the teacher island they match best${fit}. ${D.note || ""}`;
   }
 
@@ -219,15 +224,20 @@
     panels.forEach(drawHighlight);
     for (const level of D.levels) $("stats-" + level).innerHTML = levelStats(level);
     $("tree").innerHTML = treeSvg();
-    document.querySelectorAll("#kbuttons button").forEach((b) => b.classList.toggle("on", Number(b.dataset.k) === state.k));
-    $("readout").textContent = state.px ? `${D.photos[state.photo].name}: pixel (x ${state.px[0]}, y ${state.px[1]}), k = ${state.k}`
+    document.querySelectorAll("#kbuttons button").forEach(
+      (b) => b.classList.toggle("on", Number(b.dataset.k) === state.k));
+    const name = D.photos[state.photo].name;
+    $("readout").textContent = state.px ? `${name}: pixel (x ${state.px[0]}, y ${state.px[1]}), k = ${state.k}`
       : "click a pixel of any picture";
   }
 
   function select(x, y) { state.px = [x, y]; redraw(true); }
   function setK(k) { state.k = Number(k); redraw(true); }
   function setOpacity(v) { state.opacity = Number(v) / 100; panels.forEach(drawBase); }
-  function setPhoto(i) { state.photo = Number(i); return loadPhoto(state.photo).then(() => { build(); redraw(true); }); }
+  function setPhoto(i) {
+    state.photo = Number(i);
+    return loadPhoto(state.photo).then(() => { build(); redraw(true); });
+  }
 
   D.photos.forEach((p, i) => $("photo").append(new Option(p.name, i)));
   $("photo").addEventListener("change", (ev) => setPhoto(ev.target.value));

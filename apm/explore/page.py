@@ -54,7 +54,7 @@ def render_page(doc: dict) -> str:
     """The HTML of the page for ``doc`` (``format``, ``title``, ``size``, ``levels``, ``ks``,
     ``k``, ``sources``, ``photos``: see docs/explore.md)."""
     data = json.dumps({"format": FORMAT, **doc}, separators=(",", ":"))
-    data = data.replace("</", "<\\/")  # no "</script>" inside the data block
+    data = data.replace("<", "\\u003c")  # no "</script>" or "<!--" inside the data block
     script = _asset("explore.js")
     title = str(doc.get("title", "apm explore")).replace("&", "&amp;").replace("<", "&lt;")
     parts = {"TITLE": title, "DATA": data, "SCRIPT": script}  # one pass: no part is read as a placeholder
