@@ -114,7 +114,8 @@ def test_page_holds_the_islands_of_teacher_and_student(run):
         student = module.predict_features(image)
     photo = data["photos"][0]
     for i, level in enumerate(data["levels"]):
-        grid = tuple(photo["grids"][level])
+        grid = tuple(photo["grids"]["teacher"][level])
+        assert photo["grids"]["student"][level] == photo["grids"]["fitted"][level] == list(grid)
         assert grid == tuple(teacher[i].shape[1:3]) == (8, 8)
         for source, feats in (("teacher", teacher[i]), ("student", student[i])):
             for k in KS:
@@ -137,7 +138,7 @@ def test_page_scores_against_people_are_those_of_the_pixel_maps(run):
     dark, light = grey[people[0] == 0].mean(), grey[people[0] == 2].mean()
     assert light > dark + 0.3
     for level in ("block1", "block3"):
-        labels = rle_decode(photo["maps"]["fitted"][level]["5"], tuple(photo["grids"][level]))
+        labels = rle_decode(photo["maps"]["fitted"][level]["5"], tuple(photo["grids"]["fitted"][level]))
         want = region_scores(pixel_map(labels), people)
         assert photo["gt"]["scores"]["fitted"][level]["5"] == pytest.approx(want, abs=2e-4)
 
@@ -159,7 +160,8 @@ def check_highlights(page, browser, data, photo_index: int) -> dict:
     masks = {}
     for level in data["levels"]:
         for source in data["sources"]:
-            labels = pixel_map(rle_decode(photo["maps"][source][level][str(k)], tuple(photo["grids"][level])))
+            grid = tuple(photo["grids"][source][level])
+            labels = pixel_map(rle_decode(photo["maps"][source][level][str(k)], grid))
             want = labels == labels[y, x]
             got = browser.drawn_mask(page, f"hl-{source}-{level}")
             assert np.array_equal(got, want), (source, level, k, int((got != want).sum()))
@@ -206,6 +208,34 @@ def test_a_click_highlights_the_island_at_every_level_in_a_real_browser(run):
         assert requested == ["http://127.0.0.1:9/x.png"]
 
 
+def test_students_queried_between_the_cells(run, tmp_path):
+    """--upsample 2: the student's islands come from its field queried at twice each level's grid,
+    the teacher's stay on its grid; the page highlights both exactly."""
+    from apm.segment import student_features
+
+    page = tmp_path / "fine.html"
+    assert main(["explore", "--ckpt", str(run["ckpt"]), "--images", "skimage:coffee", "--k", "2", "4",
+                 "--upsample", "2", "--n-init", "2", "--device", "cpu", "--out", str(page)]) == 0
+    data = page_data(page)
+    photo = data["photos"][0]
+    module = load_student(run["ckpt"])
+    image = image_transform(SIZE)(skimage_photo("coffee"))
+    for i, level in enumerate(data["levels"]):
+        assert photo["grids"]["teacher"][level] == [8, 8] and photo["grids"]["student"][level] == [16, 16]
+        ours = rle_decode(photo["maps"]["student"][level]["4"], (16, 16))
+        feats = student_features(module, image, i, (16, 16)).reshape(256, -1).numpy().astype(np.float32)
+        assert adjusted_rand_score(KMeans(4, n_init=2, random_state=0).fit_predict(feats), ours.ravel()) == 1.0
+        teacher = np.kron(rle_decode(photo["maps"]["teacher"][level]["4"], (8, 8)), np.ones((2, 2), int))
+        assert photo["ari"][level]["4"]["student"] == pytest.approx(
+            adjusted_rand_score(teacher.ravel(), ours.ravel()), abs=1e-4)
+    browser = browser_or_skip()
+    with browser.open_page(page) as (pg, requested):
+        browser.click_pixel(pg, "hl-photo", 60, 20, SIZE)
+        check_highlights(pg, browser, data, 0)
+        assert "8x8, 16x16 grid" in pg.inner_text("#levels")
+        assert requested == []
+
+
 @pytest.mark.parametrize("args, says", [
     (["--levels", "block9"], "Setting '--levels': level 'block9' is not a level of this teacher"),
     (["--k", "0", "3"], "Setting '--k' [0, 3]: cluster counts must be 1 or more"),
@@ -214,6 +244,7 @@ def test_a_click_highlights_the_island_at_every_level_in_a_real_browser(run):
     (["--images", "skimage:nosuch"], "Setting '--images': ['nosuch'] are not embedded scikit-image photographs"),
     (["--images", "no/such.jpg"], "Setting '--images': 'no/such.jpg' does not exist"),
     (["--gt", "no/such/folder"], "Setting '--gt': 'no/such/folder' is not a folder of ground truth"),
+    (["--upsample", "0"], "Setting '--upsample' 0: give 1"),
 ])
 def test_bad_input_is_one_error_before_any_work(run, tmp_path, capsys, args, says):
     out = tmp_path / "page.html"

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-r2", type=float, default=0.9, help="fitting: stop at this mean R^2 over the levels")
     route_args(p)
     p.set_defaults(init=None, lr=None, queries=None)
+    p.add_argument("--upsample", type=int, default=1,
+                   help="> 1: the students' islands from their fields queried at this many times each "
+                   "level's grid (finer than the teacher's, which stays on its grid)")
     p.add_argument("--n-init", type=int, default=3, help="k-means++ starts per k-means")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the fitting")
     p.add_argument("--title", default=None, help="the page's title; default names the teacher")
@@ -58,6 +61,8 @@ def check_inputs(a: argparse.Namespace) -> tuple[list[int], int]:
     from apm.data import skimage_names
 
     ks = sorted(set(a.k))
+    if a.upsample < 1:
+        raise ConfigError(f"Setting '--upsample' {a.upsample}: give 1 (each level's grid) or more.")
     if ks[0] < 1:
         raise ConfigError(f"Setting '--k' {a.k}: cluster counts must be 1 or more (e.g. --k 2 4 6 8 12).")
     initial = ks[len(ks) // 2] if a.initial_k is None else a.initial_k
@@ -96,7 +101,8 @@ def plan_of(a: argparse.Namespace, module, ks: list[int]):
         a.init = "trained" if trained else "fresh"
         recipe = recipe_from_args(a, "ours", target_r2=a.target_r2, max_steps=a.max_steps,
                                   levels=[names[i] for i in levels])
-    return ExplorePlan(levels=levels, ks=ks, seed=a.seed, n_init=a.n_init, student=trained, recipe=recipe)
+    return ExplorePlan(levels=levels, ks=ks, seed=a.seed, n_init=a.n_init, student=trained, recipe=recipe,
+                       upsample=a.upsample)
 
 
 def main(argv: list[str]) -> int:
@@ -136,7 +142,7 @@ def main(argv: list[str]) -> int:
            "k": initial, "sources": list(entries[0]["maps"]), "photos": entries,
            "note": f"Teacher {teacher}" + (f" ({weights})" if weights else "") + ".",
            "settings": {"ckpt": a.ckpt, "config": a.config, "seed": a.seed, "n_init": a.n_init,
-                        "perceive": a.perceive, "image_size": size}}
+                        "perceive": a.perceive, "upsample": a.upsample, "image_size": size}}
     path = write_page(doc, a.out)
     if skipped:
         warnings.warn(f"{len(skipped)} input(s) skipped (named above); {len(entries)} photograph(s) shown.",

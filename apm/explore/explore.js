@@ -48,7 +48,7 @@
       if (source === "people") {
         labelCache.set(key, decode(p.gt.maps[level], S * S));
       } else {
-        const [h, w] = p.grids[level];
+        const [h, w] = p.grids[source][level];
         labelCache.set(key, upsample(decode(p.maps[source][level][state.k], h * w), h, w));
       }
     }
@@ -197,7 +197,8 @@
       const card = document.createElement("div"), row = document.createElement("div");
       const stats = document.createElement("div");
       card.className = "card"; row.className = "row"; stats.className = "stats"; stats.id = "stats-" + level;
-      card.innerHTML = "<h2>" + level + " <span class='tag'>" + p.grids[level].join("x") + " grid</span></h2>";
+      const grids = [...new Set(D.sources.map((s) => p.grids[s][level].join("x")))].join(", ");
+      card.innerHTML = "<h2>" + level + " <span class='tag'>" + grids + " grid</span></h2>";
       for (const s of D.sources) makePanel(row, s + "-" + level, NAMES[s], s, level, false);
       card.append(row, stats);
       $("levels").append(card);

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from apm.explore.page import image_uri, rle_encode
-from apm.segment import kmeans_maps
+from apm.segment import kmeans_maps, student_features, upsample_labels
 
 
 @dataclass
@@ -27,6 +27,8 @@ class ExplorePlan:
         n_init: k-means++ starts per k-means.
         student: Show the module's own student (False for an untrained one).
         recipe: A ``FitRecipe``: also fit a copy of the student to each photograph (``fitted``).
+        upsample: > 1: query the students' fields at this many times each level's grid (their
+            islands are then finer than the teacher's); the teacher stays on its grid.
     """
 
     levels: list[int]
@@ -35,10 +37,16 @@ class ExplorePlan:
     n_init: int = 3
     student: bool = True
     recipe: Any = None
+    upsample: int = 1
 
 
 @torch.no_grad()
-def _student_features(module, image: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+def _student_features(module, image: torch.Tensor, levels: Sequence[int], upsample: int) -> list[torch.Tensor]:
+    """A student's features (h, w, d) of each level: on the level's grid, or its field queried at
+    ``upsample`` times the grid."""
+    if upsample > 1:
+        return [student_features(module, image, i, tuple(upsample * g for g in module.levels[i].grid))
+                for i in levels]
     return [f[0].cpu() for f in module.predict_features(image[None].to(module.device), levels)]
 
 
@@ -52,23 +60,23 @@ def photo_features(module, name: str, image: torch.Tensor, plan: ExplorePlan):
         targets = module.targets(image[None].to(module.device))
     feats = {"teacher": [targets[i][0].cpu() for i in plan.levels]}
     if plan.student:
-        feats["student"] = _student_features(module, image, plan.levels)
+        feats["student"] = _student_features(module, image, plan.levels, plan.upsample)
     record = None
     if plan.recipe is not None:
         ((_, fitted, record),) = perceive_images(module, image[None], [image_seed(name, plan.seed)],
                                                  plan.recipe, progress=False, features=targets)
-        feats["fitted"] = _student_features(fitted, image, plan.levels)
+        feats["fitted"] = _student_features(fitted, image, plan.levels, plan.upsample)
     return feats, record
 
 
 def match_labels(labels: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``labels`` renamed so that each island takes the name of the reference island it overlaps
-    most under a one-to-one matching (Hungarian, on the overlap counts); islands left over get
-    names the reference does not use. Only the names change, so that one colour means matching
-    islands of teacher and student."""
+    most under a one-to-one matching (Hungarian, on the overlap counts; a coarser reference is
+    enlarged to ``labels``' grid); islands left over get names the reference does not use. Only
+    the names change, so that one colour means matching islands of teacher and student."""
     from scipy.optimize import linear_sum_assignment
 
-    a, b = labels.ravel(), reference.ravel()
+    a, b = labels.ravel(), upsample_labels(reference, labels.shape).ravel()
     na, nb = int(a.max()) + 1, int(b.max()) + 1
     overlap = np.bincount(a * nb + b, minlength=na * nb).reshape(na, nb)
     rows, cols = linear_sum_assignment(-overlap)
@@ -97,9 +105,12 @@ def agreement(maps: dict) -> dict[str, dict[str, dict[str, float]]]:
     """level -> k -> source -> the adjusted Rand index of that source's islands with the teacher's."""
     from sklearn.metrics import adjusted_rand_score
 
+    def ari(t: np.ndarray, m: np.ndarray) -> float:  # on the finer grid: the teacher's cells enlarged
+        return round(float(adjusted_rand_score(upsample_labels(t, m.shape).ravel(), m.ravel())), 4)
+
     teacher = maps["teacher"]
-    return {n: {str(k): {s: round(float(adjusted_rand_score(teacher[n][k].ravel(), maps[s][n][k].ravel())), 4)
-                         for s in maps if s != "teacher"} for k in teacher[n]} for n in teacher}
+    return {n: {str(k): {s: ari(teacher[n][k], maps[s][n][k]) for s in maps if s != "teacher"}
+                for k in teacher[n]} for n in teacher}
 
 
 def truth_scores(maps: dict, truth) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
@@ -111,7 +122,7 @@ def truth_scores(maps: dict, truth) -> dict[str, dict[str, dict[str, dict[str, f
 
 def photo_entry(module, name: str, image: torch.Tensor, plan: ExplorePlan, truth=None) -> dict:
     """Everything the page holds of one photograph (JSON-ready): the photograph (a JPEG data URI
-    of the (3, S, S) image the student sees), each level's grid, the label maps as run-length
+    of the (3, S, S) image the student sees), each source's grid per level, the label maps as run-length
     arrays (``rle_encode``) per source, level and k, their agreement with the teacher, and with
     ``truth`` the annotators' maps at S x S and the scores against them; seconds spent."""
     start = time.perf_counter()
@@ -120,7 +131,7 @@ def photo_entry(module, name: str, image: torch.Tensor, plan: ExplorePlan, truth
     maps = island_maps(feats, names, plan)
     entry = {
         "name": name, "image": image_uri(image),
-        "grids": {n: list(maps["teacher"][n][plan.ks[0]].shape) for n in names},
+        "grids": {s: {n: list(by_k[plan.ks[0]].shape) for n, by_k in lv.items()} for s, lv in maps.items()},
         "maps": {s: {n: {str(k): rle_encode(m) for k, m in by_k.items()} for n, by_k in lv.items()}
                  for s, lv in maps.items()},
         "ari": agreement(maps) if len(maps) > 1 else {},
