@@ -107,8 +107,8 @@ def plan_of(a: argparse.Namespace, module, ks: list[int]):
 
 def main(argv: list[str]) -> int:
     """``apm explore``: writes --out and prints its size."""
-    from apm import segment
     from apm.explore import photo_entry, write_page
+    from apm.segment import find_truth, load_photos, match_truth
 
     a = build_parser().parse_args(argv)
     ks, initial = check_inputs(a)
@@ -120,14 +120,14 @@ def main(argv: list[str]) -> int:
               "adds a student fitted to each photograph")
     start = time.perf_counter()
     size = int(module.hparams.image_size)
-    photos, skipped = segment.load_photos(a.images, size)
+    photos, skipped = load_photos(a.images, size)
     if not photos:
         raise ConfigError(f"Setting '--images': no readable image among {a.images} (see the warnings).")
     truths = {}
     if a.gt is not None:  # ground truth is optional per photograph: only a bad file is skipped
-        found = segment.find_truth(a.gt)
+        found = find_truth(a.gt)
         some = [(n, hw) for n, _, hw in photos if n in found]
-        truths, bad_truth = segment.match_truth([n for n, _ in some], [hw for _, hw in some], a.gt, size)
+        truths, bad_truth = match_truth([n for n, _ in some], [hw for _, hw in some], a.gt, size)
         skipped += bad_truth
         if len(some) < len(photos):
             print(f"no ground truth in {a.gt} for {', '.join(n for n, _, _ in photos if n not in found)}")
