@@ -19,9 +19,10 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 
 
 def find_chromium() -> str | None:
-    """The Chromium to drive: ``$APM_CHROMIUM``, else the first of ``BROWSERS`` on the PATH."""
+    """The Chromium to drive: ``$APM_CHROMIUM`` (when that file exists), else the first of
+    ``BROWSERS`` on the PATH; None when there is none."""
     if os.environ.get("APM_CHROMIUM"):
-        return os.environ["APM_CHROMIUM"]
+        return os.environ["APM_CHROMIUM"] if Path(os.environ["APM_CHROMIUM"]).is_file() else None
     return next((p for p in map(shutil.which, BROWSERS) if p), None)
 
 
