@@ -17,6 +17,7 @@ TOOLS: dict[str, str] = {
     "perceive": "apm.commands.perceive:main",
     "classify": "apm.commands.classify:main",
     "segment": "apm.commands.segment:main",
+    "explore": "apm.commands.explore:main",
 }
 
 
