@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
                               figures=figures, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), settings={
                                   "ckpt": a.ckpt, "config": a.config, "gt": a.gt, "k": plan.ks,
                                   "levels": [module.levels[i].name for i in plan.levels], "perceive": a.perceive,
+                                  "grids": {module.levels[i].name: list(module.levels[i].grid) for i in plan.levels},
                                   "max_steps": a.max_steps, "target_r2": a.target_r2, "upsample": a.upsample,
                                   "tree_k": list(plan.tree_k), "n_init": plan.n_init, "seed": plan.seed,
                                   "fine_n_init": plan.fine_n_init, "reseed": plan.reseed,
