@@ -7,6 +7,8 @@ levels, and a parse-tree figure. The library behind ``apm segment`` (no argument
 - ``islands``: k-means maps of a level's features, chance partitions, patch colours, features at
   any grid.
 - ``tree``: nesting of islands across levels and the parse-tree figure.
+- ``boundaries``: the benchmark's boundary measure (thinning, one-to-one matching, ODS/OIS/AP).
+- ``ucm``: gPb-owt-ucm's ``ucm2`` maps as segmentations and boundary strength.
 - ``run``: the benchmark run (``Plan``, ``score_image``, ``run``, summary, tables, JSON).
 """
 

@@ -96,6 +96,21 @@ def scores_of(c: np.ndarray) -> dict[str, float]:
     return {"covering": covering_of(c), "pri": rand_of(c), "vi": vi_of(c), "ari": ari_of(c)}
 
 
+def best_covering(tables: Sequence[Sequence[np.ndarray]]) -> float:
+    """Covering when each annotated region takes its best machine region over every setting
+    (``tables[setting][annotator]``), pooled over annotators: the benchmark's ``best`` column."""
+    num = den = 0.0
+    for per_setting in zip(*tables):  # one annotator's tables, a setting each
+        best = 0.0
+        for c in per_setting:
+            c = np.asarray(c, dtype=np.float64)
+            union = c.sum(1, keepdims=True) + c.sum(0, keepdims=True) - c
+            best = np.maximum(best, np.divide(c, union, out=np.zeros_like(c), where=union > 0).max(0))
+        area = np.asarray(per_setting[0], np.float64).sum(0)
+        num, den = num + float((area * best).sum()), den + float(area.sum())
+    return num / den
+
+
 def mean_scores(tables: Iterable[np.ndarray]) -> dict[str, float]:
     """The four measures of one machine segmentation, each averaged over its annotators' tables."""
     per = [scores_of(c) for c in tables]
