@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
                    "how much the measures move with the k-means seed alone")
     p.add_argument("--n-init", type=int, default=3, help="k-means++ starts per k-means")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means, random partitions and fitting")
+    p.add_argument("--resolution", choices=["grid", "full"], default="grid",
+                   help="grid: 224-px-style centre crops, islands on each level's grid; full: the whole "
+                   "photograph at its aspect ratio, islands at its pixels (the teacher's grid upsampled "
+                   "bilinearly, the student queried at every pixel, patch colours), scored on the uncropped "
+                   "ground truth with the region and boundary measures, as the BSDS500 benchmark scores")
+    p.add_argument("--ucm", help="with --resolution full: folder of gPb-owt-ucm maps (<name>.mat with 'ucm2', "
+                   "e.g. BSDS500's ucm2/val), scored beside the islands")
+    p.add_argument("--thresholds", type=int, default=15,
+                   help="with --resolution full: thresholds of each boundary strength map and of ucm2")
+    p.add_argument("--no-boundaries", action="store_true",
+                   help="with --resolution full: skip the boundary measure (its matchings are the slow part)")
     p.add_argument("--json", help="output JSON file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     return p
@@ -60,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pointless(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     """ConfigError for flags set away from their defaults that do nothing in this combination."""
+    full, grid = a.resolution == "full", a.resolution == "grid"
     unused = [(f, need) for f, need, on in (
+        ("--perceive", "--resolution grid", grid), ("--upsample", "--resolution grid", grid),
+        ("--figures", "--resolution grid", grid), ("--reseed", "--resolution grid", grid),
+        ("--tree-k", "--resolution grid", grid), ("--ucm", "--resolution full", full),
+        ("--thresholds", "--resolution full", full), ("--no-boundaries", "--resolution full", full),
         ("--max-steps", "--perceive", a.perceive), ("--target-r2", "--perceive", a.perceive),
         ("--upsample-levels", "--upsample 2 or more", a.upsample > 1),
         ("--tree-levels", "--figures", a.figures), ("--tree-images", "--figures", a.figures))
@@ -77,6 +93,8 @@ def main(argv: list[str]) -> int:
     _pointless(a, p)
     device = pick_device(a.device)
     module = student_from_args(a, "segment", "a teacher alone", device)
+    if a.resolution == "full":
+        return _full(a, module)
     plan = segment.make_plan(module, a.levels, a.k, seed=a.seed, n_init=a.n_init, perceive=a.perceive,
                              max_steps=a.max_steps, target_r2=a.target_r2, upsample=a.upsample,
                              upsample_levels=a.upsample_levels, tree_k=a.tree_k, reseed=a.reseed)
@@ -108,4 +126,33 @@ def main(argv: list[str]) -> int:
         print(f"wrote {a.json}")
     for f in figures:
         print(f)
+    return 0
+
+
+def _full(a: argparse.Namespace, module) -> int:
+    """``apm segment --resolution full``: prints the tables and writes --json."""
+    from apm.segment import full
+
+    plan = segment.make_plan(module, a.levels, a.k, seed=a.seed, n_init=a.n_init)
+    trained = bool(module.standardizer.ready)
+    fplan = full.FullPlan(levels=plan.levels, ks=plan.ks, seed=a.seed, n_init=a.n_init, thresholds=a.thresholds,
+                          features_at=full.student_query(module) if trained else None,
+                          boundaries=not a.no_boundaries)
+    start, cpu = time.perf_counter(), time.process_time()
+    results, skipped = full.run_full(module, a.images, a.gt, fplan, a.ucm)
+    summary = full.summarize_full(results)
+    print(full.format_full(summary))
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"{len(results)} photograph(s) scored, {len(skipped)} skipped, {seconds:.1f} s ({cpu:.1f} CPU-s)")
+    if a.json:
+        per_image = [{k: v for k, v in r.items() if k != "boundary"} for r in results]
+        doc = {**summary, "per_image": per_image, "skipped": skipped, "seconds": round(seconds, 2),
+               "cpu_seconds": round(cpu, 2), "settings": {
+                   "resolution": "full", "ckpt": a.ckpt, "config": a.config, "gt": a.gt, "ucm": a.ucm,
+                   "k": plan.ks, "levels": [module.levels[i].name for i in plan.levels], "n_init": a.n_init,
+                   "seed": a.seed, "thresholds": a.thresholds, "sample": fplan.sample, "vi_units": "bits",
+                   "teacher_weights": getattr(module.teacher, "weights_source", None)}}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {a.json}")
     return 0

@@ -36,13 +36,23 @@ def compact(labels: np.ndarray) -> np.ndarray:
 
 
 def contingency(seg: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Pixel counts (machine regions, annotated regions) of two label maps of one shape."""
-    from sklearn.metrics.cluster import contingency_matrix
-
+    """Pixel counts (machine regions, annotated regions) of two label maps of one shape (what
+    ``sklearn.metrics.cluster.contingency_matrix`` gives: a row or column per label present)."""
     seg, gt = np.asarray(seg), np.asarray(gt)
     if seg.shape != gt.shape:
         raise ValueError(f"label maps of shapes {seg.shape} and {gt.shape}")
-    return contingency_matrix(seg.ravel(), gt.ravel())
+    a, b = (_small_labels(x) for x in (seg, gt))
+    m = int(b.max()) + 1
+    c = np.bincount((a * m + b).ravel(), minlength=(int(a.max()) + 1) * m).reshape(-1, m)
+    return c[c.any(1)][:, c.any(0)]
+
+
+def _small_labels(x: np.ndarray) -> np.ndarray:
+    """Non-negative int64 labels with a small range: the map itself when it already is one (fast
+    at a photograph's pixels), else its labels renumbered (``compact``)."""
+    if x.size and x.dtype.kind in "iub" and x.min() >= 0 and x.max() < 4 * x.size + 1024:
+        return x.astype(np.int64, copy=False)
+    return compact(x)
 
 
 def entropy(counts: np.ndarray) -> float:

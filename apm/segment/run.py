@@ -54,13 +54,16 @@ class Plan:
 
 
 def load_photos(specs: Sequence[str], size: int) -> tuple[list[tuple[str, torch.Tensor, tuple[int, int]]], list[str]]:
-    """(name, image (3, S, S) as ``apm.data.image_transform`` makes it, original (rows, columns))
-    for image files, folders and ``skimage:NAME``; a missing or unreadable one is named in a
-    warning and skipped (returned second)."""
+    """(name, image (3, S, S) as ``apm.data.image_transform`` makes it, or the whole photograph
+    (3, H, W) when ``size`` is 0, original (rows, columns)) for image files, folders and
+    ``skimage:NAME``; a missing or unreadable one is named in a warning and skipped (returned second)."""
     from apm.data import find_images, image_transform, load_image, skimage_names, skimage_photo
     from apm.errors import UnreadableImageError
 
-    tf, out, skipped = image_transform(size), [], []
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    tf = image_transform(size) if size else (lambda p: pil_to_tensor(p).float() / 255)
+    out, skipped = [], []
     for spec in specs:
         if spec.startswith("skimage:"):
             pils = [(n, skimage_photo(n)) for n in skimage_names(spec, "--images")]
