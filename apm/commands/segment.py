@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", choices=["grid", "full"], default="grid",
                    help="grid: 224-px-style centre crops, islands on each level's grid; full: the whole "
                    "photograph at its aspect ratio, islands at its pixels (the teacher's grid upsampled "
-                   "bilinearly, the student queried at every pixel, patch colours), scored on the uncropped "
+                   "bilinearly, with --ckpt the student queried at every pixel, patch colours), scored on the uncropped "
                    "ground truth with the region and boundary measures, as the BSDS500 benchmark scores")
     p.add_argument("--ucm", help="with --resolution full: folder of gPb-owt-ucm maps (<name>.mat with 'ucm2', "
                    "e.g. BSDS500's ucm2/val), scored beside the islands")

@@ -237,11 +237,12 @@ def format_full(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_full(module, images: Sequence[str], gt: str | Path, plan: FullPlan,
-             ucm: str | Path | None = None, limit: int | None = None) -> tuple[list[dict], list[str]]:
-    """Every photograph of ``images`` with ground truth in ``gt`` (and a ``<name>.mat`` in ``ucm``
-    when given) scored at full resolution, a line printed per photograph; the results and the
-    skipped inputs (each named in a warning)."""
+def run_full(module, images: Sequence[str], gt: str | Path, plan: FullPlan, ucm: str | Path | None = None,
+             limit: int | None = None, cpu_seconds: float | None = None) -> tuple[list[dict], list[str]]:
+    """Every photograph of ``images`` (the first ``limit``; none started after ``cpu_seconds`` of
+    this process's CPU time, the fair budget on a shared machine) with
+    ground truth in ``gt`` (and a ``<name>.mat`` in ``ucm`` when given) scored at full resolution,
+    a line printed per photograph; the results and the skipped inputs (each named in a warning)."""
     from apm.errors import ConfigError
     from apm.segment.run import load_photos
     from apm.segment.truth import BadGroundTruth, find_truth, read_truth
@@ -250,9 +251,11 @@ def run_full(module, images: Sequence[str], gt: str | Path, plan: FullPlan,
     photos, skipped = load_photos(images, 0)
     if not Path(gt).is_dir():
         raise ConfigError(f"Setting '--gt': {str(gt)!r} is not a folder of ground truth.")
-    found, results = find_truth(gt), []
+    found, results, start = find_truth(gt), [], time.process_time()
     todo = photos[:limit] if limit else photos
     for i, (name, image, hw) in enumerate(todo, 1):
+        if cpu_seconds is not None and time.process_time() - start > cpu_seconds:
+            break
         try:
             if name not in found:
                 raise BadGroundTruth(f"{name}: no ground truth in {gt}")
