@@ -53,6 +53,15 @@ def parse(argv: list[str] | None):
     return p.parse_args(argv)
 
 
+def rounded(x, digits: int = 4):
+    """Floats in nested dicts and lists rounded (the per-photograph scores stay small)."""
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return [rounded(v, digits) for v in x] if isinstance(x, list) else x
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(f"{len(results)} photographs, {seconds:.0f} s, {cpu:.0f} CPU-s (load average before: {load[0]:.1f})")
     doc = {**summary, "photographs": [r["name"] for r in results], "skipped": skipped,
-           "per_image": [{k: v for k, v in r.items() if k != "boundary"} for r in results],
+           "per_image": rounded([{k: v for k, v in r.items() if k != "boundary"} for r in results]),
            "published_test_gpb_owt_ucm": PUBLISHED_TEST, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
            "settings": {"levels": a.levels, "k": a.k, "thresholds": a.thresholds, "sample": a.sample,
                         "n_init": a.n_init, "cpu_seconds_budget": a.cpu_seconds, "threads": a.threads,
