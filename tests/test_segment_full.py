@@ -149,3 +149,21 @@ def test_segment_command_at_full_resolution(tmp_path, capsys):
     assert main(["segment", "--config", str(CONFIGS / "smoke.yaml"), "--images", "x", "--gt", str(tmp_path),
                  "--ucm", str(tmp_path)]) == 2
     assert "'--ucm' (needs --resolution full)" in capsys.readouterr().err
+
+
+def test_the_students_query_at_pixels_is_its_field():
+    """``student_query``: the photograph resized to the student's square, the student asked at any
+    coordinate on the teacher's scale; at its own cell centres that is its dense prediction, and
+    between them a different answer for each pixel coordinate."""
+    from apm.codes import grid_coords
+
+    module = load_student(str(CONFIGS.parent / "tests" / "data" / "single_dinov2_tiny.ckpt"), None, "cpu")
+    size = int(module.hparams.image_size)
+    image = torch.rand(3, size, size)
+    at = full.student_query(module, chunk=7)
+    for level, lvl in enumerate(module.levels):
+        got = at(image, level, grid_coords(lvl.grid))
+        want = module.predict_features(image[None], [level])[0][0].reshape(-1, lvl.dim)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    pixels = at(image, 0, full.pixel_coords((size, size)))
+    assert pixels.shape == (size * size, module.levels[0].dim) and len(torch.unique(pixels[:, 0])) > size
