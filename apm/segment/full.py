@@ -90,10 +90,13 @@ def teacher_grids(module, image: torch.Tensor, levels: Sequence[int]) -> tuple[l
     patch = int(getattr(teacher, "patch_size", module.student.patch_size))
     x = F.interpolate(image[None].float(), size=teacher_size(image.shape[-2:], patch), mode="bilinear",
                       antialias=True, align_corners=False).clamp(0, 1).to(module.device)
-    if not hasattr(teacher, "extract"):
-        raise ConfigError(f"--resolution full needs a teacher that takes any input size; "
-                          f"{type(teacher).__name__} does not (use --resolution grid).")
-    feats = [f.float()[0].cpu() for f in teacher.extract(x)]
+    try:
+        feats = [f.float()[0].cpu() for f in teacher.extract(x)]
+    except (AttributeError, RuntimeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"Setting '--resolution full': the teacher {type(teacher).__name__} did not take the "
+                          f"whole photograph at {tuple(x.shape[-2:])} px ({type(e).__name__}: {str(e)[:120]}); "
+                          f"use --resolution grid, or a teacher that takes any input size (DINOv2, timm "
+                          f"ViTs with dynamic image size).") from None
     names = [l.name for l in module.levels]
     by_name = {l.name: f for l, f in zip(teacher.levels, feats)}
     colours = rearrange(F.avg_pool2d(x, patch)[0].cpu(), "c h w -> h w c")
