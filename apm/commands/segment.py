@@ -11,14 +11,10 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 from apm import segment
 from apm.commands.common import student_from_args
 from apm.errors import ConfigError
 from apm.loading import pick_device
-from apm.student import RGB
-from teachers.base import select_levels
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,90 +53,57 @@ def _parser() -> argparse.ArgumentParser:
                    "how much the measures move with the k-means seed alone")
     p.add_argument("--n-init", type=int, default=3, help="k-means++ starts per k-means")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means, random partitions and fitting")
+    p.add_argument("--resolution", choices=["grid", "full"], default="grid",
+                   help="grid: 224-px-style centre crops, islands on each level's grid; full: the whole "
+                   "photograph at its aspect ratio, islands at its pixels (the teacher's grid upsampled "
+                   "bilinearly, with --ckpt the student queried at every pixel, patch colours), scored on the uncropped "
+                   "ground truth with the region and boundary measures, as the BSDS500 benchmark scores")
+    p.add_argument("--ucm", help="with --resolution full: folder of gPb-owt-ucm maps (<name>.mat with 'ucm2', "
+                   "e.g. BSDS500's ucm2/val), scored beside the islands")
+    p.add_argument("--thresholds", type=int, default=15,
+                   help="with --resolution full: thresholds of each boundary strength map and of ucm2")
+    p.add_argument("--no-boundaries", action="store_true",
+                   help="with --resolution full: skip the boundary measure (its matchings are the slow part)")
     p.add_argument("--json", help="output JSON file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     return p
 
 
-def _module(a: argparse.Namespace, device: torch.device):
-    return student_from_args(a, "segment", "a teacher alone", device)
-
-
-def _plan(a: argparse.Namespace, module) -> segment.Plan:
-    from apm.perceive import FitRecipe
-
-    if min(a.k) < 1 or min(a.tree_k) < 1:
-        raise ConfigError(f"Settings '--k' {a.k} and '--tree-k' {a.tree_k}: cluster counts must be 1 or more.")
-    names = [l.name for l in module.levels]
-    levels = select_levels(names, a.levels, "--levels") if a.levels else [i for i, n in enumerate(names) if n != RGB]
-    trained = bool(module.standardizer.ready)
-    recipe = (FitRecipe(init="trained" if trained else "fresh", target_r2=a.target_r2, max_steps=a.max_steps,
-                        levels=[names[i] for i in levels]) if a.perceive else None)
-    fine = select_levels(names, a.upsample_levels, "--upsample-levels") if a.upsample_levels else levels[-1:]
-    return segment.Plan(levels=levels, ks=sorted(set(a.k)), seed=a.seed, n_init=a.n_init, student=trained,
-                        recipe=recipe, fine=a.upsample, fine_levels=fine if a.upsample > 1 else [],
-                        tree_k=tuple(a.tree_k), reseed=a.reseed)
-
-
-def _tree_levels(a: argparse.Namespace, module, plan: segment.Plan) -> list[str]:
-    """The levels of the parse trees, lowest first: --tree-levels, or 4 spread over the scored
-    levels; ConfigError (before any work) for one that is not scored."""
-    names = [module.levels[i].name for i in plan.levels]
-    if a.tree_levels:
-        wanted = [module.levels[i].name for i in select_levels(module.levels, a.tree_levels, "--tree-levels")]
-    else:
-        wanted = list(dict.fromkeys(names[round(j * (len(names) - 1) / 3)] for j in range(4)))
-    if set(wanted) - set(names):
-        raise ConfigError(f"Setting '--tree-levels': {sorted(set(wanted) - set(names))} are not among the "
-                          f"scored levels ({', '.join(names)}); add them to --levels.")
-    return wanted
-
-
-def _trees(a: argparse.Namespace, wanted: list[str], plan: segment.Plan, photos: dict,
-           results: list[dict]) -> list[str]:
-    """Parse-tree figures (teacher and every scored student) of the first --tree-images images."""
-    lo, up = plan.tree_k
-    have = sorted(set(plan.ks) | {lo, up})  # the k-means maps kept: k from LOWER (lowest) to UPPER (top)
-    ks = [min(have, key=lambda k: abs(k - (lo + (up - lo) * j / max(1, len(wanted) - 1))))
-          for j in range(len(wanted))]
-    paths = []
-    for r in results[: a.tree_images]:
-        for source, lv in r["maps"].items():
-            if any(n not in lv for n in wanted):
-                continue
-            maps = [lv[n][k] for n, k in zip(wanted, ks)]
-            path = Path(a.figures) / f"{r['name']}_tree_{source}.png"
-            paths.append(str(segment.parse_tree_figure(photos[r["name"]], wanted[::-1], maps[::-1], path,
-                                                       f"{r['name']}: {source} islands, k {ks[::-1]} from the top")))
-    return paths
+def _pointless(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """ConfigError for flags set away from their defaults that do nothing in this combination."""
+    full, grid = a.resolution == "full", a.resolution == "grid"
+    unused = [(f, need) for f, need, on in (
+        ("--perceive", "--resolution grid", grid), ("--upsample", "--resolution grid", grid),
+        ("--figures", "--resolution grid", grid), ("--reseed", "--resolution grid", grid),
+        ("--tree-k", "--resolution grid", grid), ("--ucm", "--resolution full", full),
+        ("--thresholds", "--resolution full", full), ("--no-boundaries", "--resolution full", full),
+        ("--max-steps", "--perceive", a.perceive), ("--target-r2", "--perceive", a.perceive),
+        ("--upsample-levels", "--upsample 2 or more", a.upsample > 1),
+        ("--tree-levels", "--figures", a.figures), ("--tree-images", "--figures", a.figures))
+        if not on and getattr(a, f[2:].replace("-", "_")) != p.get_default(f[2:].replace("-", "_"))]
+    if unused:
+        raise ConfigError("Settings " + ", ".join(f"'{f}' (needs {need})" for f, need in unused)
+                          + ": they do nothing without the setting they refine; add it or drop them.")
 
 
 def main(argv: list[str]) -> int:
     """``apm segment``: prints a table per level and writes --json."""
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    _pointless(a, p)
     device = pick_device(a.device)
-    module = _module(a, device)
-    plan = _plan(a, module)
-    tree_levels = _tree_levels(a, module, plan) if a.figures else []
+    module = student_from_args(a, "segment", "a teacher alone", device)
+    if a.resolution == "full":
+        return _full(a, module)
+    plan = segment.make_plan(module, a.levels, a.k, seed=a.seed, n_init=a.n_init, perceive=a.perceive,
+                             max_steps=a.max_steps, target_r2=a.target_r2, upsample=a.upsample,
+                             upsample_levels=a.upsample_levels, tree_k=a.tree_k, reseed=a.reseed)
+    tree_levels = segment.tree_levels(module, plan, a.tree_levels) if a.figures else []
     start, cpu = time.perf_counter(), time.process_time()
-    photos, bad_images = segment.load_photos(a.images, int(module.hparams.image_size))
-    if not Path(a.gt).is_dir():
-        raise ConfigError(f"Setting '--gt': {a.gt!r} is not a folder of ground truth (<name>.mat, "
-                          f"<name>/*.png or <name>.png).")
-    truths, bad_truth = segment.match_truth([n for n, _, _ in photos], [hw for _, _, hw in photos], a.gt,
-                                            int(module.hparams.image_size))
-    todo = [(n, img) for n, img, _ in photos if n in truths]
-    if not todo:
-        raise ConfigError(f"No image of {a.images} has usable ground truth in {a.gt} (see the warnings).")
-    results = []
-    for i, (name, img) in enumerate(todo, 1):
-        results.append(segment.score_image(module, name, img, truths[name], plan))
-        fit = results[-1]["fit"]
-        note = f", R^2 {fit['r2_mean_before']:.3f} -> {fit['r2_mean_after']:.3f} in {fit['steps']} steps" if fit else ""
-        print(f"[{i}/{len(todo)}] {name}: {results[-1]['seconds']:.1f} s{note}", flush=True)
+    results, photos, bad_images, bad_truth = segment.run(module, a.images, a.gt, plan)
     summary = segment.summarize(results)
     print(segment.format_tables(summary))
-    figures = _trees(a, tree_levels, plan, dict(todo), results) if a.figures else []
+    figures = segment.draw_trees(results, tree_levels, plan, photos, a.figures, a.tree_images) if a.figures else []
     skipped = bad_images + bad_truth
     if skipped:
         warnings.warn(f"{len(skipped)} input(s) skipped (named above): {len(bad_images)} image(s), "
@@ -152,6 +115,7 @@ def main(argv: list[str]) -> int:
                               figures=figures, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), settings={
                                   "ckpt": a.ckpt, "config": a.config, "gt": a.gt, "k": plan.ks,
                                   "levels": [module.levels[i].name for i in plan.levels], "perceive": a.perceive,
+                                  "grids": {module.levels[i].name: list(module.levels[i].grid) for i in plan.levels},
                                   "max_steps": a.max_steps, "target_r2": a.target_r2, "upsample": a.upsample,
                                   "tree_k": list(plan.tree_k), "n_init": plan.n_init, "seed": plan.seed,
                                   "fine_n_init": plan.fine_n_init, "reseed": plan.reseed,
@@ -162,4 +126,33 @@ def main(argv: list[str]) -> int:
         print(f"wrote {a.json}")
     for f in figures:
         print(f)
+    return 0
+
+
+def _full(a: argparse.Namespace, module) -> int:
+    """``apm segment --resolution full``: prints the tables and writes --json."""
+    from apm.segment import full
+
+    plan = segment.make_plan(module, a.levels, a.k, seed=a.seed, n_init=a.n_init)
+    trained = bool(module.standardizer.ready)
+    fplan = full.FullPlan(levels=plan.levels, ks=plan.ks, seed=a.seed, n_init=a.n_init, thresholds=a.thresholds,
+                          features_at=full.student_query(module) if trained else None,
+                          boundaries=not a.no_boundaries)
+    start, cpu = time.perf_counter(), time.process_time()
+    results, skipped = full.run_full(module, a.images, a.gt, fplan, a.ucm)
+    summary = full.summarize_full(results)
+    print(full.format_full(summary))
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"{len(results)} photograph(s) scored, {len(skipped)} skipped, {seconds:.1f} s ({cpu:.1f} CPU-s)")
+    if a.json:
+        per_image = [{k: v for k, v in r.items() if k != "boundary"} for r in results]
+        doc = {**summary, "per_image": per_image, "skipped": skipped, "seconds": round(seconds, 2),
+               "cpu_seconds": round(cpu, 2), "settings": {
+                   "resolution": "full", "ckpt": a.ckpt, "config": a.config, "gt": a.gt, "ucm": a.ucm,
+                   "k": plan.ks, "levels": [module.levels[i].name for i in plan.levels], "n_init": a.n_init,
+                   "seed": a.seed, "thresholds": a.thresholds, "sample": fplan.sample, "vi_units": "bits",
+                   "teacher_weights": getattr(module.teacher, "weights_source", None)}}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {a.json}")
     return 0
