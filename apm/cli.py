@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except APMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # Lightning's SIGTERMException: the checkpoint is saved, say so in the status
+    except SystemExit as e:  # Lightning's SIGTERMException (SIGTERM or Ctrl-C): the checkpoint is saved
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(e, SIGTERMException):
-            return 128 + 15
+            return 128 + getattr(e, "signum", 15)
         raise
 
 
