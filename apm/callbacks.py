@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -189,9 +190,45 @@ class CheckpointOnStop(L.Callback):
                   f"with the same command plus --ckpt_path last.", file=sys.stderr, flush=True)
 
 
+class SetAsideEarlierCheckpoints(L.Callback):
+    """A new run (not resumed with ``--ckpt_path``) whose checkpoint folders hold an earlier run's
+    ``*.ckpt`` files moves them into ``<folder>/previous/`` first (replacing what an older run left
+    there) and says so in one line.
+
+    The folder then holds this run's checkpoints only: ``last.ckpt`` is this run's (Lightning would
+    otherwise write ``last-v1.ckpt`` beside the old one) and there is one ``best-*.ckpt``. One earlier
+    run is kept, so running a config again by mistake loses nothing that ``previous/`` does not hold.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None:
+            return
+        if trainer.is_global_zero:
+            folders = {cb.dirpath for cb in trainer.checkpoint_callbacks
+                       if isinstance(cb, ModelCheckpoint) and cb.dirpath}
+            for folder in sorted(folders):
+                set_aside(Path(folder))
+        trainer.strategy.barrier("SetAsideEarlierCheckpoints")
+
+
+def set_aside(folder: Path) -> list[Path]:
+    """Move ``folder``'s ``*.ckpt`` files into ``folder/previous/`` (emptied first); return the
+    moved files' new paths."""
+    earlier = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not earlier:
+        return []
+    previous = folder / "previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    moved = [Path(shutil.move(str(f), previous / f.name)) for f in earlier]
+    print(f"A new run in {folder}: the earlier run's {', '.join(f.name for f in earlier)} moved to "
+          f"{previous}/ (to continue a run instead, add --ckpt_path last).", file=sys.stderr, flush=True)
+    return moved
+
+
 def add_defaults(plugins: Any, callbacks: Any) -> tuple[list, list]:
-    """The trainer's plugins and callbacks plus AtomicCheckpointIO and CheckpointOnStop, unless a
-    CheckpointIO plugin or a CheckpointOnStop callback is already given."""
+    """The trainer's plugins and callbacks plus AtomicCheckpointIO, CheckpointOnStop and
+    SetAsideEarlierCheckpoints, each unless one of its kind is already given."""
     from lightning.fabric.plugins import CheckpointIO
 
     from apm.checkpoints import AtomicCheckpointIO
@@ -200,6 +237,7 @@ def add_defaults(plugins: Any, callbacks: Any) -> tuple[list, list]:
     callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    if not any(isinstance(c, CheckpointOnStop) for c in callbacks):
-        callbacks.append(CheckpointOnStop())
+    for kind in (CheckpointOnStop, SetAsideEarlierCheckpoints):
+        if not any(isinstance(c, kind) for c in callbacks):
+            callbacks.append(kind())
     return plugins, callbacks
