@@ -79,7 +79,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             from apm.callbacks import add_defaults
 
             kwargs["plugins"], kwargs["callbacks"] = add_defaults(
-                kwargs.get("plugins", cfg.get("plugins")), kwargs.get("callbacks", cfg.get("callbacks")))
+                kwargs.get("plugins", cfg.get("plugins")), kwargs.get("callbacks", cfg.get("callbacks")),
+                progress_bar=kwargs.get("enable_progress_bar", cfg.get("enable_progress_bar")) is not False)
             return super().instantiate_trainer(**kwargs)
 
         def _parse_ckpt_path(self) -> None:

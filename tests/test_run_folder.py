@@ -1,10 +1,67 @@
-"""What a run leaves behind: a checkpoint folder that holds the newest run's files when a config
-is run again."""
+"""What a run shows and leaves behind: one bar over all its steps with an ETA, and a checkpoint folder that holds the newest run's files when a config is run again."""
 
+import re
+
+import lightning as L
+import pytest
 import torch
 
+from apm.callbacks import add_defaults
 from apm.cli import build_cli
+from apm.data import APMDataModule
+from apm.module import APMModule
+from apm.progress import StepProgressBar
 from tests.conftest import CONFIGS
+
+
+def _module() -> APMModule:
+    return APMModule(teacher="dinov2_tiny", teacher_args={"pretrained": False}, image_size=56,
+                     hidden_dims=[32], pe_dim=16, level_dim=8, queries_per_image=32, stats_images=4)
+
+
+def _data() -> APMDataModule:
+    # 3 photographs, batch 2: 2 batches an epoch, so steps and batches of an epoch differ
+    return APMDataModule("skimage:astronaut,coffee,chelsea", image_size=56, batch_size=2,
+                         val_fraction=0, num_workers=0)
+
+
+class _Watch(L.Callback):
+    """What the step bar shows after each training step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
+        self.seen.append((bar.n, bar.total, str(bar)))
+
+
+def _trainer(tmp_path, max_steps, *callbacks, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, default_root_dir=tmp_path, enable_model_summary=False,
+                     callbacks=list(callbacks), **kw)
+
+
+def test_the_bar_counts_steps_of_the_run_with_an_eta_and_continues_on_resume(tmp_path, capsys):
+    watch = _Watch()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", save_last=True, save_top_k=0)
+    bar = StepProgressBar()
+    _trainer(tmp_path, 5, bar, watch, ckpt).fit(_module(), _data())
+    assert [(n, total) for n, total, *_ in watch.seen] == [(i, 5) for i in range(1, 6)]
+    # across the epoch boundary (2 batches an epoch) the count goes on, and tqdm shows an ETA
+    text = watch.seen[3][2]
+    assert text.startswith("step") and re.search(r" 4/5 \[\d\d:\d\d<\d\d:\d\d, ", text), text
+
+    resumed = _Watch()
+    _trainer(tmp_path, 8, StepProgressBar(), resumed, ckpt).fit(_module(), _data(), ckpt_path="last")
+    assert [(n, total) for n, total, *_ in resumed.seen] == [(6, 8), (7, 8), (8, 8)]
+
+
+def test_defaults_add_the_step_bar_only_where_a_bar_is_wanted():
+    _, with_bar = add_defaults(None, None)
+    _, without = add_defaults(None, None, progress_bar=False)
+    assert any(isinstance(c, StepProgressBar) for c in with_bar)
+    assert not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in without)
 
 
 def _fit(tmp_path, monkeypatch, steps: int, *extra: str) -> None:
