@@ -228,20 +228,21 @@ def set_aside(folder: Path) -> list[Path]:
 
 def add_defaults(plugins: Any, callbacks: Any, progress_bar: bool = True) -> tuple[list, list]:
     """The trainer's plugins and callbacks plus AtomicCheckpointIO, CheckpointOnStop,
-    SetAsideEarlierCheckpoints and (with ``progress_bar``) StepProgressBar, each unless one of its
-    kind is already given."""
+    SetAsideEarlierCheckpoints, TimeEstimate and (with ``progress_bar``) StepProgressBar, each
+    unless one of its kind is already given."""
     from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.callbacks import ProgressBar
 
     from apm.checkpoints import AtomicCheckpointIO
-    from apm.progress import StepProgressBar
+    from apm.progress import StepProgressBar, TimeEstimate
 
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    defaults = [(CheckpointOnStop, CheckpointOnStop), (SetAsideEarlierCheckpoints, SetAsideEarlierCheckpoints)]
-    for kind, make in defaults + ([(ProgressBar, StepProgressBar)] if progress_bar else []):
+    defaults = [(CheckpointOnStop, CheckpointOnStop), (SetAsideEarlierCheckpoints, SetAsideEarlierCheckpoints),
+                (TimeEstimate, TimeEstimate)] + ([(ProgressBar, StepProgressBar)] if progress_bar else [])
+    for kind, make in defaults:
         if not any(isinstance(c, kind) for c in callbacks):
             callbacks.append(make())
     return plugins, callbacks

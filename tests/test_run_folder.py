@@ -1,4 +1,5 @@
-"""What a run shows and leaves behind: one bar over all its steps with an ETA, and a checkpoint folder that holds the newest run's files when a config is run again."""
+"""What a run shows and leaves behind: one bar over all its steps with an ETA, an estimate of its
+total time, and a checkpoint folder that holds the newest run's files when a config is run again."""
 
 import re
 
@@ -10,7 +11,7 @@ from apm.callbacks import add_defaults
 from apm.cli import build_cli
 from apm.data import APMDataModule
 from apm.module import APMModule
-from apm.progress import StepProgressBar
+from apm.progress import StepProgressBar, TimeEstimate, describe_seconds
 from tests.conftest import CONFIGS
 
 
@@ -57,11 +58,42 @@ def test_the_bar_counts_steps_of_the_run_with_an_eta_and_continues_on_resume(tmp
     assert [(n, total) for n, total, *_ in resumed.seen] == [(6, 8), (7, 8), (8, 8)]
 
 
+def test_time_estimate_reports_the_remaining_time_and_advises_a_gpu(tmp_path, capsys):
+    est = TimeEstimate(skip=1, min_steps=2, min_seconds=0.0)
+    _trainer(tmp_path, 6, est, enable_progress_bar=False, enable_checkpointing=False).fit(_module(), _data())
+    err = capsys.readouterr().err
+    per_step = est.estimate["seconds_per_step"]
+    assert 0 < per_step < 60
+    # timed after step 1 (skipped) over steps 2..3, reported at step 3: 3 of 6 left
+    assert abs(est.estimate["seconds_left"] - 3 * per_step) < 1e-9
+    assert "s a training step on cpu; the remaining 3 of 6 steps take about" in err
+    assert "GPU is advised" not in err
+
+    # a run long enough on a CPU is told a GPU is advised
+    long = TimeEstimate(skip=1, min_steps=2, min_seconds=0.0)
+    _trainer(tmp_path, 10**7, long, _StopOnEstimate(long), enable_progress_bar=False,
+             enable_checkpointing=False).fit(_module(), _data())
+    assert "A GPU is advised" in capsys.readouterr().err
+
+
+class _StopOnEstimate(L.Callback):
+    def __init__(self, est):
+        self.est = est
+
+    def on_train_batch_end(self, trainer, *_):
+        trainer.should_stop = self.est.estimate is not None
+
+
+def test_describe_seconds():
+    assert [describe_seconds(s) for s in (12, 600, 5 * 3600, 6 * 86400)] == ["12 s", "10 min", "5.0 h", "6.0 days"]
+
+
 def test_defaults_add_the_step_bar_only_where_a_bar_is_wanted():
     _, with_bar = add_defaults(None, None)
     _, without = add_defaults(None, None, progress_bar=False)
     assert any(isinstance(c, StepProgressBar) for c in with_bar)
     assert not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in without)
+    assert any(isinstance(c, TimeEstimate) for c in without)
 
 
 def _fit(tmp_path, monkeypatch, steps: int, *extra: str) -> None:
