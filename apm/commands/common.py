@@ -10,8 +10,10 @@ from apm.loading import load_student
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"apm {prog}", description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from apm.flag_errors import Parser
+
+    return Parser(prog=f"apm {prog}", description=description,
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def student_args(p: argparse.ArgumentParser, ckpt_help: str, config_help: str,
