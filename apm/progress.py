@@ -119,6 +119,6 @@ class TimeEstimate(L.Callback):
             line += (f"; the remaining {total - trainer.global_step} of {total} steps take about "
                      f"{describe_seconds(left)} (validation and figures not counted)")
         if device == "cpu" and left is not None and left > GPU_ADVISED_S:
-            line += (". A GPU is advised for a run this long (README, 'What runs where'); on this CPU, "
-                     "configs/quick.yaml or fewer trainer.max_steps finish sooner")
+            line += (". A GPU is advised for a run this long (README, 'What runs where'); "
+                     "fewer trainer.max_steps finish sooner on this CPU")
         tqdm.write(line + ".", file=sys.stderr)
