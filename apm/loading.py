@@ -175,6 +175,7 @@ def save_pretrained(module, folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from apm.cache import json_normal
+    from teachers.files import usual_modes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,6 +185,7 @@ def save_pretrained(module, folder: str | Path) -> Path:
     config = {"format": PRETRAINED_FORMAT, "hyper_parameters": json_normal(hp), "apm": json_normal(ckpt["apm"])}
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, folder / (PRETRAINED_WEIGHTS + ".tmp"))
+    usual_modes(folder / (PRETRAINED_WEIGHTS + ".tmp"))  # safetensors writes 0600
     (folder / (PRETRAINED_WEIGHTS + ".tmp")).replace(folder / PRETRAINED_WEIGHTS)
     (folder / PRETRAINED_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return folder

