@@ -110,13 +110,17 @@ def embed_rgb_levels(levels: Sequence[Sequence[torch.Tensor | np.ndarray]], meth
                          random_state=seed, max_iter=max(250, max_iter), method="barnes_hut",
                          ).fit_transform(xs[i].astype(np.float32))
     for (n, _), idx in batches.items():
-        from apm.tsne import tsne
+        from apm.tsne import collapsed, tsne
 
         per_call = max(1, _BATCH_ENTRIES // (n * n))
         for part in (idx[j : j + per_call] for j in range(0, len(idx), per_call)):
             x = torch.from_numpy(np.stack([xs[i] for i in part])).to(device, torch.float32)
             y = tsne(x, 3, min(perplexity, (n - 1) / 3), max(n / 48, 10.0), max(250, max_iter))
-            for i, yi in zip(part, y.double().cpu().numpy()):
+            for i, yi, bad in zip(part, y.double().cpu().numpy(), collapsed(y).tolist()):
+                if bad:  # not even float64 unfolded it: a grey panel would say nothing
+                    warnings.warn("t-SNE collapsed to a point on one level; its colours are the first 3 "
+                                  "principal components instead.", stacklevel=2)
+                    yi = PCA(3, random_state=seed).fit_transform(xs[i] - xs[i].mean(0))
                 ys[i] = yi
     out = []
     for blocks, p, y in zip(levels, pts, ys):
