@@ -9,7 +9,6 @@ Given both a checkpoint and configs, the checkpoint must match the configs' teac
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,15 +30,16 @@ def load_images(specs: Sequence[str], image_size: int, setting: str = "--images"
     from apm.data import find_images, image_transform, load_image, skimage_names, skimage_photo
     from apm.errors import UnreadableImageError
 
+    from apm.skipping import SkipLog, failure_reason
+
     tf = image_transform(image_size)
     out: list[tuple[str, torch.Tensor]] = []
-    skipped: list[str] = []
+    skipped = SkipLog()  # the one policy: each bad input named once, a count at the end
 
-    def bad(message: str) -> None:
+    def bad(message: str, name: str | None = None, reason: str | None = None) -> None:
         if not skip_bad:
             raise ConfigError(message)
-        warnings.warn(f"skipped: {message}", stacklevel=3)
-        skipped.append(message)
+        skipped.record([(name, reason)] if name else [(str(spec), message)])
 
     for spec in specs:
         if spec.startswith("skimage:"):
@@ -57,10 +57,8 @@ def load_images(specs: Sequence[str], image_size: int, setting: str = "--images"
             try:
                 out.append((f.stem, tf(load_image(f, image_size))))
             except UnreadableImageError as e:
-                bad(f"Setting {setting!r}: {e}")
-    if skipped:
-        warnings.warn(f"{len(skipped)} of the inputs in {setting!r} were skipped (named above); "
-                      f"{len(out)} image(s) loaded.", stacklevel=2)
+                bad(f"Setting {setting!r}: {e}", str(f), failure_reason(e, str(f)))
+    skipped.summary(f"; {len(out)} image(s) loaded")
     if not out:
         raise ConfigError(f"Setting {setting!r}: no readable image among {list(specs)}.")
     names: dict[str, int] = {}

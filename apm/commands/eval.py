@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     if a.k < 2:
         raise ConfigError(f"Setting '--k': {a.k} clusters cannot disagree; use 2 or more (default 8).")
     module = load_student(a.ckpt, device=pick_device(a.device))
-    images = load_images(a.images, module.hparams.image_size)
+    images = load_images(a.images, module.hparams.image_size, skip_bad=True)
     levels = select_levels(module.levels, a.levels, "--levels")
     per_image: dict[str, dict[str, list[float]]] = {}
     count = len(images)

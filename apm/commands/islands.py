@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     device = pick_device(a.device)
     if a.ckpt:
         module = load_student(a.ckpt, a.config, device)
-        images = load_images(a.images, module.hparams.image_size)
+        images = load_images(a.images, module.hparams.image_size, skip_bad=True)
         levels = select_levels(module.levels, a.levels, "--levels")
         paths = []
         for name, img in images:  # one at a time: t-SNE dominates and memory stays flat
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     elif a.config:
         module = load_student(configs=a.config, device=device)
         teacher, size = module.teacher.to(device), module.hparams.image_size
-        images = load_images(a.images, size)
+        images = load_images(a.images, size, skip_bad=True)
         levels = select_levels(teacher.levels, a.levels, "--levels")
         paths = []
         for name, img in images:
