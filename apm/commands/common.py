@@ -49,7 +49,9 @@ def route_args(p: argparse.ArgumentParser) -> None:
                    "student's last hidden activations: one closed-form step (with a distilled student, "
                    "mean R^2 about 0.9 in that one step; see docs/perceive.md)")
     p.add_argument("--ridge", type=float, default=FitRecipe.ridge,
-                   help="penalty of --solve-heads, relative to the mean squared activation")
+                   help=f"with --solve-heads, its penalty lam = RIDGE x the mean squared norm of the "
+                   f"centred activation rows (a sum over the hidden units: at width k, k times the "
+                   f"mean squared centred activation)")
     p.add_argument("--resolve-every", type=int, default=FitRecipe.resolve_every,
                    help="with --solve-heads, solve the heads again after every N gradient steps (0: "
                    "only first); 1 with --moves body is variable projection, the fastest route to "
