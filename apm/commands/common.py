@@ -46,8 +46,9 @@ def route_args(p: argparse.ArgumentParser) -> None:
                    "term); code+heads; body (all but the heads). The others stay the start's")
     p.add_argument("--solve-heads", action="store_true",
                    help="first set every head to the ridge regression of the image's targets on the "
-                   "student's last hidden activations: one closed-form step (with a distilled student, "
-                   "mean R^2 about 0.9 in that one step; see docs/perceive.md)")
+                   "student's last hidden activations at the scored cells: one closed-form least-squares "
+                   "step. Its R^2 on those cells says little of the student (an untrained wide student "
+                   "reaches 0.999); see docs/perceive.md")
     p.add_argument("--ridge", type=float, default=None,
                    help=f"with --solve-heads, its penalty lam = RIDGE x the mean squared norm of the "
                    f"centred activation rows (a sum over the hidden units: at width k, k times the "
