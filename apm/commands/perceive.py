@@ -80,6 +80,8 @@ def main(argv: list[str]) -> int:
         print(f"skipping {len(images) - len(todo)} image(s) already in {log} (delete it to redo them)")
     steps = []
     for start in range(0, len(todo), max(1, a.batch_size)):
+        names = ", ".join(n for n, _ in todo[start : start + max(1, a.batch_size)])
+        print(f"fitting {names} ({start + 1} of {len(todo)}) ...", flush=True)
         for line in perceive_batch(module, todo[start : start + max(1, a.batch_size)], recipe, levels, a, out):
             line.update(settings)
             steps.append(line["steps"])
