@@ -88,6 +88,7 @@ class TimeEstimate(L.Callback):
         self.estimate: dict[str, float] | None = None
         self._last_end: float | None = None
         self._timed = [0, 0.0]  # steps, seconds
+        self._seen = 0  # training batches ended in this fit
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.estimate, self._last_end, self._timed, self._seen = None, None, [0, 0.0], 0
