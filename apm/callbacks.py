@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,12 +113,41 @@ def _last_path(cb: ModelCheckpoint) -> str:
 
 
 class CheckpointOnStop(L.Callback):
-    """Save ``last.ckpt`` when a SIGTERM stops the run (Lightning raises at the end of the current
-    batch on every rank) and when training ends after the last periodic save.
+    """Save ``last.ckpt`` when a SIGTERM or a Ctrl-C (SIGINT) stops the run and when training ends
+    after the last periodic save, and say how to continue.
 
-    The file is the one every ``ModelCheckpoint(save_last=True)`` writes, so ``--ckpt_path last``
-    resumes from it; without such a callback it goes next to the first ModelCheckpoint's files.
+    SIGTERM: Lightning raises at the end of the current batch on every rank. Ctrl-C during training
+    is turned into the same stop (the step in progress finishes, so the saved state is whole); a
+    second Ctrl-C quits at once without saving. The file is the one every
+    ``ModelCheckpoint(save_last=True)`` writes, so ``--ckpt_path last`` resumes from it; without such
+    a callback it goes next to the first ModelCheckpoint's files.
     """
+
+    def __init__(self) -> None:
+        self._stop_signal: int | None = None
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_signal = None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous_sigint = signal.signal(signal.SIGINT, self._sigint_handler(trainer))
+
+    def _sigint_handler(self, trainer: L.Trainer):
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # the second Ctrl-C
+            self._stop_signal = signum
+            # Lightning's own SIGTERM flag: it stops at the end of this batch and raises SIGTERMException
+            trainer._signal_connector.received_sigterm = True
+            if trainer.is_global_zero:
+                print("\nCtrl-C: finishing this step, then saving last.ckpt (Ctrl-C again quits without "
+                      "saving).", file=sys.stderr, flush=True)
+        return handler
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def _targets(self, trainer: L.Trainer, stopping: bool) -> list[tuple[ModelCheckpoint | None, str]]:
         cbs = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
@@ -148,24 +180,69 @@ class CheckpointOnStop(L.Callback):
                      exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.fast_dev_run:
             return
+        signum = self._stop_signal or signal.SIGTERM
+        exception.signum = signum  # read by apm.cli.main for the exit status
         saved = self._save(trainer, stopping=True)
         if trainer.is_global_zero:
             where = ", ".join(str(Path(p).resolve()) for p in saved) or "the last checkpoint (already current)"
-            print(f"Received SIGTERM: saved {where} at step {trainer.global_step}; continue the run "
+            what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"Received {what}: saved {where} at step {trainer.global_step}; continue the run "
                   f"with the same command plus --ckpt_path last.", file=sys.stderr, flush=True)
 
 
-def add_defaults(plugins: Any, callbacks: Any) -> tuple[list, list]:
-    """The trainer's plugins and callbacks plus AtomicCheckpointIO and CheckpointOnStop, unless a
-    CheckpointIO plugin or a CheckpointOnStop callback is already given."""
+class SetAsideEarlierCheckpoints(L.Callback):
+    """A new run (not resumed with ``--ckpt_path``) whose checkpoint folders hold an earlier run's
+    ``*.ckpt`` files moves them into ``<folder>/previous/`` first (replacing what an older run left
+    there) and says so in one line.
+
+    The folder then holds this run's checkpoints only: ``last.ckpt`` is this run's (Lightning would
+    otherwise write ``last-v1.ckpt`` beside the old one) and there is one ``best-*.ckpt``. One earlier
+    run is kept, so running a config again by mistake loses nothing that ``previous/`` does not hold.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None:
+            return
+        if trainer.is_global_zero:
+            folders = {cb.dirpath for cb in trainer.checkpoint_callbacks
+                       if isinstance(cb, ModelCheckpoint) and cb.dirpath}
+            for folder in sorted(folders):
+                set_aside(Path(folder))
+        trainer.strategy.barrier("SetAsideEarlierCheckpoints")
+
+
+def set_aside(folder: Path) -> list[Path]:
+    """Move ``folder``'s ``*.ckpt`` files into ``folder/previous/`` (emptied first); return the
+    moved files' new paths."""
+    earlier = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not earlier:
+        return []
+    previous = folder / "previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    moved = [Path(shutil.move(str(f), previous / f.name)) for f in earlier]
+    print(f"A new run in {folder}: the earlier run's {', '.join(f.name for f in earlier)} moved to "
+          f"{previous}/ (to continue a run instead, add --ckpt_path last).", file=sys.stderr, flush=True)
+    return moved
+
+
+def add_defaults(plugins: Any, callbacks: Any, progress_bar: bool = True) -> tuple[list, list]:
+    """The trainer's plugins and callbacks plus AtomicCheckpointIO, CheckpointOnStop,
+    SetAsideEarlierCheckpoints, TimeEstimate and (with ``progress_bar``) StepProgressBar, each
+    unless one of its kind is already given."""
     from lightning.fabric.plugins import CheckpointIO
+    from lightning.pytorch.callbacks import ProgressBar
 
     from apm.checkpoints import AtomicCheckpointIO
+    from apm.progress import StepProgressBar, TimeEstimate
 
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    if not any(isinstance(c, CheckpointOnStop) for c in callbacks):
-        callbacks.append(CheckpointOnStop())
+    defaults = [(CheckpointOnStop, CheckpointOnStop), (SetAsideEarlierCheckpoints, SetAsideEarlierCheckpoints),
+                (TimeEstimate, TimeEstimate)] + ([(ProgressBar, StepProgressBar)] if progress_bar else [])
+    for kind, make in defaults:
+        if not any(isinstance(c, kind) for c in callbacks):
+            callbacks.append(make())
     return plugins, callbacks

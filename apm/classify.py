@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ import torch
 
 from apm.errors import ConfigError, UnreadableImageError
 from apm.runlog import image_seed, read_log, settings_conflict
+from apm.skipping import SkipLog, failure_reason
 
 GLOBAL = "global"
 LOG_NAME, SUMMARY_NAME = "classify.jsonl", "summary.json"
@@ -290,6 +290,7 @@ def classify_folder(module, folder: LabelledFolder, classifier: torch.Tensor, re
     if done and len(todo) < len(folder.items):
         print(f"skipping {len(folder.items) - len(todo)} image(s) already in {log} (delete it to redo them)")
     skipped: list[str] = []
+    skip_log = SkipLog()
     bar = tqdm(total=len(todo), desc="classify", unit="image", disable=not progress)
     pending: list[tuple[int, Path, int, torch.Tensor]] = []
 
@@ -309,7 +310,7 @@ def classify_folder(module, folder: LabelledFolder, classifier: torch.Tensor, re
         try:
             img = tf(load_image(path, size))
         except UnreadableImageError as e:
-            warnings.warn(f"skipped: {e}", stacklevel=2)
+            skip_log.record([(str(path), failure_reason(e, str(path)))])  # the one policy: named once
             skipped.append(str(e))
             bar.update(1)
             continue
@@ -319,8 +320,7 @@ def classify_folder(module, folder: LabelledFolder, classifier: torch.Tensor, re
     if pending:
         flush()
     bar.close()
-    if skipped:
-        warnings.warn(f"{len(skipped)} unreadable image(s) skipped (named above).", stacklevel=2)
+    skip_log.summary(f"; {len(todo) - len(skipped)} image(s) classified")
     lines = [done[k] for k in (folder.image_id(p) for p, _ in folder.items) if k in done]
     return lines, skipped
 

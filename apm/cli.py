@@ -64,6 +64,22 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.image_size", "model.image_size")
 
+        def parse_arguments(self, parser, args) -> None:
+            # A mistake is one paragraph with the closest valid flags, not an 85-line usage dump.
+            from jsonargparse import ArgumentError
+
+            from apm.flag_errors import flag_error, flag_names
+
+            argv = sys.argv[1:] if args is None else list(args)
+            subs = getattr(self, "_subcommand_parsers", {})
+            sub = next((a for a in argv if a in subs), None)
+            for p in [parser, *subs.values()]:
+                p.exit_on_error = False
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as e:
+                raise flag_error(str(e), flag_names(subs.get(sub, parser)), f"apm {sub or ''}".strip()) from None
+
         def before_instantiate_classes(self) -> None:
             sub = self.config.get("subcommand")
             fill_run_dirs((self.config[sub] if sub else self.config).trainer)
@@ -80,7 +96,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             from apm.callbacks import add_defaults
 
             kwargs["plugins"], kwargs["callbacks"] = add_defaults(
-                kwargs.get("plugins", cfg.get("plugins")), kwargs.get("callbacks", cfg.get("callbacks")))
+                kwargs.get("plugins", cfg.get("plugins")), kwargs.get("callbacks", cfg.get("callbacks")),
+                progress_bar=kwargs.get("enable_progress_bar", cfg.get("enable_progress_bar")) is not False)
             return super().instantiate_trainer(**kwargs)
 
         def _parse_ckpt_path(self) -> None:
@@ -155,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     except APMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # Lightning's SIGTERMException: the checkpoint is saved, say so in the status
+    except SystemExit as e:  # Lightning's SIGTERMException (SIGTERM or Ctrl-C): the checkpoint is saved
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(e, SIGTERMException):
-            return 128 + 15
+            return 128 + getattr(e, "signum", 15)
         raise
 
 

@@ -4,7 +4,6 @@ scikit-image, so the default run needs no download."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,7 @@ from torchvision.transforms import v2 as T
 
 from apm.errors import ConfigError, UnreadableImageError
 from apm.skipping import SkipBadImages, SkipLog, SkippingDataLoader, first_readable
+from apm.skipping import log as skip_log
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -248,8 +248,6 @@ class APMDataModule(L.LightningDataModule):
         order = torch.randperm(len(srcs), generator=torch.Generator().manual_seed(hp.seed)).tolist()
         srcs = [srcs[i] for i in order][: hp.max_images]
         n_val = 0 if hp.val_fraction == 0 or len(srcs) < 2 else max(1, round(hp.val_fraction * len(srcs)))
-        if hp.val_fraction > 0 and n_val == 0:
-            warnings.warn("Only one image: validating on the training image.", stacklevel=2)
         train, val = srcs[n_val:], srcs[:n_val] or srcs[n_val:]
         limits = dict(min_side=hp.min_side, max_pixels=hp.max_pixels)
         if hp.crop_scale is not None and not (len(hp.crop_scale) == 2 and 0 < hp.crop_scale[0] <= hp.crop_scale[1] <= 1):
@@ -258,6 +256,8 @@ class APMDataModule(L.LightningDataModule):
         self.train_set = ImageDataset(train, hp.image_size, hp.hflip, crop_scale=hp.crop_scale, **limits)
         self.val_set = ImageDataset(val, hp.image_size, **limits)
         self._check_readable()
+        if hp.val_fraction > 0 and n_val == 0:  # after the check: an unreadable file is no image
+            skip_log.warning("Only one image: validating on the training image.")
 
     def _check_readable(self) -> None:
         """ConfigError before training when no training image can be read; validation falls back
@@ -271,10 +271,12 @@ class APMDataModule(L.LightningDataModule):
                 f"Point it at a folder of readable images (jpg, png, bmp, gif, tif, webp, ppm); "
                 f"'data.min_side' and 'data.max_pixels' set which sizes are accepted."
             )
-        if self.val_set.sources != self.train_set.sources and first_readable(self.val_set)[0] is None:
-            warnings.warn("No validation image can be read: validating on the training images.",
-                          stacklevel=2)
-            self.val_set.sources = list(self.train_set.sources)
+        if self.val_set.sources != self.train_set.sources:
+            found, failures = first_readable(self.val_set)
+            if found is None:
+                self.skip_log.record(failures)  # named once, like every skipped file
+                skip_log.warning("No validation image can be read: validating on the training images.")
+                self.val_set.sources = list(self.train_set.sources)
 
     def _loader(self, ds: Dataset, shuffle: bool, batch_size: int | None = None,
                 label: str = "images") -> DataLoader:

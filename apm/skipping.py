@@ -107,13 +107,13 @@ class SkipLog:
                 label, self.passes[label], len(seen), total, len(self.reasons),
             )
 
-    def summary(self) -> None:
-        """One closing line listing every skipped file."""
+    def summary(self, tail: str = "") -> None:
+        """One closing line listing every skipped file (``tail`` appended)."""
         if self.reasons:
             names = list(self.reasons)
             more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-            log.warning("%d image file(s) were skipped as unreadable: %s%s",
-                        len(names), ", ".join(names[:10]), more)
+            log.warning("%d image file(s) were skipped as unreadable: %s%s%s",
+                        len(names), ", ".join(names[:10]), more, tail)
 
 
 class SkippingDataLoader(DataLoader):

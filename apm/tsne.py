@@ -130,11 +130,27 @@ def workspace(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return y.new_empty(big), y.new_empty(big), y.new_empty(big, dtype=torch.float64)
 
 
+# An embedding whose points all lie within this distance of their mean (the kernel's unit is 1;
+# a working one spreads over tens) has collapsed: the Student-t kernel sees a single point.
+COLLAPSED_STD = 1e-3
+
+
+def collapsed(y: torch.Tensor) -> torch.Tensor:
+    """Whether each embedding y (..., n, c) collapsed (bool, shape ``y.shape[:-2]``)."""
+    return (y - y.mean(-2, keepdim=True)).abs().amax((-2, -1)) < COLLAPSED_STD
+
+
 def tsne(x: torch.Tensor, n_components: int = 3, perplexity: float = 30.0,
          learning_rate: float | None = None, max_iter: int = 1000) -> torch.Tensor:
     """Embed points x (n, d) into ``n_components`` by exact t-SNE on x's device; x (L, n, d)
     embeds L independent point sets at once (one set of kernel launches for all: the levels of
     an island figure).
+
+    In float32 an embedding can collapse: scikit-learn's start (PCA scaled to std 1e-4) shrinks
+    further during early exaggeration on some real features (DINOv2-S/14 block5 of ``astronaut``
+    at 224 px) until float32 no longer resolves the points' distances, and it never unfolds (all
+    points within 1e-5). Such a set is embedded again in float64, which unfolds as scikit-learn's
+    does; ``collapsed`` tells the caller if even that failed.
 
     Args:
         x: Points (n, d) or (L, n, d); the perplexity search runs in float64, the iterations in
@@ -148,10 +164,21 @@ def tsne(x: torch.Tensor, n_components: int = 3, perplexity: float = 30.0,
         The embedding (n, n_components) or (L, n, n_components) on x's device.
     """
     n = x.shape[-2]
-    perplexity = min(perplexity, (n - 1) / 3)
-    lr = learning_rate if learning_rate is not None else max(n / EXAGGERATION / 4, 50.0)
-    dof = max(n_components - 1, 1)
+    args = (n_components, min(perplexity, (n - 1) / 3),
+            learning_rate if learning_rate is not None else max(n / EXAGGERATION / 4, 50.0), max_iter)
     x = x if x.dtype == torch.float64 else x.float()
+    y = _embed(x, *args)
+    bad = collapsed(y)
+    if x.dtype != torch.float64 and bool(bad.any()):
+        if y.dim() == 2:
+            return _embed(x.double(), *args).to(y.dtype)
+        y[bad] = _embed(x[bad].double(), *args).to(y.dtype)
+    return y
+
+
+def _embed(x: torch.Tensor, n_components: int, perplexity: float, lr: float, max_iter: int) -> torch.Tensor:
+    """The t-SNE iterations of ``tsne`` in x's dtype."""
+    dof = max(n_components - 1, 1)
     with _exact_matmuls():
         p = joint_probabilities(x, perplexity)
         y = pca_init(x, n_components)

@@ -123,6 +123,10 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def _fix(setting: str) -> str:
+    return f"Fix {setting} on the command line." if setting.startswith("-") else "Fix the list in your config."
+
+
 def select_levels(levels: Sequence[str | Level], wanted: Sequence[int | str] | None,
                   setting: str = "levels", default: Sequence[int] | None = None) -> list[int]:
     """The one level resolver: the indices into ``levels`` (names or ``Level``s) of a selection by
@@ -142,7 +146,7 @@ def select_levels(levels: Sequence[str | Level], wanted: Sequence[int | str] | N
                 raise ConfigError(
                     f"Setting {setting!r}: level {w!r} is not a level of this teacher. Valid names are "
                     f"{', '.join(names)}; integer indices 0..{len(names) - 1} (or negative, from the "
-                    f"end) work too. Fix the list in your config."
+                    f"end) work too. {_fix(setting)}"
                 )
             out.append(names.index(w))
             continue
@@ -151,7 +155,7 @@ def select_levels(levels: Sequence[str | Level], wanted: Sequence[int | str] | N
             raise ConfigError(
                 f"Setting {setting!r}: level index {i} is out of range; this teacher has "
                 f"{len(names)} levels, indices 0..{len(names) - 1} ({names[0]} .. {names[-1]}), or "
-                f"negative from the end. Fix the list in your config."
+                f"negative from the end. {_fix(setting)}"
             )
         out.append(i % len(names))
     if len(set(out)) != len(out):

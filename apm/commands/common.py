@@ -10,8 +10,10 @@ from apm.loading import load_student
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"apm {prog}", description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from apm.flag_errors import Parser
+
+    return Parser(prog=f"apm {prog}", description=description,
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def student_args(p: argparse.ArgumentParser, ckpt_help: str, config_help: str,
@@ -44,10 +46,13 @@ def route_args(p: argparse.ArgumentParser) -> None:
                    "term); code+heads; body (all but the heads). The others stay the start's")
     p.add_argument("--solve-heads", action="store_true",
                    help="first set every head to the ridge regression of the image's targets on the "
-                   "student's last hidden activations: one closed-form step (with a distilled student, "
-                   "mean R^2 about 0.9 in that one step; see docs/perceive.md)")
-    p.add_argument("--ridge", type=float, default=FitRecipe.ridge,
-                   help="penalty of --solve-heads, relative to the mean squared activation")
+                   "student's last hidden activations at the scored cells: one closed-form least-squares "
+                   "step. Its R^2 on those cells says little of the student (an untrained wide student "
+                   "reaches 0.999); see docs/perceive.md")
+    p.add_argument("--ridge", type=float, default=None,
+                   help=f"with --solve-heads, its penalty lam = RIDGE x the mean squared norm of the "
+                   f"centred activation rows (a sum over the hidden units: at width k, k times the "
+                   f"mean squared centred activation); default {FitRecipe.ridge:g}")
     p.add_argument("--resolve-every", type=int, default=FitRecipe.resolve_every,
                    help="with --solve-heads, solve the heads again after every N gradient steps (0: "
                    "only first); 1 with --moves body is variable projection, the fastest route to "
@@ -64,7 +69,10 @@ def recipe_from_args(a: argparse.Namespace, protocol: str, **kwargs):
     if init == "trained" and not a.ckpt and protocol == "ours":
         raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
                           "with --config alone the student is fresh (--init fresh).")
-    route = {k: getattr(a, k) for k in ROUTE if hasattr(a, k)}
+    if getattr(a, "ridge", None) is not None and not getattr(a, "solve_heads", False):
+        raise ConfigError(f"Setting '--ridge {a.ridge:g}' is the penalty of --solve-heads and does nothing "
+                          f"without it; add --solve-heads, or drop --ridge.")
+    route = {k: getattr(a, k) for k in ROUTE if getattr(a, k, None) is not None}
     return FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries, **route, **kwargs)
 
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from apm.analysis import format_table, island_scores, summarize
 from apm.commands.common import IMAGES_HELP, parser
@@ -34,10 +35,11 @@ def main(argv: list[str]) -> int:
     if a.k < 2:
         raise ConfigError(f"Setting '--k': {a.k} clusters cannot disagree; use 2 or more (default 8).")
     module = load_student(a.ckpt, device=pick_device(a.device))
-    images = load_images(a.images, module.hparams.image_size)
+    images = load_images(a.images, module.hparams.image_size, skip_bad=True)
     levels = select_levels(module.levels, a.levels, "--levels")
     per_image: dict[str, dict[str, list[float]]] = {}
     count = len(images)
+    bar = tqdm(total=count, desc="eval", unit="image", dynamic_ncols=True)
     for start in range(0, count, a.batch_size):
         end = min(start + a.batch_size, count)
         batch = torch.stack([img for _, img in images[start:end]])
@@ -46,6 +48,8 @@ def main(argv: list[str]) -> int:
         for name, ms in island_scores(module, batch, levels, a.k, a.seed, following).items():
             for m, v in ms.items():
                 per_image.setdefault(name, {}).setdefault(m, []).extend(v)
+        bar.update(end - start)
+    bar.close()
     summary = summarize(per_image)
     control = "the teacher of the next image" if count > 1 else "the teacher of the image flipped left-right"
     summary.update(images=[n for n, _ in images], ckpt=str(a.ckpt), k=a.k, control=control,

@@ -19,7 +19,8 @@ def main(argv: list[str]) -> int:
                  "without --ckpt: LightningCLI config(s) naming the teacher (repeat to layer)")
     p.add_argument("--images", nargs="+", required=True, help=IMAGES_HELP)
     p.add_argument("--out", required=True, help="output folder; one <image>.png per image")
-    p.add_argument("--k", type=int, default=8, help="k-means clusters for the ARI in the row labels")
+    p.add_argument("--k", type=int, default=None,
+                   help="k-means clusters for the teacher-student ARI in the row labels (with --ckpt); default 8")
     p.add_argument("--max-iter", type=int, default=1000, help="t-SNE iterations")
     p.add_argument("--display", type=int, default=192, help="pixels per panel")
     embedding_args(p)
@@ -27,19 +28,23 @@ def main(argv: list[str]) -> int:
     device = pick_device(a.device)
     if a.ckpt:
         module = load_student(a.ckpt, a.config, device)
-        images = load_images(a.images, module.hparams.image_size)
+        images = load_images(a.images, module.hparams.image_size, skip_bad=True)
         levels = select_levels(module.levels, a.levels, "--levels")
         paths = []
-        for name, img in images:  # one at a time: t-SNE dominates and memory stays flat
+        for name, img in progress(images, levels, a.method):  # one at a time: t-SNE dominates, memory stays flat
             paths += island_figures(module, img[None], [name], a.out, levels, a.method, a.perplexity,
-                                    a.seed, a.k, a.max_iter, a.display)
+                                    a.seed, a.k or 8, a.max_iter, a.display)
     elif a.config:
+        if a.k is not None:
+            raise ConfigError("Setting '--k': the k-means of the teacher-student ARI, and with --config "
+                              "alone there is no student (the figures show the teacher only); give "
+                              "--ckpt, or drop --k.")
         module = load_student(configs=a.config, device=device)
         teacher, size = module.teacher.to(device), module.hparams.image_size
-        images = load_images(a.images, size)
+        images = load_images(a.images, size, skip_bad=True)
         levels = select_levels(teacher.levels, a.levels, "--levels")
         paths = []
-        for name, img in images:
+        for name, img in progress(images, levels, a.method):
             paths += teacher_figures(teacher, img[None], [name], a.out, levels, a.method,
                                      a.perplexity, a.seed, a.max_iter, a.display)
     else:
@@ -48,3 +53,16 @@ def main(argv: list[str]) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def progress(images: list, levels: list, method: str):
+    """The images with a bar that names the one being drawn: a t-SNE figure takes minutes on a CPU."""
+    from tqdm import tqdm
+
+    bar = tqdm(images, desc="islands", unit="image", dynamic_ncols=True)
+    if method == "tsne":
+        bar.write(f"islands: {len(images)} image(s) x {len(levels)} level(s) by t-SNE, about half a minute a "
+                  f"level of a 448-px image on a CPU core (--method pca: seconds)")
+    for name, img in bar:
+        bar.set_postfix_str(name)
+        yield name, img

@@ -78,13 +78,31 @@ def main(argv: list[str]) -> int:
     todo = [(n, img) for n, img in images if n not in done]
     if done:
         print(f"skipping {len(images) - len(todo)} image(s) already in {log} (delete it to redo them)")
+    steps = []
     for start in range(0, len(todo), max(1, a.batch_size)):
+        names = ", ".join(n for n, _ in todo[start : start + max(1, a.batch_size)])
+        print(f"fitting {names} ({start + 1} of {len(todo)}) ...", flush=True)
         for line in perceive_batch(module, todo[start : start + max(1, a.batch_size)], recipe, levels, a, out):
             line.update(settings)
+            steps.append(line["steps"])
             with log.open("a") as f:
                 f.write(json.dumps(line) + "\n")
     print(f"wrote {log}")
+    if note := idle_route_note(recipe, steps):
+        print(note)
     return 0
+
+
+def idle_route_note(recipe: FitRecipe, steps: list[int]) -> str | None:
+    """A one-line note when the solve of --solve-heads met the target on every image at step 1,
+    so that the route's gradient-step flags (--moves, --resolve-every) did nothing."""
+    idle = [f"--moves {recipe.moves}"] if recipe.moves != FitRecipe.moves else []
+    idle += [f"--resolve-every {recipe.resolve_every}"] if recipe.resolve_every else []
+    if not (recipe.solve_heads and steps and max(steps) <= 1 and idle):
+        return None
+    return (f"note: --target-r2 {recipe.target_r2:g} was met on every image by step {max(steps)} (step 1 "
+            f"is the solve of --solve-heads), so no gradient step ran and {' and '.join(idle)} did "
+            f"nothing; raise --target-r2 (e.g. 0.98) or drop them.")
 
 
 def perceive_batch(module, part: list[tuple[str, torch.Tensor]], recipe: FitRecipe, levels: list[int],
