@@ -137,21 +137,33 @@ def nearest_at(feats: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 def lattice_bilinear_at(passes: Sequence[MovedPass], level: int, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinear interpolation at ``coords`` of K passes moved on a square lattice (``lattice``):
-    their cells interleaved into one grid of K times the cells, then ``bilinear_at`` on it (the
-    points of the finer grid sit where the passes put them only for an even lattice: offsets
-    k * cell / side)."""
-    side = round(len(passes) ** 0.5)
-    by_offset = {p.offset: p.features[level] for p in passes}
-    ys = sorted({o[0] for o in by_offset})
-    xs = sorted({o[1] for o in by_offset})
-    rows = [torch.stack([by_offset[(y, x)] for x in xs], dim=3) for y in ys]  # each (B, h, w, sx, d)
-    fine = rearrange(torch.stack(rows, dim=2), "b h sy w sx d -> b (h sy) (w sx) d")
-    # the fine grid's cell k sits at (k + 1/2) / (h side) only if the lattice starts half a fine
-    # cell early; it starts at 0, so shift the query by that half cell instead
-    h, w = passes[0].features[level].shape[1:3]
-    shift = coords.new_tensor([0.5 / h - 0.5 / (h * side), 0.5 / w - 0.5 / (w * side)])
-    return bilinear_at(fine, coords - shift)
+    """Bilinear interpolation at ``coords`` (N, 2) of K passes moved on a lattice (every dy with
+    every dx, as ``lattice`` gives): their cells interleaved into one rectilinear grid of K times
+    the cells, each at the position its pass puts it (uneven lattices included), then interpolated
+    per axis; past the outer points the edge value holds. Returns (B, N, d)."""
+    by_offset = {p.offset: p for p in passes}
+    oys, oxs = sorted({o[0] for o in by_offset}), sorted({o[1] for o in by_offset})
+    rows = [torch.stack([by_offset[(y, x)].features[level] for x in oxs], dim=3) for y in oys]
+    fine = rearrange(torch.stack(rows, dim=2), "b h sy w sx d -> b (h sy) (w sx) d").float()
+    h, w = fine.shape[1] // len(oys), fine.shape[2] // len(oxs)
+    # positions of the fine grid's rows and columns: cell-major, then the pass's offset
+    ys = torch.stack([by_offset[(y, oxs[0])].coords[level].view(h, w, 2)[:, 0, 0] for y in oys], 1).flatten()
+    xs = torch.stack([by_offset[(oys[0], x)].coords[level].view(h, w, 2)[0, :, 1] for x in oxs], 1).flatten()
+    c = coords.to(fine.device, torch.float32)
+    (y0, y1, ty), (x0, x1, tx) = _bracket(ys.to(c.device), c[:, 0]), _bracket(xs.to(c.device), c[:, 1])
+    ty, tx = ty[None, :, None], tx[None, :, None]
+    top = fine[:, y0, x0] * (1 - tx) + fine[:, y0, x1] * tx
+    bottom = fine[:, y1, x0] * (1 - tx) + fine[:, y1, x1] * tx
+    return top * (1 - ty) + bottom * ty
+
+
+def _bracket(pos: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For sorted positions (M,) and queries (N,): the indices below and above each query and its
+    fraction of the way between them, clamped to [0, 1] (the edge value holds past the ends)."""
+    hi = torch.searchsorted(pos, q.contiguous()).clamp(1, len(pos) - 1)
+    lo = hi - 1
+    t = ((q - pos[lo]) / (pos[hi] - pos[lo])).clamp(0, 1)
+    return lo, hi, t
 
 
 def scores(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
