@@ -169,3 +169,38 @@ def _bracket(pos: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def scores(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """R^2 per image (B,) of predictions against the truth at the same points, (B, N, d) each."""
     return metrics.r2(pred, truth)
+
+
+PREDICTORS = ("student", "nearest", "bilinear", "bilinear_k", "ceiling")
+
+
+@torch.no_grad()
+def offgrid_scores(module, images: torch.Tensor, levels: Sequence[int], passes: int = 4,
+                   offsets: Sequence[tuple[int, int]] = EVAL_OFFSETS) -> dict[str, dict[str, list[float]]]:
+    """Per level name and predictor (``PREDICTORS``), R^2 per image against the teacher's own
+    features at points off the grid: the cells of passes moved by ``offsets`` px (default 4 and
+    11 px off the cells' centres), where no pixel under a cell is mirrored. ``student``: the
+    student queried there; ``nearest``, ``bilinear``: from the unmoved pass; ``bilinear_k``: from
+    ``passes`` lattice passes (the teacher cost of a fit with ``--passes`` K); ``ceiling``: the
+    teacher's own consistency, its grid moved one cell against the image moved one patch."""
+    patch, size = module.student.patch_size, images.shape[-1]
+    canvas = pad_canvas(images, patch)
+    truth_passes = moved_passes(module.targets, canvas, size, offsets)
+    lattice_passes = moved_passes(module.targets, canvas, size, lattice(passes, patch))
+    unmoved = next(p for p in lattice_passes if p.offset == (0, 0))
+    moved14 = moved_passes(module.targets, canvas, size, [(patch, patch)])[0]
+    out: dict[str, dict[str, list[float]]] = {}
+    for lvl in levels:
+        feats, coords = stitch(truth_passes, lvl)
+        grid = tuple(truth_passes[0].features[lvl].shape[1:3])
+        keep = torch.cat([inside(grid, size, size, p.offset, coords.device) for p in truth_passes])
+        feats, coords = feats[:, keep], coords[keep]
+        student = module.standardizer.decode(lvl, module.student.query(images, lvl, coords).float())
+        grid0 = unmoved.features[lvl]
+        preds = {"student": student, "nearest": nearest_at(grid0, coords), "bilinear": bilinear_at(grid0, coords),
+                 "bilinear_k": lattice_bilinear_at(lattice_passes, lvl, coords)}
+        res = {k: scores(v, feats).tolist() for k, v in preds.items()}
+        a, b = grid0[:, 1:, 1:], moved14.features[lvl][:, :-1, :-1]  # the same pixels, one cell apart
+        res["ceiling"] = scores(a.flatten(1, 2), b.flatten(1, 2)).tolist()
+        out[module.levels[lvl].name] = res
+    return out

@@ -179,3 +179,29 @@ def test_fitting_on_moved_passes_runs_every_route_and_refuses_a_non_square_count
         assert fitted.steps == 3 and set(fitted.r2_after) == {l.name for l in module.levels}
     with pytest.raises(ConfigError, match="--passes"):
         FitRecipe(passes=3)
+
+
+def test_offgrid_scores_match_an_independent_bilinear_and_the_eval_command_reports_them(tmp_path):
+    torch.manual_seed(0)
+    module = field_module(tmp_path, pixel_window=7, pixel_spacing=2.0).eval()
+    photo = edges_photo(2, block=5)
+    res = offgrid.offgrid_scores(module, photo, [0, len(module.levels) - 1], passes=4)
+    assert set(res) == {module.levels[0].name, "rgb"}
+    assert set(res["rgb"]) == set(offgrid.PREDICTORS)
+    # the rgb level's truth is each moved patch's mean colour: bilinear from one pass by hand (scipy)
+    means = F.avg_pool2d(photo, PATCH)[0].numpy()  # (3, 8, 8)
+    canvas = F.pad(photo, (0, PATCH, 0, PATCH), mode="reflect")
+    truth, pred = [], []
+    for dy, dx in offgrid.EVAL_OFFSETS:
+        for i in range(8):
+            for j in range(8):
+                if PATCH * (i + 1) + dy > SIZE or PATCH * (j + 1) + dx > SIZE:
+                    continue  # a mirrored pixel under the cell
+                y0, x0 = PATCH * i + dy, PATCH * j + dx
+                truth.append(canvas[0, :, y0 : y0 + PATCH, x0 : x0 + PATCH].mean((1, 2)).numpy())
+                cy, cx = i + dy / PATCH, j + dx / PATCH  # in cell units, centres at integers
+                pred.append([map_coordinates(means[c], [[cy], [cx]], order=1, mode="nearest")[0] for c in range(3)])
+    truth, pred = np.array(truth), np.array(pred)
+    want = 1 - ((pred - truth) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum()
+    assert res["rgb"]["bilinear"][0] == pytest.approx(want, abs=1e-4)
+    assert res["rgb"]["ceiling"][0] == pytest.approx(1.0, abs=1e-6)  # a patch mean is the same wherever the grid is
