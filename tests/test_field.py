@@ -205,3 +205,35 @@ def test_offgrid_scores_match_an_independent_bilinear_and_the_eval_command_repor
     want = 1 - ((pred - truth) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum()
     assert res["rgb"]["bilinear"][0] == pytest.approx(want, abs=1e-4)
     assert res["rgb"]["ceiling"][0] == pytest.approx(1.0, abs=1e-6)  # a patch mean is the same wherever the grid is
+
+
+def test_subpatch_moves_pair_each_image_with_its_own_moved_cells_and_a_real_fit_runs(tmp_path):
+    from apm.cli import main
+
+    module = field_module(tmp_path, pixel_window=7, pixel_spacing=2.0, subpatch_moves=True)
+    images = torch.stack([edges_photo(s, block=5)[0] for s in range(3)])
+    feats, points = module.moved_targets(images)
+    rgb = len(module.levels) - 1
+    canvas = F.pad(images, (0, PATCH - 1, 0, PATCH - 1), mode="reflect")
+    for b in range(3):
+        dy, dx = (points[rgb][b, 0] * SIZE - PATCH / 2).round().long().tolist()  # cell (0, 0)'s centre
+        assert 0 <= dy < PATCH and 0 <= dx < PATCH
+        for i, j in [(0, 0), (3, 6), (7, 7)]:
+            y0, x0 = PATCH * i + dy, PATCH * j + dx
+            want = canvas[b, :, y0 : y0 + PATCH, x0 : x0 + PATCH].mean((1, 2))
+            torch.testing.assert_close(feats[rgb][b, i, j], want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(points[rgb][b, i * 8 + j], torch.tensor([y0 + 7, x0 + 7]) / SIZE)
+    overlay = tmp_path / "size.yaml"
+    assert main(["fit", "-c", str(CONFIGS / "apm.yaml"), "-c", str(CONFIGS / "smoke.yaml"), "-c", str(overlay),
+                 "--model.pixel_window", "7", "--model.pixel_spacing", "2", "--model.subpatch_moves", "true",
+                 "--data.images", "skimage:astronaut,coffee", "--data.val_fraction", "0",
+                 "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                 "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_subpatch_moves_refuse_the_feature_cache(tmp_path):
+    with pytest.raises(ConfigError, match="subpatch_moves"):
+        field_module(tmp_path, subpatch_moves=True, feature_cache=str(tmp_path / "cache"))
