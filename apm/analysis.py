@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 
 from apm import islands
+from apm.offgrid import PREDICTORS
 from apm.student import RGB
 from teachers.base import select_levels
 
@@ -72,7 +73,8 @@ def teacher_figures(teacher, images: torch.Tensor, names: Sequence[str], out_dir
     return paths
 
 
-METRICS = ("cos", "cos_centered", "r2", "mse", "ari", "nmi", "ari_control", "nmi_control")
+METRICS = ("cos", "cos_centered", "r2", "mse", "ari", "nmi", "ari_control", "nmi_control",
+           *(f"r2_offgrid_{p}" for p in PREDICTORS))
 
 
 def control_teacher(teacher: torch.Tensor, following: torch.Tensor | None = None) -> torch.Tensor:

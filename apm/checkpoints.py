@@ -29,7 +29,8 @@ RUNTIME_ONLY = {"_instantiator", "_class_path", "compile", "feature_cache", "max
                 "teacher_precision"}
 # Settings that decide the teacher's features or the student's parameter shapes.
 SHAPE_SETTINGS = {"teacher", "teacher_args", "teachers", "image_size", "patch_size", "hidden_dims",
-                  "pe_dim", "level_dim", "rgb", "column_filters", "student", "glom"}
+                  "pe_dim", "level_dim", "rgb", "column_filters", "pixel_window", "pixel_spacing", "student",
+                  "glom"}
 # Settings that the data module owns (linked into the model by the CLI).
 DATA_SETTINGS = {"image_size"}
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from apm import metrics
+from apm import metrics, offgrid
 from apm.cache import teacher_fingerprint
 from apm.checkpoints import check_compatible
 from apm.data import batch_images
@@ -43,6 +43,14 @@ def check_settings(hp: Any) -> None:
     if hp.column_filters < 1:
         raise ConfigError(f"Setting 'model.column_filters': {hp.column_filters}; use 1 (the paper's "
                           f"single filter) or more.")
+    if hp.get("pixel_window", 0) < 0 or not hp.get("pixel_spacing", 1.0) > 0:
+        raise ConfigError(f"Settings 'model.pixel_window' ({hp.pixel_window}) and 'model.pixel_spacing' "
+                          f"({hp.pixel_spacing}): use a window of 0 (off) or more samples a side, "
+                          f"spaced by a positive number of pixels (e.g. 14 and 1).")
+    if hp.get("subpatch_moves") and hp.feature_cache:
+        raise ConfigError("Settings 'model.subpatch_moves' and 'model.feature_cache': the cache holds the "
+                          "teacher's features of the unmoved photographs, and moved ones differ at every "
+                          "step; unset one of them.")
     if hp.meta_inner_steps < 0:
         raise ConfigError(f"Setting 'model.meta_inner_steps': {hp.meta_inner_steps}; use 0 (plain "
                           f"distillation) or the number of inner fitting steps per image (e.g. 5).")
@@ -116,6 +124,16 @@ class APMModule(L.LightningModule):
         column_filters: Output channels of the column filter; 1 (default) is the paper's single
             filter, one number per patch. More let an unseen image's patch colours and textures
             through (see docs/perceive.md).
+        pixel_window: Evidence at the query point: each query also sees the photograph's pixels on
+            a ``pixel_window`` x ``pixel_window`` lattice around its own coordinate, sampled
+            bilinearly, beside the trigger column; 0 (default) is the paper's query. With 14 (and
+            ``pixel_spacing`` 1) a query sees one patch's worth of pixels wherever it lands, so the
+            student answers between the teacher's cells (docs/field.md).
+        pixel_spacing: Pixels between the window's samples.
+        subpatch_moves: Distill toward the teacher run on each photograph moved by a random
+            sub-patch offset (0 to patch-1 pixels down and right), its cells queried where they truly
+            sit: the student learns the teacher between the grid's cells, not only at them. Not
+            with ``feature_cache``.
         pe_dim: Width of the 2-D sin-cos positional code.
         pe_max_freq: Highest frequency of the positional code in cycles per image side; default
             half the finest level's grid side (its Nyquist limit: higher frequencies alias on the
@@ -176,6 +194,9 @@ class APMModule(L.LightningModule):
         patch_size: int | None = None,
         hidden_dims: list[int] = [1024, 1024, 1024, 1024],
         column_filters: int = 1,
+        pixel_window: int = 0,
+        pixel_spacing: float = 1.0,
+        subpatch_moves: bool = False,
         pe_dim: int = 256,
         pe_max_freq: float | None = None,
         level_dim: int = 64,
@@ -228,7 +249,8 @@ class APMModule(L.LightningModule):
                                   **(hp.glom or {}))
         else:
             student = APMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, hp.level_dim,
-                                 hp.hidden_dims, pe_max_freq, level_entry, hp.column_filters)
+                                 hp.hidden_dims, pe_max_freq, level_entry, hp.column_filters,
+                                 hp.get("pixel_window", 0), hp.get("pixel_spacing", 1.0))
         if hp.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
             student.compile(**({} if hp.compile is True else {"backend": hp.compile}))
         return student
@@ -290,16 +312,35 @@ class APMModule(L.LightningModule):
         sampler = QuerySampler(self.levels, self.hparams.queries_per_image, self.student.entry > 0)
         return sampler.per_level(sampler.draw(batch, device))
 
-    def distillation_loss(self, images: torch.Tensor, feats: Sequence[torch.Tensor]
+    @torch.no_grad()
+    def moved_targets(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Targets of each image moved by a random sub-patch offset (``apm.offgrid``: the frame's
+        last pixels mirrored past its edge), and per level the coordinates (B, h*w, 2) in the
+        unmoved frame where those cells sit."""
+        patch, size = self.student.patch_size, images.shape[-1]
+        moves = torch.randint(0, patch, (images.shape[0], 2)).tolist()
+        canvas = offgrid.pad_canvas(images, patch - 1)
+        moved = torch.stack([offgrid.window(c, size, dy, dx) for c, (dy, dx) in zip(canvas, moves)])
+        feats = self.targets(moved)
+        points = [torch.stack([offgrid.moved_coords(tuple(f.shape[1:3]), size, dy, dx, f.device)
+                               for dy, dx in moves]) for f in feats]
+        return feats, points
+
+    def distillation_loss(self, images: torch.Tensor, feats: Sequence[torch.Tensor],
+                          points: Sequence[torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss on one batch, given its per-level targets (B, h, w, d) on the
-        teacher's scale: queries sampled per level, MSE on the standardized scale, weighted mean
-        over levels. Returns the loss and per-level ``train/loss_*`` and ``train/cos_*``."""
+        teacher's scale (at the cells' ``points``, per level (B, h*w, 2), when not the grid's
+        centres): queries sampled per level, MSE on the standardized scale, weighted mean over
+        levels. Returns the loss and per-level ``train/loss_*`` and ``train/cos_*``."""
         locs = self.sample_locations(images.shape[0], images.device)
         targets = [gather(f, loc) for f, loc in zip(feats, locs)]
         z = [self.standardizer.encode(i, t) for i, t in enumerate(targets)]
         every = getattr(self.student, "settings", {}).get("every_iteration")  # GLOM's option
-        steps = self.student.iterate(images, locs) if every else [self.student(images, locs)]
+        if points is not None:  # every level its own table: levels share work only on the grid
+            steps = [self.student(images, locs, points=points)]
+        else:
+            steps = self.student.iterate(images, locs) if every else [self.student(images, locs)]
         per_step = [weighted_mse(p, z, self.loss_weights) for p in steps]  # the mean over them
         preds, losses = steps[-1], per_step[-1][1]
         loss = per_step[0][0] if len(per_step) == 1 else torch.stack([l for l, _ in per_step]).mean()
@@ -314,7 +355,11 @@ class APMModule(L.LightningModule):
         images, index = batch_images(batch)
         if self.hparams.meta_inner_steps:
             return self.meta_step(images, self.targets(images, index))
-        loss, logs = self.distillation_loss(images, self.targets(images, index))
+        if self.hparams.get("subpatch_moves"):
+            feats, points = self.moved_targets(images)
+            loss, logs = self.distillation_loss(images, feats, points)
+        else:
+            loss, logs = self.distillation_loss(images, self.targets(images, index))
         # A non-finite loss still goes through backward (data-parallel ranks must all reduce
         # gradients); on_before_optimizer_step then drops the gradients, so nothing is updated.
         self._skip_update = not self.loss_is_finite(loss)

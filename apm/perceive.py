@@ -43,14 +43,15 @@ from apm import metrics
 from apm.errors import ConfigError
 from apm.objective import QuerySampler, gather, weighted_mse
 from apm.standardize import LevelStandardizer
-from teachers.base import seeded, select_levels
+from apm import offgrid
+from teachers.base import Level, seeded, select_levels
 
 PROTOCOLS = ("ours", "official")
 INITS = ("trained", "fresh")
 # the parameters a per-image fit moves, by name prefix ("all": every one)
 MOVES = {"all": ("",), "heads": ("heads.",), "code": ("first.bias",), "code+heads": ("first.bias", "heads."),
          "body": ("",)}  # body: every parameter but the heads
-ROUTE = ("moves", "solve_heads", "ridge", "resolve_every")  # the FitRecipe fields that choose the route
+ROUTE = ("moves", "solve_heads", "ridge", "resolve_every", "passes")  # the FitRecipe fields that choose the route
 
 
 @dataclass
@@ -85,6 +86,10 @@ class FitRecipe:
         resolve_every: With ``solve_heads``, solve the heads again after every this many gradient
             steps (0: only first). Every step, with ``moves="body"``: variable projection, the
             gradient steps move the rest of the student under heads that are always optimal.
+        passes: Teacher passes per image: 1 fits the teacher's grid; K (a square: 4, 9, 16) also
+            runs the teacher on the image moved by a lattice of sub-patch offsets ({0, p/2}^2 px for
+            4) and fits the student at the points where those cells truly sit (``apm.offgrid``), so
+            it learns the teacher between the grid's cells. The passes count in the fit's seconds.
     """
 
     protocol: str = "ours"
@@ -100,6 +105,7 @@ class FitRecipe:
     solve_heads: bool = False
     ridge: float = 1e-4
     resolve_every: int = 0
+    passes: int = 1
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -116,6 +122,9 @@ class FitRecipe:
         if self.resolve_every < 0 or (self.resolve_every and not self.solve_heads):
             raise ConfigError(f"Setting '--resolve-every' ({self.resolve_every}): use a count >= 0, "
                               f"and only with '--solve-heads'.")
+        if self.passes < 1 or round(self.passes ** 0.5) ** 2 != self.passes:
+            raise ConfigError(f"Setting '--passes': {self.passes}; use a square number of teacher passes "
+                              f"(1: the grid alone, 4: moves of {{0, half a patch}}^2, 9, 16).")
         if not self.ridge > 0:
             raise ConfigError(f"Setting '--ridge': {self.ridge}; use a positive penalty (default 1e-4).")
         if self.levels is not None and not len(self.levels):
@@ -252,22 +261,28 @@ class Adaptation:
             scores on the teacher's scale (it matters only for one-location levels, see metrics.r2).
         levels: The student's level indices fitted, default all; ``targets``, ``weights`` and
             ``scales`` then have one entry per fitted level, and the others are never computed.
+        points: Per fitted level, the coordinates (P, 2) of its targets when they are points off
+            the grid (``apm.offgrid``: the cells of several moved teacher passes, the unmoved
+            grid's first); ``targets`` are then (N, P, d). Levels on one grid share one table.
     """
 
     def __init__(self, student, images: torch.Tensor, targets: Sequence[torch.Tensor],
                  weights: Sequence[float], queries_per_image: int | None,
                  generators: Sequence[torch.Generator] | None = None,
                  scales: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 levels: Sequence[int] | None = None):
+                 levels: Sequence[int] | None = None, points: Sequence[torch.Tensor] | None = None):
         self.student, self.images, self.generators = student, images, generators
         self.levels = list(range(len(student.levels))) if levels is None else list(levels)
         if not len(targets) == len(weights) == len(self.levels):
             raise ValueError(f"{len(targets)} targets and {len(weights)} weights for {len(self.levels)} levels")
         self.scales = list(scales) if scales is not None else None  # per level (mean (N, d), std (N,))
-        self.targets = [rearrange(t, "n h w d -> n (h w) d") for t in targets]
+        self.targets = [rearrange(t, "n h w d -> n (h w) d") if t.ndim == 4 else t for t in targets]
         self.weights = list(weights)
-        self.sampler = QuerySampler([student.levels[i] for i in self.levels], queries_per_image,
-                                    student.entry > 0)
+        self.points = None if points is None else list(points)
+        sampled = [student.levels[i] for i in self.levels]
+        if self.points is not None:  # the sampler draws rows of each level's table of points
+            sampled = [Level(l.name, (len(p), 1), l.dim) for l, p in zip(sampled, self.points)]
+        self.sampler = QuerySampler(sampled, queries_per_image, student.entry > 0)
 
     def subset(self, keep: torch.Tensor) -> None:
         """Keep only these images (indices into the current batch)."""
@@ -282,7 +297,10 @@ class Adaptation:
                  locs: dict[str, torch.Tensor], hidden: bool = False) -> list[torch.Tensor]:
         one = {k: v[None] for k, v in locs.items()}  # one object per key: levels on a grid share it
         args = (image[None], self.sampler.per_level(one), self.levels)
-        return [p[0] for p in functional_call(self.student, params, args, {"hidden": hidden} if hidden else None)]
+        kwargs = {"hidden": hidden} if hidden else {}
+        if self.points is not None:
+            kwargs["points"] = self.points
+        return [p[0] for p in functional_call(self.student, params, args, kwargs or None)]
 
     def loss(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per image (N,): the weighted mean over levels of the MSE at this step's queries."""
@@ -325,7 +343,7 @@ class Adaptation:
                 p, t = p * s[:, None, None] + m[:, None], t * s[:, None, None] + m[:, None]
             r2.append(metrics.r2(p, t))
             h, w = self.student.levels[lvl].grid
-            out.append(rearrange(p, "n (h w) d -> n h w d", h=h, w=w))
+            out.append(rearrange(p[:, : h * w], "n (h w) d -> n h w d", h=h, w=w))  # the unmoved grid
         return torch.stack(r2, dim=1), out
 
     def r2(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -408,7 +426,8 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
 
 
 def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
-           features: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], Adaptation, list]:
+           features: Sequence[torch.Tensor], points: Sequence[torch.Tensor] | None = None
+           ) -> tuple[dict[str, torch.Tensor], Adaptation, list]:
     """The stacked starting parameters of every image's copy, the inner loop over the fitted
     levels, and each level's standardization."""
     student, device = module.student, module.device
@@ -429,18 +448,21 @@ def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     weights = [1.0] * len(module.levels) if recipe.official else module.loss_weights
     fit = Adaptation(student, images, [z[i] for i in fitted], [weights[i] for i in fitted], q, gens,
-                     [stats[i] for i in fitted], fitted)
+                     [stats[i] for i in fitted], fitted, None if points is None else [points[i] for i in fitted])
     return params, fit, stats
 
 
 def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
     device = module.device
     images = images.to(device)
-    if features is None:
+    start = time.perf_counter()  # from the teacher's passes (when run here) to the last step
+    points = None
+    if recipe.passes > 1:
+        features, points = moved_features(module, images, recipe.passes, features)
+    elif features is None:
         with torch.no_grad():
             features = module.targets(images)
-    start = time.perf_counter()  # the fitting alone: the teacher's forward is not counted
-    params, fit, stats = _start(module, images, seeds, recipe, features)
+    params, fit, stats = _start(module, images, seeds, recipe, features, points)
     opt = recipe.optimizer([p for p in params.values() if p.requires_grad],
                            0.0 if recipe.official else module.hparams.weight_decay)
     names = [module.student.levels[i].name for i in fit.levels]
@@ -483,6 +505,31 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
         bar.update(1)
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def moved_features(module, images: torch.Tensor, passes: int,
+                   features: Sequence[torch.Tensor] | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per level, the targets of ``passes`` teacher passes on the images moved by a lattice of
+    sub-patch offsets (``apm.offgrid.lattice``; the unmoved pass first, ``features`` when given),
+    stitched into points (N, P, 1, d), and their coordinates (P, 2), one table object per grid."""
+    patch, size = module.student.patch_size, images.shape[-1]
+    offsets = offgrid.lattice(passes, patch)
+    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets))
+    moved = offgrid.moved_passes(module.targets, canvas, size, offsets[1:])
+    if features is None:
+        with torch.no_grad():
+            features = module.targets(images)
+    first = offgrid.MovedPass((0, 0), [f.float() for f in features],
+                              [offgrid.moved_coords(tuple(f.shape[1:3]), size, 0, 0, f.device) for f in features])
+    passes_ = [first, *moved]
+    tables: dict[tuple[int, int], torch.Tensor] = {}
+    feats, points = [], []
+    for lvl, f in enumerate(features):
+        feat, table = offgrid.stitch(passes_, lvl)
+        feats.append(feat[:, :, None])  # (N, P, 1, d): a grid of P x 1 to the rest of the fit
+        points.append(tables.setdefault(tuple(f.shape[1:3]), table))
+    return feats, points
 
 
 def _step(fit: Adaptation, params, opt, active: list[int], step: int, recipe: FitRecipe) -> None:

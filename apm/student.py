@@ -29,6 +29,13 @@ LEVEL_ENTRIES = ("first", "late")
 RGB = "rgb"  # the pixel level: each patch's mean colour
 
 
+def pick(table: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """Rows ``loc`` (B, n) of a coordinate table (P, 2) or (B, P, 2): (B, n, 2)."""
+    if table.ndim == 2:
+        return table[loc]
+    return table.gather(1, loc[..., None].expand(-1, -1, table.shape[-1]))
+
+
 class APMStudent(nn.Module):
     """Column encoder, positional and level codes, a shared field MLP and per-level heads.
 
@@ -46,11 +53,17 @@ class APMStudent(nn.Module):
             hidden layer, ``"late"`` (with a single hidden layer, that is the first).
         column_filters: Output channels of the column filter (the paper's is 1): the trigger column
             holds ``column_filters`` numbers per patch.
+        pixel_window: Evidence at the query point: each query also sees the photograph's pixels on
+            a ``pixel_window`` x ``pixel_window`` lattice centred on its own coordinate, sampled
+            bilinearly (so at any coordinate, not only cell centres). 0 (default): the paper's
+            query, [T, PE, E], which is the same everywhere inside a cell but for PE.
+        pixel_spacing: Distance in pixels between the window's samples (1: every pixel).
     """
 
     def __init__(self, levels: Sequence[Level], image_size: int, patch_size: int, pe_dim: int = 256,
                  level_dim: int = 64, hidden_dims: Sequence[int] = (1024, 1024, 1024),
-                 pe_max_freq: float = 64.0, level_entry: str = "first", column_filters: int = 1):
+                 pe_max_freq: float = 64.0, level_entry: str = "first", column_filters: int = 1,
+                 pixel_window: int = 0, pixel_spacing: float = 1.0):
         super().__init__()
         check_image_size(image_size, patch_size, "the student's patch size")
         if level_entry not in LEVEL_ENTRIES:
@@ -67,10 +80,17 @@ class APMStudent(nn.Module):
             raise ValueError(f"column_filters must be at least 1, got {column_filters}")
         self.column_dim = column_filters * self.grid[0] * self.grid[1]
         self.pe_dim, self.level_dim, self.pe_max_freq = pe_dim, level_dim, pe_max_freq
+        if pixel_window < 0 or not pixel_spacing > 0:
+            raise ValueError(f"pixel_window must be >= 0 and pixel_spacing > 0, got {pixel_window}, {pixel_spacing}")
+        self.pixel_window, self.pixel_spacing = pixel_window, float(pixel_spacing)
+        self.evidence_dim = 3 * pixel_window ** 2
+        offsets = (torch.arange(pixel_window, dtype=torch.float32) - (pixel_window - 1) / 2) * pixel_spacing
+        oy, ox = torch.meshgrid(offsets, offsets, indexing="ij")  # (dy, dx) in pixels, row-major
+        self.register_buffer("window_offsets", torch.stack([oy.flatten(), ox.flatten()], -1), persistent=False)
         self.column = nn.Conv2d(3, column_filters, kernel_size=patch_size, stride=patch_size)
         self.level_embed = nn.Embedding(len(self.levels), level_dim)
         code = [level_dim if i == self.entry else 0 for i in range(len(hidden_dims))]  # E's inputs
-        self.first = nn.Linear(self.column_dim + pe_dim + code[0], hidden_dims[0])
+        self.first = nn.Linear(self.column_dim + pe_dim + self.evidence_dim + code[0], hidden_dims[0])
         layers: list[nn.Module] = [nn.ReLU()]
         for i, (a, b) in enumerate(zip(hidden_dims[:-1], hidden_dims[1:]), start=1):
             layers += [nn.Linear(a + code[i], b), nn.ReLU()]
@@ -97,6 +117,33 @@ class APMStudent(nn.Module):
 
     def positional(self, coords: torch.Tensor) -> torch.Tensor:
         return sincos_2d(coords, self.pe_dim, self.pe_max_freq)
+
+    def evidence(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """The pixels each query sees (B, N, 3 * pixel_window^2): the ImageNet-normalized
+        photograph sampled bilinearly on the window around each coordinate, (N, 2) or (B, N, 2) in
+        [0, 1] (pixel edges at integers, so (i + 1/2) / H is pixel i's centre; border pixels repeat
+        past the edge)."""
+        b, _, height, width = images.shape
+        c = coords.to(images.device, torch.float32)
+        c = c[None].expand(b, -1, -1) if c.ndim == 2 else c
+        size = c.new_tensor([height, width])
+        pts = c[:, :, None] * size + self.window_offsets  # (B, N, k, 2) pixel positions (y, x)
+        grid = (pts / size * 2 - 1).flip(-1)  # grid_sample wants (x, y) in [-1, 1]
+        x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return rearrange((x - mean) / std, "b c n k -> b n (c k)")
+
+    def site(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """What a query's location adds to the first layer: W_P PE(coords), plus W_X of the pixels
+        around it with ``pixel_window``. (N, H1) without evidence; (B, N, H1) with it, or for
+        coordinates (B, N, 2)."""
+        pos = self.position_term(coords)
+        if not self.evidence_dim:
+            return pos
+        start = self.column_dim + self.pe_dim
+        w_x = self.first.weight[:, start : start + self.evidence_dim]
+        return pos + self.evidence(images, coords).to(w_x.dtype) @ w_x.T
 
     def column_term(self, column: torch.Tensor) -> torch.Tensor:
         """W_T T + b: the part of the first layer shared by every query of an image. (B, H1)."""
@@ -141,11 +188,17 @@ class APMStudent(nn.Module):
         """One level's predictions (B, N, d) from the column term (B, H1) and W_P PE (N, H1)."""
         return self.heads[level](self._after_entry(self.locate(col[:, None] + pos) + self.level_term(level)))
 
-    def query_vectors(self, column: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
+    def query_vectors(self, column: torch.Tensor, level: int, coords: torch.Tensor,
+                      images: torch.Tensor | None = None) -> torch.Tensor:
         """The plain first-layer inputs (B, N, ...): [T, PE(x, y), E(level)] as in the paper, or
-        [T, PE(x, y)] when the level enters late (``decode`` then appends E)."""
+        [T, PE(x, y)] when the level enters late (``decode`` then appends E); with
+        ``pixel_window``, the pixels around (x, y) of ``images`` after PE."""
         b, n = column.shape[0], coords.shape[0]
         parts = [column[:, None].expand(b, n, -1), self.positional(coords).expand(b, n, -1)]
+        if self.evidence_dim:
+            if images is None:
+                raise ValueError("a student with pixel_window needs the images for its query vectors")
+            parts.append(self.evidence(images, coords))
         if not self.entry:
             parts.append(self.level_embed.weight[level].expand(b, n, -1))
         return torch.cat(parts, dim=-1)
@@ -161,7 +214,8 @@ class APMStudent(nn.Module):
 
     # -- whole forwards --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, locations: Sequence[torch.Tensor | None],
-                levels: Sequence[int] | None = None, hidden: bool = False) -> list[torch.Tensor]:
+                levels: Sequence[int] | None = None, hidden: bool = False,
+                points: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Predict selected locations of every level, or of ``levels`` only.
 
         Args:
@@ -173,6 +227,10 @@ class APMStudent(nn.Module):
             levels: Level indices to predict, in this order; default all. Levels left out are not
                 computed at all (their heads get no gradient).
             hidden: Return each level's last hidden activations (B, n, H), the input of its head.
+            points: Per level, None (its grid's cell centres) or a table of coordinates (P, 2) or
+                (B, P, 2) in [0, 1] that ``locations`` index instead: points off the grid, such as
+                the cells of a moved teacher pass (``apm.offgrid``). Levels given the same table
+                object and locations share the level-free work.
 
         Returns:
             Per level, predictions (B, n, d) (or hidden activations) in the order of ``locations``.
@@ -181,17 +239,22 @@ class APMStudent(nn.Module):
         if len(levels) != len(locations):
             raise ValueError(f"{len(locations)} location entries for {len(levels)} levels")
         col = self.column_term(self.trigger(images))  # (B, H1)
-        pos: dict[tuple[int, int], torch.Tensor] = {}  # W_P PE once per distinct grid, per step
-        sites: list[tuple[tuple[int, int], torch.Tensor | None, torch.Tensor]] = []
+        grids: dict[tuple[int, int], torch.Tensor] = {}  # one table per grid: levels on it share work
+        tables = [grids.setdefault(self.levels[lvl].grid, self.coords(lvl)) if t is None else t
+                  for lvl, t in zip(levels, points or [None] * len(levels))]
+        pos: dict[int, torch.Tensor] = {}  # W_P PE once per table, without evidence
+        sites: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         pres, sizes = [], []
-        for lvl, loc in zip(levels, locations):
-            grid = self.levels[lvl].grid
-            if grid not in pos:
-                pos[grid] = self.position_term(self.coords(lvl))  # (N_l, H1)
-            site = next((x for g, l, x in sites if g == grid and l is loc), None)
+        for lvl, loc, table in zip(levels, locations, tables):
+            site = next((x for t, l, x in sites if t is table and l is loc), None)
             if site is None:  # the level-free work, once per distinct set of locations
-                site = self.locate(col[:, None] + (pos[grid] if loc is None else pos[grid][loc]))
-                sites.append((grid, loc, site))
+                if self.evidence_dim or table.ndim == 3:
+                    term = self.site(images, table if loc is None else pick(table, loc))
+                else:
+                    term = pos.setdefault(id(table), self.position_term(table))
+                    term = term if loc is None else term[loc]
+                site = self.locate(col[:, None] + term)
+                sites.append((table, loc, site))
             pres.append(site + self.level_term(lvl))
             sizes.append(site.shape[-2])
         last = self._after_entry(torch.cat(pres, dim=1)).split(sizes, dim=1)  # one pass for all levels
@@ -202,7 +265,7 @@ class APMStudent(nn.Module):
         """Predict one level at arbitrary coordinates (N, 2) in [0, 1], in chunks of ``chunk``
         queries. Returns (B, N, d); queries are independent, so chunking changes nothing."""
         col = self.column_term(self.trigger(images))
-        return torch.cat([self.answer(col, level, self.position_term(c))
+        return torch.cat([self.answer(col, level, self.site(images, c))
                           for c in coords.split(chunk or coords.shape[0])], dim=1)
 
     def dense(self, images: torch.Tensor, levels: Sequence[int] | None = None,
@@ -217,7 +280,7 @@ class APMStudent(nn.Module):
             on_grid = [lvl for lvl in levels if self.levels[lvl].grid == grid]
             coords = self.coords(on_grid[0])
             for c in coords.split(chunk or coords.shape[0]):
-                site = self.locate(col[:, None] + self.position_term(c))
+                site = self.locate(col[:, None] + self.site(images, c))
                 for lvl in on_grid:
                     preds[lvl].append(self.heads[lvl](self._after_entry(site + self.level_term(lvl))))
         return [rearrange(torch.cat(preds[lvl], dim=1), "b (h w) d -> b h w d",
@@ -250,7 +313,7 @@ class APMStudent(nn.Module):
             order = torch.argsort(lv, stable=True)  # group the chunk's queries by level
             lv, c = lv[order], coords[start : start + chunk].to(col.device)[order]
             where, which = torch.unique(c, dim=0, return_inverse=True)
-            site = self.locate(col[:, None] + self.position_term(where))[:, which]
+            site = self.locate(col[:, None] + self.site(images, where))[:, which]
             hidden = self._after_entry(site + self.level_term(lv))
             counts = torch.bincount(lv, minlength=len(self.levels)).tolist()
             for lvl, (pos, h) in enumerate(zip(order.split(counts), hidden.split(counts, dim=1))):

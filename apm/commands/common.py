@@ -35,7 +35,7 @@ def student_from_args(a: argparse.Namespace, command: str, fresh: str, device):
 
 
 def route_args(p: argparse.ArgumentParser) -> None:
-    """--moves, --solve-heads, --ridge and --resolve-every (``FitRecipe``'s route fields, with its
+    """--moves, --solve-heads, --ridge, --resolve-every and --passes (``FitRecipe``'s route fields, with its
     defaults): which parameters a per-image fit moves, and the heads solved in closed form
     (docs/perceive.md, "Perceiving in a few steps")."""
     from apm.perceive import MOVES, FitRecipe
@@ -57,6 +57,10 @@ def route_args(p: argparse.ArgumentParser) -> None:
                    help="with --solve-heads, solve the heads again after every N gradient steps (0: "
                    "only first); 1 with --moves body is variable projection, the fastest route to "
                    "the full fit's islands (docs/perceive.md)")
+    p.add_argument("--passes", type=int, default=FitRecipe.passes,
+                   help="teacher passes per image: 1 fits the grid; 4 (or 9, 16) also fits the teacher "
+                   "on the image moved by a lattice of sub-patch offsets, at the points where those "
+                   "cells truly sit, so the student answers between the grid's cells (docs/field.md)")
 
 
 def recipe_from_args(a: argparse.Namespace, protocol: str, **kwargs):

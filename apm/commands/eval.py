@@ -12,6 +12,7 @@ from tqdm import tqdm
 from apm.analysis import format_table, island_scores, summarize
 from apm.commands.common import IMAGES_HELP, parser
 from apm.errors import ConfigError
+from apm.offgrid import offgrid_scores
 from apm.loading import load_images, load_student, pick_device
 from teachers.base import select_levels
 
@@ -31,7 +32,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--offgrid", action="store_true",
+                   help="also R^2 between the teacher's cells: against the teacher run on each image "
+                   "moved by 4 and 11 px, the student queried there beside the nearest cell, bilinear "
+                   "from one pass, bilinear from --passes lattice passes, and the teacher's own "
+                   "consistency (r2_offgrid_*; docs/field.md)")
+    p.add_argument("--passes", type=int, default=4,
+                   help="with --offgrid: teacher passes of the bilinear_k baseline (a square; default 4)")
     a = p.parse_args(argv)
+    if a.passes < 1 or round(a.passes ** 0.5) ** 2 != a.passes:
+        raise ConfigError(f"Setting '--passes': {a.passes}; use a square number of teacher passes (1, 4, 9, 16).")
     if a.k < 2:
         raise ConfigError(f"Setting '--k': {a.k} clusters cannot disagree; use 2 or more (default 8).")
     module = load_student(a.ckpt, device=pick_device(a.device))
@@ -48,6 +58,10 @@ def main(argv: list[str]) -> int:
         for name, ms in island_scores(module, batch, levels, a.k, a.seed, following).items():
             for m, v in ms.items():
                 per_image.setdefault(name, {}).setdefault(m, []).extend(v)
+        if a.offgrid:
+            for name, ms in offgrid_scores(module, batch.to(module.device), levels, a.passes).items():
+                for m, v in ms.items():
+                    per_image[name].setdefault(f"r2_offgrid_{m}", []).extend(v)
         bar.update(end - start)
     bar.close()
     summary = summarize(per_image)
