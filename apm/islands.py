@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from apm.student import RGB
+from apm.students.base import RGB
 
 METHODS = ("tsne", "pca")
 # Up to this many points per level, apm.tsne's exact t-SNE beats scikit-learn's Barnes-Hut on a

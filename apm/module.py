@@ -4,45 +4,41 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+from jsonargparse import lazy_instance, set_parsing_settings
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from apm import metrics
-from apm.cache import teacher_fingerprint
-from apm.checkpoints import check_compatible
+from apm.checkpoints import apm_entry, check_compatible, check_trained, legacy_adoptions, merge_settings, read_student, upgrade_settings
 from apm.data import batch_images
 from apm.errors import ConfigError
 from apm.nonfinite import NonFiniteGuard
 from apm.meta import reptile_step
+from apm.precision import pick_device
 from apm.objective import QuerySampler, gather, warmup_cosine, weighted_mse
 from apm.standardize import LevelStandardizer
 from apm.targets import TeacherTargets
-from apm.glom import GLOMStudent, glom_settings
-from apm.student import LEVEL_ENTRIES, RGB, APMStudent
+from apm.students import RGB, APMSettings, Student, StudentSettings, create_student, student_settings
+from apm.students.registry import settings_record
 from teachers import Level
 from teachers.base import TEACHER_PRECISIONS, check_image_size, select_levels
 from teachers.multi import DEFAULT_TEACHER, build_teacher
 
-# Settings whose default changed, with the value a checkpoint written before them was trained with:
-# the positional code's top frequency before it followed the grid, and where the level code
-# entered before that was a setting.
-LEGACY_DEFAULTS = {"pe_max_freq": 64.0, "level_entry": "first"}
-DEFAULT_LEVEL_ENTRY = "late"
-STUDENTS = ("apm", "glom")
 log = logging.getLogger(__name__)
+set_parsing_settings(subclasses_enabled=[StudentSettings])  # model.student: any registered student's settings
+DEFAULT_STUDENT = lazy_instance(APMSettings)
 
 
 def check_settings(hp: Any) -> None:
-    """ConfigError naming the setting, for values the student or the loop cannot take."""
-    if hp.column_filters < 1:
-        raise ConfigError(f"Setting 'model.column_filters': {hp.column_filters}; use 1 (the paper's "
-                          f"single filter) or more.")
+    """ConfigError naming the setting, for values the loop cannot take (the student's settings are
+    checked by ``apm.students.student_settings``)."""
     if hp.meta_inner_steps < 0:
         raise ConfigError(f"Setting 'model.meta_inner_steps': {hp.meta_inner_steps}; use 0 (plain "
                           f"distillation) or the number of inner fitting steps per image (e.g. 5).")
@@ -54,25 +50,6 @@ def check_settings(hp: Any) -> None:
         raise ConfigError(f"Setting 'model.teacher_precision': {hp.teacher_precision!r} is not one of "
                           f"{', '.join(TEACHER_PRECISIONS)}; 32 (the default) keeps the targets "
                           f"independent of trainer.precision.")
-    if hp.level_entry not in LEVEL_ENTRIES:
-        raise ConfigError(f"Setting 'model.level_entry': {hp.level_entry!r} is not one of "
-                          f"{', '.join(LEVEL_ENTRIES)}.")
-    check_student_settings(hp)
-
-
-def check_student_settings(hp: Any) -> None:
-    """ConfigError naming ``model.student`` or ``model.glom`` for values they cannot take."""
-    student = hp.get("student", "apm")
-    if student not in STUDENTS:
-        raise ConfigError(f"Setting 'model.student': {student!r} is not one of {', '.join(STUDENTS)}.")
-    if hp.get("glom") is not None and student != "glom":
-        raise ConfigError("Setting 'model.glom' is given but 'model.student' is 'apm'; set "
-                          "'model.student: glom' (or drop 'model.glom').")
-    if student == "glom":
-        try:
-            glom_settings(hp.get("glom"))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"Setting 'model.glom': {e}.") from None
 
 
 def level_loss_weights(names: Sequence[str], rgb_weight: float,
@@ -112,20 +89,13 @@ class APMModule(L.LightningModule):
         image_size: Input side in pixels (linked from ``data.image_size``).
         patch_size: Kernel and stride of the student's column filter; default the teacher's patch
             (with ``teachers``: ``image_size`` over the first teacher's grid side).
-        hidden_dims: Widths of the shared field MLP's layers.
-        column_filters: Output channels of the column filter; 1 (default) is the paper's single
-            filter, one number per patch. More let an unseen image's patch colours and textures
-            through (see docs/perceive.md).
-        pe_dim: Width of the 2-D sin-cos positional code.
-        pe_max_freq: Highest frequency of the positional code in cycles per image side; default
-            half the finest level's grid side (its Nyquist limit: higher frequencies alias on the
-            grid the student is trained on, see docs/architecture.md). Checkpoints written before this
-            setting existed used 64 and keep it.
-        level_dim: Width of the learned level embedding.
-        level_entry: Where the level code enters the student: ``late`` (default; the last hidden
-            layer, so the layers before it run once per location for all levels) or ``first`` (the
-            paper's design; every (location, level) runs the whole MLP). Checkpoints written before
-            this setting existed are ``first``. See docs/architecture.md.
+        student: The student and its settings, a ``StudentSettings`` class path:
+            ``apm.students.APMSettings`` (default: the column filter and the shared field MLP) or
+            ``apm.students.GLOMSettings`` (Hinton's GLOM, docs/glom.md), with its ``init_args``
+            (``pe_dim``, ``hidden_dims``, ``level_entry``, ... ; see those classes). Training,
+            evaluation, fitting and every tool work with either. The settings of earlier versions
+            (``hidden_dims``, ``level_entry``, ``student: glom``, ``glom: {...}``, ...) are read
+            as before (``apm.checkpoints.upgrade_settings``).
         rgb: Also predict each patch's mean colour (the pixel level, named ``rgb``).
         rgb_weight: Loss weight of the ``rgb`` level.
         level_weights: Loss weight per level name (default 1 each; the ``rgb`` level's weight is
@@ -151,19 +121,6 @@ class APMModule(L.LightningModule):
             ``ours`` recipe of apm/perceive.py), then moves the shared weights toward the mean of
             the fitted copies, using the AdamW above with ``lr`` on the difference.
         meta_inner_lr: Learning rate of the inner AdamW (``apm perceive``'s default is 1e-3).
-        student: ``apm`` (default: the column filter and the shared field MLP above) or ``glom``
-            (Hinton's GLOM, apm/glom.py: a column of level states per patch, updated for T iterations
-            by bottom-up and top-down nets and parameter-free attention within each level; a head
-            per level). Training, evaluation, fitting and every tool work with either. GLOM uses
-            ``pe_dim`` and ``pe_max_freq``; ``hidden_dims``, ``level_dim``, ``level_entry`` and
-            ``column_filters`` are APM's only. See docs/glom.md.
-        glom: GLOM's settings (with ``student: glom``), each optional: ``dim`` (state width per level,
-            128), ``hidden`` (bottom-up and top-down nets' hidden width, 256), ``iterations`` (T, 3),
-            ``beta`` (attention inverse temperature, 1.0), ``window`` (attend within this many cells,
-            null = the whole grid), ``agreement`` (weight of the level above's similarities in the
-            attention, 0.0), ``chunk`` (attention rows per block, 256: bounds memory),
-            ``every_iteration`` (the loss on every iteration's readout, not only the last; training
-            only, false), ``attention`` and ``top_down`` (false drops that term: ablations, true).
     """
 
     def __init__(
@@ -174,12 +131,7 @@ class APMModule(L.LightningModule):
         teacher_precision: str = "32",
         image_size: int = 448,
         patch_size: int | None = None,
-        hidden_dims: list[int] = [1024, 1024, 1024, 1024],
-        column_filters: int = 1,
-        pe_dim: int = 256,
-        pe_max_freq: float | None = None,
-        level_dim: int = 64,
-        level_entry: str = DEFAULT_LEVEL_ENTRY,
+        student: StudentSettings = DEFAULT_STUDENT,
         rgb: bool = True,
         rgb_weight: float = 1.0,
         level_weights: dict[str, float] | None = None,
@@ -194,11 +146,16 @@ class APMModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         meta_inner_steps: int = 0,
         meta_inner_lr: float = 1e-3,
-        student: str = "apm",
-        glom: dict[str, Any] | None = None,
+        **legacy: Any,
     ):
         super().__init__()
+        given = "apm" if student is DEFAULT_STUDENT else student  # the old flat settings may be given
+        settings = student_settings(upgrade_settings({"student": given, **legacy})["student"])
         self.save_hyperparameters()
+        for hp in (self._hparams, self._hparams_initial):  # the student's settings as one plain record
+            for k in legacy:
+                hp.pop(k, None)
+            hp["student"] = settings_record(settings)
         check_settings(self.hparams)
         self.automatic_optimization = not meta_inner_steps  # Reptile sets its own update
         self.guard = NonFiniteGuard(max_nonfinite_steps, meta_inner_steps, lr, meta_inner_lr)
@@ -214,23 +171,20 @@ class APMModule(L.LightningModule):
         if rgb:
             self.levels.append(Level(RGB, (image_size // patch_size,) * 2, 3))
         self.loss_weights = level_loss_weights([l.name for l in self.levels], rgb_weight, level_weights)
-        if pe_max_freq is None:
-            pe_max_freq = max(max(l.grid) for l in self.levels) / 2
-        self.student = self._new_student(patch_size, pe_max_freq, level_entry)
+        self.student = self._new_student(settings, patch_size)
         self.target_source = TeacherTargets(self.teacher, rgb, patch_size)
         self.standardizer = LevelStandardizer([l.dim for l in self.levels])
 
-    def _new_student(self, patch_size: int, pe_max_freq: float, level_entry: str
-                     ) -> APMStudent | GLOMStudent:
-        hp = self.hparams
-        if hp.student == "glom":
-            student = GLOMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, pe_max_freq,
-                                  **(hp.glom or {}))
-        else:
-            student = APMStudent(self.levels, hp.image_size, patch_size, hp.pe_dim, hp.level_dim,
-                                 hp.hidden_dims, pe_max_freq, level_entry, hp.column_filters)
-        if hp.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
-            student.compile(**({} if hp.compile is True else {"backend": hp.compile}))
+    @property
+    def student_settings(self) -> StudentSettings:
+        """The student's settings (``model.student``)."""
+        return student_settings(self.hparams.student)
+
+    def _new_student(self, settings: StudentSettings, patch_size: int) -> Student:
+        s = {k: v for k, v in settings_record(settings)["init_args"].items()}
+        student = create_student(settings.name, self.levels, self.hparams.image_size, patch_size, **s)
+        if self.hparams.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
+            student.compile(**({} if self.hparams.compile is True else {"backend": self.hparams.compile}))
         return student
 
     # -- targets ---------------------------------------------------------------------------------
@@ -298,7 +252,7 @@ class APMModule(L.LightningModule):
         locs = self.sample_locations(images.shape[0], images.device)
         targets = [gather(f, loc) for f, loc in zip(feats, locs)]
         z = [self.standardizer.encode(i, t) for i, t in enumerate(targets)]
-        every = getattr(self.student, "settings", {}).get("every_iteration")  # GLOM's option
+        every = getattr(self.student_settings, "every_iteration", False)  # GLOM's option
         steps = self.student.iterate(images, locs) if every else [self.student(images, locs)]
         per_step = [weighted_mse(p, z, self.loss_weights) for p in steps]  # the mean over them
         preds, losses = steps[-1], per_step[-1][1]
@@ -395,6 +349,21 @@ class APMModule(L.LightningModule):
         preds = self.student.dense(images, levels, chunk)
         return [self.standardizer.decode(i, p.float()) for i, p in zip(levels, preds)]
 
+    @torch.no_grad()
+    def query_features(self, level: int, coords: torch.Tensor, images: torch.Tensor | None = None,
+                       trigger: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+        """Query the student and decode to the teacher's scale: one level at coordinates (N, 2) in
+        [0, 1], (B, N, d), for ``images`` (B, 3, H, W), or for trigger columns (B, ...) given
+        instead (``apm interpolate`` mixes two images'); ``chunk`` queries per pass."""
+        st = self.student
+        if trigger is None:
+            pred = st.query(images, level, coords, chunk)
+        else:
+            col = st.column_term(trigger)
+            pred = torch.cat([st.answer(col, level, st.position_term(c))
+                              for c in coords.split(chunk or len(coords))], dim=1)
+        return self.standardizer.decode(level, pred.float())
+
     def predict_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                      batch_idx: int) -> list[torch.Tensor]:
         return self.predict_features(batch_images(batch)[0])
@@ -412,8 +381,7 @@ class APMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["apm"] = {"teacher": teacher_fingerprint(self.teacher),
-                             "levels": [(l.name, list(l.grid), l.dim) for l in self.levels]}
+        checkpoint["apm"] = apm_entry(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
@@ -428,24 +396,43 @@ class APMModule(L.LightningModule):
         check_compatible(checkpoint, self, path, "ckpt_path")
 
     def _adopt_legacy_settings(self, checkpoint: dict) -> None:
-        """Settings whose default changed: a checkpoint written before keeps its old value."""
-        saved = checkpoint.get("hyper_parameters") or {}
-        if "pe_max_freq" not in saved:
-            self.student.pe_max_freq = self.hparams.pe_max_freq = LEGACY_DEFAULTS["pe_max_freq"]
-        entry = LEGACY_DEFAULTS["level_entry"]
-        if "level_entry" not in saved and self.student.level_entry != entry:
-            # another shape: rebuilt before the weights are loaded (and before the optimizer exists)
-            st = self.student
-            self.hparams.level_entry = entry
-            self.student = self._new_student(st.patch_size, st.pe_max_freq, entry).to(
-                st.first.weight.device)
+        """Settings whose default changed: a checkpoint written before keeps its old value
+        (``apm.checkpoints.legacy_adoptions``); a student of another shape is rebuilt before the
+        weights are loaded (and before the optimizer exists)."""
+        settings = self.student_settings
+        adopt = {k: v for k, v in legacy_adoptions(checkpoint.get("hyper_parameters") or {}).items()
+                 if hasattr(settings, k) and getattr(settings, k) != v}
+        if adopt:
+            settings = replace(settings, **adopt)
+            self.hparams.student = settings_record(settings)
+            device = next(self.student.parameters()).device
+            self.student = self._new_student(settings, self.student.patch_size).to(device)
+
+    def restore(self, checkpoint: dict, path: str | Path | None = None, setting: str = "--ckpt",
+                legacy: bool = True) -> None:
+        """Load a checkpoint's student and statistics after checking that it holds the same
+        teacher and shapes (ConfigError naming ``setting`` otherwise). ``legacy``: first adopt the
+        settings a checkpoint from before they existed was trained with, as ``--ckpt_path`` does."""
+        if legacy:
+            self._adopt_legacy_settings(checkpoint)
+        check_compatible(checkpoint, self, path, setting)
+        self.load_state_dict(checkpoint["state_dict"])
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", setting: str = "--ckpt",
-                        **overrides: Any) -> "APMModule":
-        """A module in eval mode from a checkpoint of ``apm fit`` (or a ``save_pretrained``
-        folder), read without pickle (``overrides`` replace saved hyperparameters; a change of
-        shape is refused with ConfigError naming ``setting``). See ``apm.loading.load_student``."""
-        from apm.loading import load_student
-
-        return load_student(path, device=map_location, trained=False, overrides=overrides, setting=setting)
+                        trained: bool = False, **overrides: Any) -> "APMModule":
+        """The one way to load a student: a module in eval mode on ``map_location`` (``auto``:
+        CUDA when available) from a checkpoint of ``apm fit`` or ``apm perceive`` or a
+        ``save_pretrained`` folder, read without pickle, settings of earlier versions upgraded
+        (``apm.checkpoints``). ``overrides`` replace saved settings (a change of shape is refused
+        with ConfigError naming ``setting``); ``trained`` refuses a student saved before any
+        training step (no level statistics)."""
+        ckpt = read_student(path, setting)
+        saved = upgrade_settings(ckpt.get("hyper_parameters") or {}, complete=True)
+        hp = merge_settings(saved, upgrade_settings(overrides))
+        hp = {k: v for k, v in hp.items() if not k.startswith("_")}
+        module = cls(**{**hp, "compile": False, "feature_cache": None})
+        module.restore(ckpt, path, setting, legacy=False)  # built with the legacy settings already
+        if trained:
+            check_trained(module, path, setting)
+        return module.to(pick_device(map_location)).eval()

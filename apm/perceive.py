@@ -47,9 +47,9 @@ from teachers.base import seeded, select_levels
 
 PROTOCOLS = ("ours", "official")
 INITS = ("trained", "fresh")
-# the parameters a per-image fit moves, by name prefix ("all": every one)
-MOVES = {"all": ("",), "heads": ("heads.",), "code": ("first.bias",), "code+heads": ("first.bias", "heads."),
-         "body": ("",)}  # body: every parameter but the heads
+# the parameters a per-image fit moves: the student's parts (``Student.parts``) each route moves
+MOVES = {"all": ("body", "heads"), "heads": ("heads",), "code": ("code",), "code+heads": ("code", "heads"),
+         "body": ("body",)}
 ROUTE = ("moves", "solve_heads", "ridge", "resolve_every")  # the FitRecipe fields that choose the route
 
 
@@ -182,11 +182,13 @@ def moving_names(student: torch.nn.Module, moves: str) -> list[str]:
     """The names of ``student``'s parameters that ``moves`` (a key of ``MOVES``) fits per image;
     ConfigError when the student has none of them."""
     names = [n for n, _ in student.named_parameters()]
-    picked = [n for n in names if n.startswith(MOVES[moves]) and not (moves == "body" and n.startswith("heads."))]
+    parts = student.parts()
+    prefixes = tuple(p for part in MOVES[moves] for p in parts[part])
+    picked = [n for n in names if prefixes and n.startswith(prefixes)]
     if not picked:
         groups = ", ".join(sorted({n.split(".")[0] for n in names}))
-        raise ConfigError(f"Setting '--moves {moves}': this {type(student).__name__} has no parameter "
-                          f"named {' or '.join(MOVES[moves])}... (its parameters: {groups}). Use "
+        raise ConfigError(f"Setting '--moves {moves}': this {type(student).__name__} has no "
+                          f"{' or '.join(MOVES[moves])} parameters (its parameters: {groups}). Use "
                           f"'--moves all' or 'heads'.")
     return picked
 
@@ -527,18 +529,3 @@ def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: 
         out.append((before, fitted_module(module, fitted), rec))
     return out
 
-
-def save_student(module, path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``module`` as a checkpoint that ``APMModule.from_checkpoint`` and every ``apm`` tool
-    load (atomically; hyperparameters, weights, statistics, teacher identity; ``extra`` is stored
-    under ``"perceive"``)."""
-    import lightning
-
-    from apm.checkpoints import AtomicCheckpointIO
-
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
-    module.on_save_checkpoint(ckpt)
-    if extra:
-        ckpt["perceive"] = extra
-    AtomicCheckpointIO().save_checkpoint(ckpt, path)

@@ -1,5 +1,5 @@
 """GLOM (Hinton 2021, "How to represent part-whole hierarchies in a neural network") as a student,
-beside APM's (``model.student: glom``).
+beside APM's (``model.student: GLOMSettings``).
 
 A column of level embeddings at every location of the student's grid (one location per
 ``patch_size`` patch), the levels stacked bottom to top: ``rgb`` (when on) at the bottom, then the
@@ -34,7 +34,8 @@ but unlike APM's they are not independent computations: every answer depends on 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,14 +44,8 @@ from torch import nn
 
 from apm.codes import grid_coords
 from apm.objective import gather
-from apm.student import RGB, APMStudent
+from apm.students.base import RGB, ColumnInput, StudentSettings
 from teachers.base import Level, check_image_size, select_levels
-
-# model.glom's settings and their defaults (docs/glom.md)
-GLOM_DEFAULTS: dict[str, Any] = {
-    "dim": 128, "hidden": 256, "iterations": 3, "beta": 1.0, "window": None, "agreement": 0.0,
-    "chunk": 256, "every_iteration": False, "attention": True, "top_down": True}
-
 
 class LevelMLP(nn.Module):
     """One two-layer GELU MLP per level, all levels in one einsum: (B, L, N, d_in) -> (B, L, N,
@@ -164,26 +159,65 @@ def resample_matrix(src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
     return torch.zeros(dst[0] * dst[1], n_src).scatter_add_(1, idx, wts)
 
 
+@dataclass
+class GLOMSettings(StudentSettings):
+    """GLOM's settings (``model.student``; docs/glom.md), each optional.
+
+    Args:
+        pe_dim: Width of the 2-D sin-cos positional code (bottom input and top-down nets).
+        pe_max_freq: Its highest frequency in cycles per image side; null: half the finest level's
+            grid side.
+        dim: Width D of every level's state.
+        hidden: Hidden width of the bottom-up and top-down nets.
+        iterations: T, the updates after the bottom-up pass (0: the bottom-up pass alone).
+        beta: Inverse temperature of the same-level attention.
+        window: Attention only within this many cells (Chebyshev); null = the whole grid.
+        agreement: Weight of the level above's similarities in a level's attention logits.
+        chunk: Attention rows per block (bounds memory at large grids).
+        every_iteration: Train on every iteration's readout, not only the last (training only).
+        attention: False drops the attention term from the update (an ablation).
+        top_down: False drops the top-down term from the update (an ablation).
+    """
+
+    name: ClassVar[str] = "glom"
+    dim: int = 128
+    hidden: int = 256
+    iterations: int = 3
+    beta: float = 1.0
+    window: int | None = None
+    agreement: float = 0.0
+    chunk: int = 256
+    every_iteration: bool = False
+    attention: bool = True
+    top_down: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "hidden", "iterations", "chunk"):
+            v, least = getattr(self, key), 0 if key == "iterations" else 1
+            if int(v) != v or v < least:
+                raise ValueError(f"{key} must be a whole number >= {least}, got {v!r}")
+        if self.window is not None and (int(self.window) != self.window or self.window < 0):
+            raise ValueError(f"window must be null or a whole number of cells >= 0, got {self.window!r}")
+
+
+# GLOM's own settings (beyond the positional code's) and their defaults
+GLOM_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(GLOMSettings)
+                                 if f.name not in ("pe_dim", "pe_max_freq")}
+
+
 def glom_settings(glom: dict[str, Any] | None) -> dict[str, Any]:
-    """``model.glom`` with defaults filled in; ValueError naming an unknown or invalid key."""
+    """GLOM's own settings with defaults filled in; ValueError naming an unknown or invalid key."""
     given = dict(glom or {})
     unknown = sorted(set(given) - set(GLOM_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown}; the settings are {', '.join(GLOM_DEFAULTS)}")
-    s = {**GLOM_DEFAULTS, **given}
-    for key in ("dim", "hidden", "iterations", "chunk"):
-        if int(s[key]) != s[key] or s[key] < (0 if key == "iterations" else 1):
-            raise ValueError(f"{key} must be a whole number >= {0 if key == 'iterations' else 1}, "
-                             f"got {s[key]!r}")
-    if s["window"] is not None and (int(s["window"]) != s["window"] or s["window"] < 0):
-        raise ValueError(f"window must be null or a whole number of cells >= 0, got {s['window']!r}")
-    return s
+    s = asdict(GLOMSettings(**given))
+    return {k: s[k] for k in GLOM_DEFAULTS}
 
 
-class GLOMStudent(nn.Module):
-    """GLOM's columns, iterated, with a head per level; the student interface of ``APMStudent``
-    (``forward``, ``dense``, ``query``, ``stream``, ``predict_queries``, and ``trigger``,
-    ``column_term``, ``position_term``, ``answer`` for ``apm interpolate``).
+class GLOMStudent(ColumnInput):
+    """GLOM's columns, iterated, with a head per level: the ``Student`` interface
+    (``apm.students.base``; the patch embedding is ``ColumnInput.trigger``).
 
     Args:
         levels: The levels to predict (name, grid, width); ``rgb`` goes to the bottom of the column.
@@ -203,10 +237,6 @@ class GLOMStudent(nn.Module):
     """
 
     entry = 1  # levels on one grid are asked at the same sampled locations (apm.objective)
-    trigger = APMStudent.trigger  # the patch embedding with ImageNet normalization folded in
-    coords = APMStudent.coords
-    positional = APMStudent.positional
-    predict_queries = APMStudent.predict_queries
 
     def __init__(self, levels: Sequence[Level], image_size: int, patch_size: int, pe_dim: int = 64,
                  pe_max_freq: float = 8.0, **glom: Any):
