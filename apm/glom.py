@@ -2,4 +2,3 @@
 the student lives in ``apm.students.glom``."""
 
 from apm.students.glom import *  # noqa: F401,F403
-from apm.students.glom import GLOM_DEFAULTS, GLOMSettings, GLOMStudent, bilinear_taps, glom_settings  # noqa: F401

@@ -1,6 +1,6 @@
 """Benchmark: what the APM student costs and saves, measured in one run on one device.
 
-    python experiments/bench.py --device cpu --json experiments/results/bench_cpu.json --quick
+    python -m experiments.bench --device cpu --json experiments/results/bench_cpu.json --quick
 
 Figures (keys of the JSON file; null where a figure does not apply to the device):
 
@@ -34,10 +34,8 @@ memory trimmed first) minus the resident size before the call.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -52,14 +50,14 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from apm import metrics
+from apm.precision import autocast, default_precision
+from apm.students.apm import LEVEL_ENTRIES, APMSettings, APMStudent
+from experiments.common import (Memory, count_flops, device_info, matmul_rate, median_time, sync, wall,
+                                write_results)
+from teachers import Level, create_teacher
 
-from apm import metrics  # noqa: E402
-from apm.precision import autocast, default_precision  # noqa: E402
-from apm.module import DEFAULT_LEVEL_ENTRY  # noqa: E402
-from apm.student import LEVEL_ENTRIES, APMStudent  # noqa: E402
-from teachers import Level, create_teacher  # noqa: E402
+DEFAULT_LEVEL_ENTRY = APMSettings.level_entry
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -117,98 +115,6 @@ TINY = dict(paper_image=56, paper_hidden=[64, 64], paper_pe=16, paper_width=16, 
             cache_images=2, cache_epochs=2, cache_hidden=[32], fid_image=28, fid_levels=[1, 3],
             fid_hidden=[64, 64], fid_target=0.5, fid_eval_every=5, fid_budget_s=2.0, isl_image=56,
             isl_figure_levels=3, isl_levels_ours=1, isl_levels_sklearn=1)
-
-
-# -- measuring -----------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def wall(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
-
-
-def median_time(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        wall(fn, device)
-    return statistics.median(wall(fn, device) for _ in range(reps))
-
-
-def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(q, k, v)
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of ``fn`` by torch.utils.flop_counter, with CPU fused attention counted too."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    extra = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        extra[op] = _sdpa_flops
-    with FlopCounterMode(display=False, custom_mapping=extra) as fc:
-        fn()
-    return int(fc.get_total_flops())
-
-
-class Memory:
-    """Peak memory of a call above what was in use before it (bytes); None if not measurable."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.method = "cuda max_memory_allocated" if device.type == "cuda" else None
-        self._libc = None
-        if device.type == "cpu" and Path("/proc/self/clear_refs").exists():
-            try:
-                self._libc = ctypes.CDLL("libc.so.6")
-                self._reset_hwm()
-                # Fixed threshold: every large tensor is its own mapping, returned to the OS on free,
-                # so the resident size follows live tensors (glibc otherwise keeps freed ones).
-                self._libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-                self.method = "peak RSS (VmHWM after clear_refs) minus RSS before"
-            except OSError:
-                self._libc = None
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-    @staticmethod
-    def _reset_hwm() -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-    def peak(self, fn: Callable[[], object]) -> int | None:
-        if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            fn()
-            sync(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device) - before)
-        if self._libc is None:
-            return None
-        self._libc.malloc_trim(0)
-        self._reset_hwm()
-        before = self._status("VmRSS")
-        fn()
-        return int(self._status("VmHWM") - before)
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 3) -> float:
-    """Achieved FLOP/s of an n x n x n matmul."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = median_time(lambda: a @ b, device, reps)
-    return 2 * n**3 / t
 
 
 # -- the official forward (baseline) -------------------------------------------------------------
@@ -611,32 +517,6 @@ def bench_islands(s: Settings, device: torch.device, log) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------
-def write_results(path: Path, res: dict) -> None:
-    """Write an experiment's results as indented JSON (folders created) and say where."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {path}")
-
-
-def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.+)", f.read())
-        info["cpu"] = m.group(1).strip() if m else info["cpu"]
-    except OSError:
-        pass
-    from apm.precision import cpu_has_bf16
-
-    info["cpu_bf16"] = cpu_has_bf16()
-    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def table(res: dict) -> str:
     def f(x, fmt="{:.2f}"):
         return "n/a" if x is None else fmt.format(x)
@@ -755,7 +635,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
     mem = Memory(device)  # first: pins the allocator before anything large is allocated
-    command = "python experiments/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = args.only or PARTS
     res: dict = json.loads(args.json.read_text()) if args.only else {}
     if args.only and res["env"]["device"] != device.type:

@@ -1,6 +1,6 @@
 """A real-size distillation on a GPU for a fixed time, and what it achieved.
 
-    python experiments/distill_gpu.py --images /path/to/photos --minutes 5 --json out.json
+    python -m experiments.distill_gpu --images /path/to/photos --minutes 5 --json out.json
 
 DINOv2-base architecture (random weights with layer scale 1.0, so that every block changes the
 features; no download needed), 448 px, every block + rgb (13 levels), the default student and
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +22,13 @@ import lightning as L
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench import count_flops, matmul_rate, sync, wall, write_results  # noqa: E402
+from experiments.common import ROOT
+from experiments.common import count_flops, matmul_rate, sync, wall, write_results
 
-from apm.data import APMDataModule, SKIMAGE_PHOTOS  # noqa: E402
-from apm.module import APMModule  # noqa: E402
-from apm.precision import autocast, default_precision  # noqa: E402
+from apm.data import APMDataModule, SKIMAGE_PHOTOS
+from apm.module import APMModule
+from apm.precision import autocast, default_precision
 
 
 class StepTimer(L.Callback):

@@ -2,7 +2,7 @@
 (blocks 2, 3) distilled into one student (``model.teachers``), against two one-teacher students of
 the same size, on two scikit-image photographs, all on the same clock.
 
-    python experiments/multi_teacher.py      # about 7 minutes on 2 CPU cores
+    python -m experiments.multi_teacher      # about 7 minutes on 2 CPU cores
 
 Both teachers have random weights (offline; DINOv2 with layer scale 1.0 so its blocks are not
 near-identity), at 224 px: DINOv2 on its 16x16 grid (width 384), MViTv2 on its 28x28 stride-8 grid
@@ -36,14 +36,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT))
 
-import bench  # noqa: E402
-from apm import metrics  # noqa: E402
-from apm.data import image_transform, skimage_photo  # noqa: E402
-from apm.module import APMModule  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench
+from apm import metrics
+from apm.data import image_transform, skimage_photo
+from apm.module import APMModule
 
 PHOTOS = ("astronaut", "coffee")
 DINO = {"name": "dinov2_small", "args": {"pretrained": False, "levels": [4, 8, 12],
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     pair = {k: cost["dinov2"][k] + cost["mvitv2"][k] for k in ("params", "train_step_flops", "dense_flops")}
     pair.update({k: round(cost["dinov2"][k] + cost["mvitv2"][k], 4) for k in ("train_step_s", "dense_s")})
     res = {
-        "command": "python experiments/multi_teacher.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.multi_teacher " + " ".join(argv if argv is not None else sys.argv[1:]),
         "env": bench.device_info(device), "threads": torch.get_num_threads(),
         "load_average_start": load_start, "photos": list(PHOTOS), "image": args.image,
         "teachers": [DINO, MVIT],

