@@ -27,6 +27,7 @@ import os
 import pickle
 import socket
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from apm.cache import json_normal, teacher_fingerprint
 from apm.errors import APMError, ConfigError
+from apm.precision import pick_device
 
 PRETRAINED_CONFIG, PRETRAINED_WEIGHTS = "config.json", "model.safetensors"
 PRETRAINED_FORMAT = "apm-student/1"
@@ -141,6 +143,12 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt_path", map_location: 
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise APMError(f"Setting {setting!r}: {p} is not a Lightning checkpoint (no 'state_dict').")
     return ckpt
+
+
+def saved_settings(path: str | Path, setting: str = "ckpt_path") -> dict[str, Any]:
+    """The model settings a checkpoint file was written with, read safely, in today's form."""
+    saved = read_checkpoint(path, setting).get("hyper_parameters") or {}
+    return {k: v for k, v in upgrade_settings(saved, complete=True).items() if not k.startswith("_")}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -341,3 +349,68 @@ def _brief(desc: dict | None) -> str:
     name = desc.get("model_name") or desc.get("class", "?")
     weights = f", weights {desc['weights_source']}" if desc.get("weights_source") else ""
     return f"{name} at {desc.get('image_size')} px with {len(levels)} levels{weights}"
+
+
+class Checkpointed:
+    """Mixed into ``APMModule``: its checkpoint hooks and the one way to load a student
+    (``from_checkpoint``). Uses its ``hparams``, ``student``, ``student_settings``,
+    ``_new_student`` and ``standardizer``."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["apm"] = apm_entry(self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        if self._trainer is not None and self.trainer.state.fn == "fit" and "optimizer_states" not in checkpoint:
+            raise ConfigError(
+                f"Setting '--ckpt_path': {path} holds a student's weights only (written by apm "
+                f"perceive or APM.save: no optimizer, scheduler or step), so a training run cannot "
+                f"be resumed from it. --ckpt_path takes a checkpoint of 'apm fit' (last.ckpt, "
+                f"best-*.ckpt); the fitted student itself loads in apm eval, islands, interpolate, "
+                f"perceive, classify and APM.from_pretrained.")
+        self._adopt_legacy_settings(checkpoint)
+        check_compatible(checkpoint, self, path, "ckpt_path")
+
+    def _adopt_legacy_settings(self, checkpoint: dict) -> None:
+        """Settings whose default changed: a checkpoint written before keeps its old value
+        (``apm.checkpoints.legacy_adoptions``); a student of another shape is rebuilt before the
+        weights are loaded (and before the optimizer exists)."""
+        from apm.students.registry import settings_record
+
+        settings = self.student_settings
+        adopt = {k: v for k, v in legacy_adoptions(checkpoint.get("hyper_parameters") or {}).items()
+                 if hasattr(settings, k) and getattr(settings, k) != v}
+        if adopt:
+            settings = replace(settings, **adopt)
+            self.hparams.student = settings_record(settings)
+            device = next(self.student.parameters()).device
+            self.student = self._new_student(settings, self.student.patch_size).to(device)
+
+    def restore(self, checkpoint: dict, path: str | Path | None = None, setting: str = "--ckpt",
+                legacy: bool = True) -> None:
+        """Load a checkpoint's student and statistics after checking that it holds the same
+        teacher and shapes (ConfigError naming ``setting`` otherwise). ``legacy``: first adopt the
+        settings a checkpoint from before they existed was trained with, as ``--ckpt_path`` does."""
+        if legacy:
+            self._adopt_legacy_settings(checkpoint)
+        check_compatible(checkpoint, self, path, setting)
+        self.load_state_dict(checkpoint["state_dict"])
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", setting: str = "--ckpt",
+                        trained: bool = False, **overrides: Any) -> "APMModule":
+        """The one way to load a student: a module in eval mode on ``map_location`` (``auto``:
+        CUDA when available) from a checkpoint of ``apm fit`` or ``apm perceive`` or a
+        ``save_pretrained`` folder, read without pickle, settings of earlier versions upgraded
+        (``apm.checkpoints``). ``overrides`` replace saved settings (a change of shape is refused
+        with ConfigError naming ``setting``); ``trained`` refuses a student saved before any
+        training step (no level statistics)."""
+        ckpt = read_student(path, setting)
+        saved = upgrade_settings(ckpt.get("hyper_parameters") or {}, complete=True)
+        hp = merge_settings(saved, upgrade_settings(overrides))
+        hp = {k: v for k, v in hp.items() if not k.startswith("_")}
+        module = cls(**{**hp, "compile": False, "feature_cache": None})
+        module.restore(ckpt, path, setting, legacy=False)  # built with the legacy settings already
+        if trained:
+            check_trained(module, path, setting)
+        return module.to(pick_device(map_location)).eval()

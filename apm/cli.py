@@ -85,23 +85,15 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             return super().instantiate_trainer(**kwargs)
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads the hyperparameters of a given checkpoint file here. Read them
-            # ourselves: an unsafe or broken file is one clear error, not a traceback, and the
-            # settings of earlier versions are upgraded.
-            from apm.checkpoints import read_checkpoint, upgrade_settings
+            # LightningCLI reads the settings of a given checkpoint file here; ours reads it safely
+            # (a broken file is one clear error, not a traceback) and upgrades earlier versions'.
+            from apm.checkpoints import saved_settings
 
             sub = self.config.get("subcommand")
             path = self.config[sub].get("ckpt_path") if sub else None
-            if not (path and Path(path).is_file()):
-                return
-            saved = read_checkpoint(path, "ckpt_path").get("hyper_parameters") or {}
-            hp = {k: v for k, v in upgrade_settings(saved, complete=True).items() if not k.startswith("_")}
+            hp = saved_settings(path, "ckpt_path") if path and Path(path).is_file() else {}
             if hp:
-                try:
-                    self.config = self.parser.parse_object({sub: {"model": hp}}, self.config)
-                except SystemExit:
-                    sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
-                    raise
+                self.config = self.parser.parse_object({sub: {"model": hp}}, self.config)
 
         def after_fit(self) -> None:
             cbs = self.trainer.checkpoint_callbacks

@@ -4,31 +4,28 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-from jsonargparse import lazy_instance, set_parsing_settings
 import torch
+from jsonargparse import lazy_instance, set_parsing_settings
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from apm import metrics
-from apm.checkpoints import apm_entry, check_compatible, check_trained, legacy_adoptions, merge_settings, read_student, upgrade_settings
+from apm.checkpoints import Checkpointed, upgrade_settings
 from apm.data import batch_images
+from apm.evaluation import Evaluation
 from apm.errors import ConfigError
 from apm.nonfinite import NonFiniteGuard
 from apm.meta import reptile_step
-from apm.precision import pick_device
 from apm.objective import QuerySampler, gather, warmup_cosine, weighted_mse
 from apm.standardize import LevelStandardizer
 from apm.targets import TeacherTargets
 from apm.students import RGB, APMSettings, Student, StudentSettings, create_student, student_settings
 from apm.students.registry import settings_record
 from teachers import Level
-from teachers.base import TEACHER_PRECISIONS, check_image_size, select_levels
+from teachers.base import TEACHER_PRECISIONS, check_image_size
 from teachers.multi import DEFAULT_TEACHER, build_teacher
 
 log = logging.getLogger(__name__)
@@ -68,7 +65,7 @@ def level_loss_weights(names: Sequence[str], rgb_weight: float,
     return [rgb_weight if n == RGB else weights.get(n, 1.0) for n in names]
 
 
-class APMModule(L.LightningModule):
+class APMModule(Evaluation, Checkpointed, L.LightningModule):
     """Distill a frozen teacher (or several) into an APM student, per (location, level).
 
     Args:
@@ -303,72 +300,7 @@ class APMModule(L.LightningModule):
                     p.grad = None
             self._skip_update = False
 
-    @torch.no_grad()
-    def evaluate(self, images: torch.Tensor, levels: Sequence[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Per level: cosine, centred cosine, R^2 (teacher's scale) and MSE (standardized), each (B,)."""
-        levels = select_levels(self.levels, levels)
-        feats = self.targets(images)
-        return self.fidelity([feats[i] for i in levels], self.predict_features(images, levels), levels)
-
-    def fidelity(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-                 levels: Sequence[int]) -> dict[str, dict[str, torch.Tensor]]:
-        """``evaluate``'s measures from features already computed: teacher and student (B, h, w, d)
-        on the teacher's scale, one of each per entry of ``levels``."""
-        out = {}
-        for i, t, p in zip(levels, teacher, student):
-            out[self.levels[i].name] = {
-                "cos": metrics.cosine(p, t),
-                "cos_centered": metrics.centered_cosine(p, t),
-                "r2": metrics.r2(p, t),
-                "mse": metrics.mse(self.standardizer.encode(i, p), self.standardizer.encode(i, t)),
-            }
-        return out
-
-    def validation_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                        batch_idx: int) -> None:
-        images = batch_images(batch)[0]
-        res = self.evaluate(images)
-        n = images.shape[0]
-        # sync_dist: under DDP every rank validates a shard; the epoch means cover all of them
-        # (and every rank's ModelCheckpoint sees the same val/loss).
-        for name, m in res.items():
-            self.log_dict({f"val/{k}_{name}": v.mean() for k, v in m.items()}, batch_size=n, sync_dist=True)
-        for k in ("cos", "r2", "mse"):
-            self.log(f"val/{k}_mean", torch.stack([m[k].mean() for m in res.values()]).mean(),
-                     batch_size=n, sync_dist=True)
-        w = torch.tensor(self.loss_weights, device=images.device)
-        loss = (torch.stack([m["mse"].mean() for m in res.values()]) * w).sum() / w.sum()
-        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-
-    # -- inference -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_features(self, images: torch.Tensor, levels: Sequence[int] | None = None,
-                         chunk: int | None = None) -> list[torch.Tensor]:
-        """The student's dense features on the teacher's scale, per level (B, h, w, d)."""
-        levels = select_levels(self.levels, levels)
-        preds = self.student.dense(images, levels, chunk)
-        return [self.standardizer.decode(i, p.float()) for i, p in zip(levels, preds)]
-
-    @torch.no_grad()
-    def query_features(self, level: int, coords: torch.Tensor, images: torch.Tensor | None = None,
-                       trigger: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
-        """Query the student and decode to the teacher's scale: one level at coordinates (N, 2) in
-        [0, 1], (B, N, d), for ``images`` (B, 3, H, W), or for trigger columns (B, ...) given
-        instead (``apm interpolate`` mixes two images'); ``chunk`` queries per pass."""
-        st = self.student
-        if trigger is None:
-            pred = st.query(images, level, coords, chunk)
-        else:
-            col = st.column_term(trigger)
-            pred = torch.cat([st.answer(col, level, st.position_term(c))
-                              for c in coords.split(chunk or len(coords))], dim=1)
-        return self.standardizer.decode(level, pred.float())
-
-    def predict_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                     batch_idx: int) -> list[torch.Tensor]:
-        return self.predict_features(batch_images(batch)[0])
-
-    # -- optimisation and checkpoints ------------------------------------------------------------
+    # -- optimisation ------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.student.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -379,60 +311,3 @@ class APMModule(L.LightningModule):
         schedule = partial(warmup_cosine, warmup=hp.warmup_steps, total=total, final=hp.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["apm"] = apm_entry(self)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        if self._trainer is not None and self.trainer.state.fn == "fit" and "optimizer_states" not in checkpoint:
-            raise ConfigError(
-                f"Setting '--ckpt_path': {path} holds a student's weights only (written by apm "
-                f"perceive or APM.save: no optimizer, scheduler or step), so a training run cannot "
-                f"be resumed from it. --ckpt_path takes a checkpoint of 'apm fit' (last.ckpt, "
-                f"best-*.ckpt); the fitted student itself loads in apm eval, islands, interpolate, "
-                f"perceive, classify and APM.from_pretrained.")
-        self._adopt_legacy_settings(checkpoint)
-        check_compatible(checkpoint, self, path, "ckpt_path")
-
-    def _adopt_legacy_settings(self, checkpoint: dict) -> None:
-        """Settings whose default changed: a checkpoint written before keeps its old value
-        (``apm.checkpoints.legacy_adoptions``); a student of another shape is rebuilt before the
-        weights are loaded (and before the optimizer exists)."""
-        settings = self.student_settings
-        adopt = {k: v for k, v in legacy_adoptions(checkpoint.get("hyper_parameters") or {}).items()
-                 if hasattr(settings, k) and getattr(settings, k) != v}
-        if adopt:
-            settings = replace(settings, **adopt)
-            self.hparams.student = settings_record(settings)
-            device = next(self.student.parameters()).device
-            self.student = self._new_student(settings, self.student.patch_size).to(device)
-
-    def restore(self, checkpoint: dict, path: str | Path | None = None, setting: str = "--ckpt",
-                legacy: bool = True) -> None:
-        """Load a checkpoint's student and statistics after checking that it holds the same
-        teacher and shapes (ConfigError naming ``setting`` otherwise). ``legacy``: first adopt the
-        settings a checkpoint from before they existed was trained with, as ``--ckpt_path`` does."""
-        if legacy:
-            self._adopt_legacy_settings(checkpoint)
-        check_compatible(checkpoint, self, path, setting)
-        self.load_state_dict(checkpoint["state_dict"])
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", setting: str = "--ckpt",
-                        trained: bool = False, **overrides: Any) -> "APMModule":
-        """The one way to load a student: a module in eval mode on ``map_location`` (``auto``:
-        CUDA when available) from a checkpoint of ``apm fit`` or ``apm perceive`` or a
-        ``save_pretrained`` folder, read without pickle, settings of earlier versions upgraded
-        (``apm.checkpoints``). ``overrides`` replace saved settings (a change of shape is refused
-        with ConfigError naming ``setting``); ``trained`` refuses a student saved before any
-        training step (no level statistics)."""
-        ckpt = read_student(path, setting)
-        saved = upgrade_settings(ckpt.get("hyper_parameters") or {}, complete=True)
-        hp = merge_settings(saved, upgrade_settings(overrides))
-        hp = {k: v for k, v in hp.items() if not k.startswith("_")}
-        module = cls(**{**hp, "compile": False, "feature_cache": None})
-        module.restore(ckpt, path, setting, legacy=False)  # built with the legacy settings already
-        if trained:
-            check_trained(module, path, setting)
-        return module.to(pick_device(map_location)).eval()
