@@ -225,15 +225,8 @@ class GLOMStudent(ColumnInput):
         patch_size: Kernel and stride of the patch embedding: one column per patch.
         pe_dim: Width of the 2-D sin-cos positional code (bottom input and top-down nets).
         pe_max_freq: Its highest frequency, in cycles per image side.
-        dim: Width D of every level's state.
-        hidden: Hidden width of the bottom-up and top-down nets.
-        iterations: T, the updates after the bottom-up pass (0: the bottom-up pass alone).
-        beta: Inverse temperature of the same-level attention.
-        window: Attention only within this many cells (Chebyshev); None = the whole grid.
-        agreement: Weight of the level above's similarities in a level's attention logits.
-        chunk: Attention rows per block (bounds memory at large grids).
-        every_iteration: Train on every iteration's readout, not only the last (``APMModule``).
-        attention, top_down: Ablations: False drops that term from the update.
+        glom: GLOM's own settings, the fields of ``GLOMSettings`` beyond the positional code's
+            (``dim``, ``hidden``, ``iterations``, ...), each with its default there.
     """
 
     entry = 1  # levels on one grid are asked at the same sampled locations (apm.objective)
