@@ -71,10 +71,11 @@ def upgrade_settings(hp: dict[str, Any], complete: bool = False) -> dict[str, An
     hp = dict(hp)
     student, glom = hp.pop("student", None), hp.pop("glom", None)
     flat = {k: hp.pop(k) for k in LEGACY_STUDENT_KEYS if k in hp}
-    if not isinstance(student, (str, type(None))):  # today's form (a record or a settings object)
+    if not isinstance(student, (str, type(None))):  # today's form; flat settings beside it win
         if flat or glom is not None:
-            raise ConfigError(f"Settings {sorted(flat) + (['glom'] if glom is not None else [])} are "
-                              f"the student's: give them inside 'model.student' (its init_args).")
+            record = settings_record(student_settings(student))
+            record["init_args"].update({**flat, **(glom or {})})
+            student = settings_record(student_settings(record))
         return {**hp, "student": student}
     if glom is not None and student not in (None, "glom"):
         raise ConfigError("Setting 'model.glom' is given but 'model.student' is 'apm'; set "

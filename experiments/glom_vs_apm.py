@@ -403,6 +403,15 @@ def people(args: argparse.Namespace, runs: dict, data: dict, fitted: dict, log) 
     return out
 
 
+def save(folder: Path, runs: dict, training: dict, log) -> None:
+    """Both trained students (``apm.checkpoints.write_student``) and their training record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, r in runs.items():
+        write_student(r["module"], folder / f"{kind}.ckpt", extra={"glom_vs_apm": training[kind]})
+    (folder / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+    log(f"saved the students under {folder}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -429,11 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         race(runs, tr["images"], tr["feats"], args.budget_s, args.turn, on_eval, log)
         training = {k: {x: r[x] for x in ("steps", "train_s", "curve")} for k, r in runs.items()}
     if args.save:
-        args.save.mkdir(parents=True, exist_ok=True)
-        for kind, r in runs.items():
-            write_student(r["module"], args.save / f"{kind}.ckpt", extra={"glom_vs_apm": training[kind]})
-        (args.save / "training.json").write_text(json.dumps(training, indent=1) + "\n")
-        log(f"saved the students under {args.save}")
+        save(args.save, runs, training, log)
     res: dict[str, Any] = {"training": training}
     res["train_fidelity"] = {k: scores(r["module"], ev_images, ev_feats) for k, r in runs.items()}
     log("train fidelity: " + json.dumps({k: v["mean"] for k, v in res["train_fidelity"].items()}))

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_start": load_start, "photos": list(PHOTOS), "image": args.image,
         "teachers": [DINO, MVIT],
         "student": {"hidden_dims": args.hidden, "pe_dim": 128, "level_dim": 32, "patch_size": 14,
-                    "level_entry": modules["joint"].hparams.level_entry, "queries_per_image": "all"},
+                    "level_entry": modules["joint"].student_settings.level_entry, "queries_per_image": "all"},
         "recipe": {"lr": LR, "warmup_steps": WARMUP, "min_lr_ratio": MIN_LR_RATIO,
                    "schedule": "cosine over each student's own training seconds"},
         "budget_s": T, "teacher_s": teacher_s, "spatial_variance_fraction": spread,
