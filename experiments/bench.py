@@ -53,7 +53,7 @@ from einops import rearrange
 from apm import metrics
 from apm.precision import autocast, default_precision
 from apm.students.apm import LEVEL_ENTRIES, APMSettings, APMStudent
-from experiments.common import (Memory, count_flops, device_info, matmul_rate, median_time, sync, wall,
+from experiments.common import (ROOT, Memory, count_flops, device_info, matmul_rate, median_time, sync, wall,
                                 write_results)
 from teachers import Level, create_teacher
 
@@ -366,6 +366,53 @@ def bench_fidelity(s: Settings, device: torch.device, precision: str, log) -> di
             "time_to_fidelity_vs_baseline_ratio": statistics.median(reached) if reached else None}
 
 
+def lockstep(runs: dict[str, tuple[Callable, Callable]], feats: list[torch.Tensor], s: Settings,
+             device: torch.device, log) -> dict[str, dict]:
+    """Train the recipes in lockstep (a few steps each in turn, so that load from elsewhere
+    slows both alike), each on its own clock, until each reaches the target or the budget."""
+    state = {k: {"seconds": None, "steps": 0, "train_s": 0.0, "curve": []} for k in runs}
+    while True:
+        live = [k for k, st in state.items() if st["seconds"] is None and st["train_s"] < s.fid_budget_s]
+        if not live:
+            break
+        for k in live:
+            step, predict = runs[k]
+            st = state[k]
+            for _ in range(s.fid_eval_every):
+                st["train_s"] += wall(step, device)
+                st["steps"] += 1
+            with torch.no_grad():
+                per_level = [float(metrics.r2(p, t).mean()) for p, t in zip(predict(), feats)]
+            r2 = sum(per_level) / len(per_level)
+            st["curve"].append((st["steps"], round(st["train_s"], 3), round(r2, 4),
+                                [round(v, 3) for v in per_level]))
+            if r2 >= s.fid_target:
+                st["seconds"] = st["train_s"]
+        log("  " + ", ".join(f"{k}: step {st['steps']} R^2 {st['curve'][-1][2]:.3f} "
+                             f"({st['train_s']:.1f} s)" for k, st in state.items()))
+    for st in state.values():
+        st["final_r2"] = st["curve"][-1][2]
+    return state
+
+
+def official_recipe(student: APMStudent, images: torch.Tensor, feats: list[torch.Tensor]
+                    ) -> tuple[Callable, Callable]:
+    """The official recipe's step and dense prediction: Adam 1e-4, fp32, every query every step,
+    MSE on the raw features."""
+    off_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    raw = [rearrange(f, "b h w d -> b (h w) d") for f in feats]
+    levels = list(range(len(raw)))
+
+    def official_step():
+        preds = official_forward(student, images, levels)
+        loss = torch.stack([F.mse_loss(p, t) for p, t in zip(preds, raw)]).sum()
+        off_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        off_opt.step()
+
+    return official_step, lambda: student.dense(images)
+
+
 def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: int = 0) -> dict:
     import lightning as L
     import yaml
@@ -381,33 +428,6 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
     def fresh_module(level_entry: str) -> APMModule:
         torch.manual_seed(seed)  # the same initial student for both recipes
         return APMModule(**{**recipe, "level_entry": level_entry}, image_size=s.fid_image).to(device)
-
-    def race(runs: dict[str, tuple[Callable, Callable]]) -> dict[str, dict]:
-        """Train the recipes in lockstep (a few steps each in turn, so that load from elsewhere
-        slows both alike), each on its own clock, until each reaches the target or the budget."""
-        state = {k: {"seconds": None, "steps": 0, "train_s": 0.0, "curve": []} for k in runs}
-        while True:
-            live = [k for k, st in state.items() if st["seconds"] is None and st["train_s"] < s.fid_budget_s]
-            if not live:
-                break
-            for k in live:
-                step, predict = runs[k]
-                st = state[k]
-                for _ in range(s.fid_eval_every):
-                    st["train_s"] += wall(step, device)
-                    st["steps"] += 1
-                with torch.no_grad():
-                    per_level = [float(metrics.r2(p, t).mean()) for p, t in zip(predict(), feats)]
-                r2 = sum(per_level) / len(per_level)
-                st["curve"].append((st["steps"], round(st["train_s"], 3), round(r2, 4),
-                                    [round(v, 3) for v in per_level]))
-                if r2 >= s.fid_target:
-                    st["seconds"] = st["train_s"]
-            log("  " + ", ".join(f"{k}: step {st['steps']} R^2 {st['curve'][-1][2]:.3f} "
-                                 f"({st['train_s']:.1f} s)" for k, st in state.items()))
-        for st in state.values():
-            st["final_r2"] = st["curve"][-1][2]
-        return state
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -436,21 +456,8 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
         contenders = {e: ours(e) for e in LEVEL_ENTRIES}
         feats = contenders[DEFAULT_LEVEL_ENTRY][2]
 
-        # official: Adam 1e-4, fp32, every query every step, MSE on the raw features
-        student = fresh_module("first").student  # the paper's design
-        off_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-        raw = [rearrange(f, "b h w d -> b (h w) d") for f in feats]
-        levels = list(range(len(raw)))
-
-        def official_step():
-            preds = official_forward(student, images, levels)
-            loss = torch.stack([F.mse_loss(p, t) for p, t in zip(preds, raw)]).sum()
-            off_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            off_opt.step()
-
-        res = race({**{e: c[:2] for e, c in contenders.items()},
-                    "official": (official_step, lambda: student.dense(images))})
+        official = official_recipe(fresh_module("first").student, images, feats)  # the paper's design
+        res = lockstep({**{e: c[:2] for e, c in contenders.items()}, "official": official}, feats, s, device, log)
         ours, official = res[DEFAULT_LEVEL_ENTRY], res["official"]
     reached = ours["seconds"] is not None and official["seconds"] is not None
     if ours["seconds"] is None:
@@ -517,25 +524,14 @@ def bench_islands(s: Settings, device: torch.device, log) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------
-def table(res: dict) -> str:
-    def f(x, fmt="{:.2f}"):
-        return "n/a" if x is None else fmt.format(x)
+def _fmt(x, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
 
-    tr, d, st, g, c, fi = (res[k] for k in ("train", "dense", "streaming", "gpu", "cache", "fidelity"))
+
+def inference_rows(d: dict, st: dict) -> list[str]:
+    """Table rows of parts 2 and 3: dense and streaming inference per size, and their growth."""
+    f = _fmt
     lines = [
-        f"device: {res['env']['device']} ({res['env']['cpu']}, {res['env']['threads']} threads"
-        + (f", {res['env']['gpu']}" if "gpu" in res["env"] else "") + f"), torch {res['env']['torch']}",
-        "",
-        "1. training throughput at the paper's configuration   ours       official   ratio",
-        f"   queries/s                                    {tr['queries_per_s_ours']:10.0f} "
-        f"{tr['queries_per_s_baseline']:10.0f}   {tr['train_speedup_vs_baseline_ratio']:.2f}x",
-        f"   images/s                                     {tr['images_per_s_ours']:10.3f} "
-        f"{tr['images_per_s_baseline']:10.3f}",
-        f"   GFLOP per step                               {tr['flops_per_step_ours'] / 1e9:10.0f} "
-        f"{tr['flops_per_step_baseline'] / 1e9:10.0f}   {tr['flops_ratio_baseline_over_ours']:.2f}x less work",
-        f"   precision: ours {tr['ours_precision']}, official {tr['baseline_precision']}; first "
-        f"layer = {100 * tr['first_layer_flop_share_baseline']:.1f}% of the official step's FLOPs",
-        "",
         "2./3. inference, 1 image, all locations and levels    (student = dense; stream = chunks of "
         f"{st['chunk']})",
         "   size  locs  student GFLOP  teacher GFLOP  student s  teacher s  stream s  "
@@ -561,6 +557,29 @@ def table(res: dict) -> str:
         f"   peak memory growth: streaming {f(st['streaming_memory_growth_ratio'])}x, teacher "
         f"{f(st['teacher_memory_growth_ratio'])}x, dense student {f(d['student_peak_bytes_growth'])}x"
         f"  ({d['memory_method']})",
+    ]
+    return lines
+
+
+def table(res: dict) -> str:
+    f = _fmt
+
+    tr, d, st, g, c, fi = (res[k] for k in ("train", "dense", "streaming", "gpu", "cache", "fidelity"))
+    lines = [
+        f"device: {res['env']['device']} ({res['env']['cpu']}, {res['env']['threads']} threads"
+        + (f", {res['env']['gpu']}" if "gpu" in res["env"] else "") + f"), torch {res['env']['torch']}",
+        "",
+        "1. training throughput at the paper's configuration   ours       official   ratio",
+        f"   queries/s                                    {tr['queries_per_s_ours']:10.0f} "
+        f"{tr['queries_per_s_baseline']:10.0f}   {tr['train_speedup_vs_baseline_ratio']:.2f}x",
+        f"   images/s                                     {tr['images_per_s_ours']:10.3f} "
+        f"{tr['images_per_s_baseline']:10.3f}",
+        f"   GFLOP per step                               {tr['flops_per_step_ours'] / 1e9:10.0f} "
+        f"{tr['flops_per_step_baseline'] / 1e9:10.0f}   {tr['flops_ratio_baseline_over_ours']:.2f}x less work",
+        f"   precision: ours {tr['ours_precision']}, official {tr['baseline_precision']}; first "
+        f"layer = {100 * tr['first_layer_flop_share_baseline']:.1f}% of the official step's FLOPs",
+        "",
+        *inference_rows(d, st),
         "",
         f"4. GPU: student step at {f(g['student_fraction_of_bf16_peak'], '{:.1%}')} of the measured "
         f"bf16 peak ({f(None if g['bf16_peak_flops'] is None else g['bf16_peak_flops'] / 1e12, '{:.0f}')}"
@@ -602,7 +621,15 @@ KEYS = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
 PARTS = ("train", "inference", "cache", "fidelity", "islands")
 
 
-def main(argv: list[str] | None = None) -> dict:
+# the headline figures, copied to the top of the results: (part, key)
+HEADLINES = (("train", "train_speedup_vs_baseline_ratio"), ("dense", "dense_flops_vs_teacher_ratio_448"),
+             ("fidelity", "time_to_fidelity_vs_baseline_ratio"), ("streaming", "streaming_memory_growth_ratio"),
+             ("gpu", "student_fraction_of_bf16_peak"), ("cache", "cache_epoch_speedup_ratio"),
+             ("islands", "islands_speedup_ratio"))
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Callable]:
+    """The command line, the settings it chooses, and its parser's ``error``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -627,6 +654,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not hasattr(s, k):
             p.error(f"--set: unknown setting {k!r}")
         setattr(s, k, json.loads(v))
+    return args, s, p.error
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, s, error = parse_args(argv)
     device = torch.device(args.device)
     precision = default_precision(device)
     t0 = time.perf_counter()
@@ -639,7 +671,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts = args.only or PARTS
     res: dict = json.loads(args.json.read_text()) if args.only else {}
     if args.only and res["env"]["device"] != device.type:
-        p.error(f"--only: {args.json} holds a {res['env']['device']} run; give --device {res['env']['device']}")
+        error(f"--only: {args.json} holds a {res['env']['device']} run; give --device {res['env']['device']}")
     res.setdefault("part_commands", {}).update({part: command for part in parts})
     res.update({"env": device_info(device), "settings": {**res.get("settings", {}), **asdict(s)},
                 "precision_default": precision, "command": res.get("command", command)})
@@ -664,13 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "islands" in parts:
         log("7. island-figure embedding")
         res["islands"] = bench_islands(s, device, log)
-    res["train_speedup_vs_baseline_ratio"] = res["train"]["train_speedup_vs_baseline_ratio"]
-    res["dense_flops_vs_teacher_ratio_448"] = res["dense"]["dense_flops_vs_teacher_ratio_448"]
-    res["time_to_fidelity_vs_baseline_ratio"] = res["fidelity"]["time_to_fidelity_vs_baseline_ratio"]
-    res["streaming_memory_growth_ratio"] = res["streaming"]["streaming_memory_growth_ratio"]
-    res["student_fraction_of_bf16_peak"] = res["gpu"]["student_fraction_of_bf16_peak"]
-    res["cache_epoch_speedup_ratio"] = res["cache"]["cache_epoch_speedup_ratio"]
-    res["islands_speedup_ratio"] = res["islands"]["islands_speedup_ratio"]
+    res.update({key: res[part][key] for part, key in HEADLINES})
     res["total_s" if not args.only else "only_s"] = time.perf_counter() - t0
     print()
     print(table(res))
