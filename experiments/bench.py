@@ -220,6 +220,21 @@ def all_queries(student: APMStudent) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[perm], coords[perm]
 
 
+def dense_runner(model: APMStudent, images: torch.Tensor, device: torch.device,
+                 precision: str) -> Callable[[], list[torch.Tensor]]:
+    """A call of the student's dense answers on ``images`` (no gradients, autocast as measured)."""
+    @torch.no_grad()
+    def run():
+        with autocast(device, precision):
+            return model.dense(images)
+    return run
+
+
+def _growth(key: str, table: list[dict]) -> float | None:
+    a, b = table[0][key], table[-1][key]
+    return None if a in (None, 0) or b is None else b / a
+
+
 def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memory, log) -> tuple[dict, dict]:
     rows, stream_rows = [], []
     for size in s.sizes:
@@ -230,11 +245,7 @@ def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memo
         ids, coords = ids.to(device), coords.to(device)
 
         def dense_of(model: APMStudent) -> Callable[[], list[torch.Tensor]]:
-            @torch.no_grad()
-            def run():
-                with autocast(device, precision):
-                    return model.dense(images)
-            return run
+            return dense_runner(model, images, device, precision)
 
         run_student = dense_of(student)
 
@@ -271,20 +282,16 @@ def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memo
         stream_rows.append(srow)
         teacher = student = students = None  # freed before the next size
 
-    def growth(key, table):
-        a, b = table[0][key], table[-1][key]
-        return None if a in (None, 0) or b is None else b / a
-
     at_448 = [r["dense_flops_vs_teacher_ratio"] for r in rows if r["image"] == 448]
     dense = {"sizes": rows, "memory_method": mem.method, "level_entry": DEFAULT_LEVEL_ENTRY,
              "dense_flops_vs_teacher_ratio_448": at_448[0] if at_448 else None,
              "location_growth": rows[-1]["locations"] / rows[0]["locations"],
-             **{f"{k}_growth": growth(k, rows) for k in
+             **{f"{k}_growth": _growth(k, rows) for k in
                 ("student_flops", "teacher_flops", "student_s", "teacher_s", "student_peak_bytes",
                  "teacher_peak_bytes")}}
     streaming = {"sizes": stream_rows, "chunk": s.stream_chunk, "memory_method": mem.method,
-                 "streaming_memory_growth_ratio": growth("peak_bytes", stream_rows),
-                 "teacher_memory_growth_ratio": growth("teacher_peak_bytes", rows)}
+                 "streaming_memory_growth_ratio": _growth("peak_bytes", stream_rows),
+                 "teacher_memory_growth_ratio": _growth("teacher_peak_bytes", rows)}
     return dense, streaming
 
 
