@@ -66,7 +66,7 @@ def upgrade_settings(hp: dict[str, Any], complete: bool = False) -> dict[str, An
     gets the value it was trained with (``LEGACY_DEFAULTS``). A partial ``hp`` (one config file
     of several) that names no student gives ``student`` its settings alone, for the student the
     other files choose. ConfigError naming the setting for a contradiction."""
-    from apm.students.registry import settings_class, settings_record, student_settings
+    from apm.students.registry import settings_record, student_settings
 
     hp = dict(hp)
     student, glom = hp.pop("student", None), hp.pop("glom", None)
@@ -94,7 +94,6 @@ def upgrade_settings(hp: dict[str, Any], complete: bool = False) -> dict[str, An
             glom_settings(glom)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"Setting 'model.glom': {e}.") from None
-    settings_class(name)  # ConfigError for an unknown name
     return {**hp, "student": settings_record(student_settings({"name": name, **given, **(glom or {})}))}
 
 

@@ -147,7 +147,10 @@ class APMModule(Evaluation, Checkpointed, L.LightningModule):
     ):
         super().__init__()
         given = "apm" if student is DEFAULT_STUDENT else student  # the old flat settings may be given
-        settings = student_settings(upgrade_settings({"student": given, **legacy})["student"])
+        upgraded = upgrade_settings({"student": given, **legacy})
+        if set(upgraded) != {"student"}:
+            raise TypeError(f"APMModule got unexpected keyword arguments {sorted(set(upgraded) - {'student'})}")
+        settings = student_settings(upgraded["student"])
         self.save_hyperparameters()
         for hp in (self._hparams, self._hparams_initial):  # the student's settings as one plain record
             for k in legacy:
@@ -178,7 +181,7 @@ class APMModule(Evaluation, Checkpointed, L.LightningModule):
         return student_settings(self.hparams.student)
 
     def _new_student(self, settings: StudentSettings, patch_size: int) -> Student:
-        s = {k: v for k, v in settings_record(settings)["init_args"].items()}
+        s = settings_record(settings)["init_args"]
         student = create_student(settings.name, self.levels, self.hparams.image_size, patch_size, **s)
         if self.hparams.compile:  # compiles __call__ in place: parameter names and checkpoints are unchanged
             student.compile(**({} if self.hparams.compile is True else {"backend": self.hparams.compile}))
