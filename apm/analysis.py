@@ -1,7 +1,7 @@
 """The analysis library behind ``apm islands``, ``apm eval``, ``apm interpolate`` and the
 ``IslandFigures`` callback: pure functions on modules, features and images (no argument parsing).
 
-Its inputs come from ``apm.loading``. Features and figures (``level_features``, ``island_figures``, ``teacher_figures``), scores (``island_scores``,
+Its inputs come from ``apm.data.read_images`` and ``APMModule.from_checkpoint``. Features and figures (``level_features``, ``island_figures``, ``teacher_figures``), scores (``island_scores``,
 ``summarize``, ``format_table``) and the trigger-column interpolation (``interpolate_features``,
 ``interpolation_strip``).
 """
@@ -17,7 +17,7 @@ from einops import rearrange
 
 from apm import islands
 from apm.offgrid import PREDICTORS
-from apm.student import RGB
+from apm.students.base import RGB
 from teachers.base import select_levels
 
 
@@ -144,11 +144,11 @@ def interpolate_features(module, image_a: torch.Tensor, image_b: torch.Tensor, s
     pair = torch.stack([image_a, image_b]).to(module.device)
     ta, tb = st.trigger(pair)
     alpha = torch.linspace(0, 1, steps, device=module.device)[:, None]
-    col = st.column_term((1 - alpha) * ta + alpha * tb)  # (steps, H1)
+    mixed = (1 - alpha) * ta + alpha * tb
     out = []
     for lvl in levels:
         h, w = module.levels[lvl].grid
-        pred = module.standardizer.decode(lvl, st.answer(col, lvl, st.position_term(st.coords(lvl))).float())
+        pred = module.query_features(lvl, st.coords(lvl), trigger=mixed)
         out.append(rearrange(pred, "s (h w) d -> s h w d", h=h, w=w))
     return out
 

@@ -50,16 +50,17 @@ class APM:
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto") -> "APM":
         """A trained student from a checkpoint of ``apm fit`` or ``apm perceive``, or a folder
         written by ``save_pretrained``."""
-        from apm.loading import load_student, pick_device
+        from apm.module import APMModule
 
-        return cls(load_student(path, device=pick_device(device)))
+        return cls(APMModule.from_checkpoint(path, device, trained=True))
 
     @classmethod
     def from_config(cls, *configs: str | Path, device: str | torch.device = "auto", **overrides: Any) -> "APM":
         """A fresh, untrained student of LightningCLI configs' teacher and student settings, read
         by LightningCLI's parser (later configs override earlier ones; ``overrides`` replace model
         settings), for ``perceive`` from scratch."""
-        from apm.loading import load_student, pick_device
+        from apm.cli import load_student
+        from apm.precision import pick_device
 
         return cls(load_student(configs=configs, device=pick_device(device), overrides=overrides))
 
@@ -95,8 +96,7 @@ class APM:
         by (its seed comes from that name, as in ``apm perceive``)."""
         from PIL import Image
 
-        from apm.loading import load_images
-        from apm.data import image_transform, to_rgb
+        from apm.data import image_transform, read_images, to_rgb
 
         tf = image_transform(self.image_size)
         if isinstance(image, torch.Tensor):
@@ -108,12 +108,12 @@ class APM:
                                   f"{tuple(image.shape)}.")
             return torch.stack([tf(i) for i in x.cpu()]).to(self.device), None
         if isinstance(image, (str, Path)):  # a file or skimage:NAME, read as the commands read them
-            loaded = load_images([str(image)], self.image_size, "image")
+            loaded = read_images([str(image)], self.image_size, "image")
             if len(loaded) != 1:
                 raise ConfigError(f"Image {str(image)!r} holds {len(loaded)} images; these methods take one "
                                   f"image, or several as a (B, 3, H, W) tensor (torch.cat of APM.prepare "
                                   f"of each).")
-            return loaded[0][1][None].to(self.device), loaded[0][0]
+            return loaded[0].image[None].to(self.device), loaded[0].name
         if isinstance(image, np.ndarray):
             pil = to_rgb(Image.fromarray(image))
         elif isinstance(image, Image.Image):
@@ -137,8 +137,7 @@ class APM:
         x = self.prepare(image)
         lvl = self._level(level)
         c = torch.as_tensor(coords, dtype=torch.float32, device=self.device).reshape(-1, 2)
-        pred = self.module.student.query(x, lvl, c, chunk)
-        return self._unbatch(image, self.module.standardizer.decode(lvl, pred.float()))
+        return self._unbatch(image, self.module.query_features(lvl, c, x, chunk=chunk))
 
     def features(self, image: ImageLike, level: str | int, size: int | tuple[int, int] | None = None,
                  chunk: int = 16384) -> torch.Tensor:
@@ -195,15 +194,15 @@ class APM:
     def save(self, path: str | Path) -> Path:
         """Write this student as a checkpoint file (weights only) that every ``apm`` tool and
         ``from_pretrained`` load."""
-        from apm.perceive import save_student
+        from apm.checkpoints import write_student
 
-        save_student(self.module, path)
+        write_student(self.module, path)
         return Path(path)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write this student as a folder: ``config.json`` (settings, the teacher by registered name,
         arguments and weights' source, the levels) and ``model.safetensors`` (weights and level
         statistics; no pickle). ``APM.from_pretrained(folder)`` and every ``apm`` tool load it."""
-        from apm.loading import save_pretrained
+        from apm.checkpoints import save_pretrained
 
         return save_pretrained(self.module, folder)

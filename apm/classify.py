@@ -281,10 +281,9 @@ def classify_folder(module, folder: LabelledFolder, classifier: torch.Tensor, re
     runs' included, in folder order) and the skipped images' messages."""
     from tqdm.auto import tqdm
 
-    from apm.data import image_transform, load_image
+    from apm.data import read_image
 
     size = int(module.hparams.image_size)
-    tf = image_transform(size)
     done = {line["image"]: line for line in read_log(log, "apm classify")}
     todo = [(folder.seed(p, seed), p, c) for p, c in folder.items if folder.image_id(p) not in done]
     if done and len(todo) < len(folder.items):
@@ -308,7 +307,7 @@ def classify_folder(module, folder: LabelledFolder, classifier: torch.Tensor, re
 
     for s, path, c in todo:
         try:
-            img = tf(load_image(path, size))
+            img = read_image(path, size)
         except UnreadableImageError as e:
             skip_log.record([(str(path), failure_reason(e, str(path)))])  # the one policy: named once
             skipped.append(str(e))

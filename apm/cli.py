@@ -4,10 +4,12 @@ and ``python -m apm ...``; plus the project's own tools registered in ``TOOLS``.
 from __future__ import annotations
 
 import importlib
+import json
 import netrc
 import os
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 # Extra subcommands: name -> "module:function" taking argv (list[str]); lazily imported.
 TOOLS: dict[str, str] = {
@@ -101,15 +103,15 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             return super().instantiate_trainer(**kwargs)
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads the hyperparameters of a given checkpoint file here: read it first
-            # ourselves, so that an unsafe or broken file is one clear error, not a traceback.
-            from apm.checkpoints import read_checkpoint
+            # LightningCLI reads the settings of a given checkpoint file here; ours reads it safely
+            # (a broken file is one clear error, not a traceback) and upgrades earlier versions'.
+            from apm.checkpoints import saved_settings
 
             sub = self.config.get("subcommand")
             path = self.config[sub].get("ckpt_path") if sub else None
-            if path and Path(path).is_file():
-                read_checkpoint(path, "ckpt_path")
-            super()._parse_ckpt_path()
+            hp = saved_settings(path, "ckpt_path") if path and Path(path).is_file() else {}
+            if hp:
+                self.config = self.parser.parse_object({sub: {"model": hp}}, self.config)
 
         def after_fit(self) -> None:
             cbs = self.trainer.checkpoint_callbacks
@@ -120,15 +122,101 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                         print(f"checkpoint ({kind}): {Path(path).resolve()}")
 
     # LightningCLI reads sys.argv when given no args, and warns when given both: hand it the
-    # arguments as the command line they are.
+    # arguments as the command line they are, with the settings of earlier versions upgraded.
     saved_argv = sys.argv
-    if args is not None:
-        sys.argv = [saved_argv[0] if saved_argv else "apm", *args]
+    args = upgrade_argv(sys.argv[1:] if args is None else list(args))
+    sys.argv = [saved_argv[0] if saved_argv else "apm", *args]
     try:
         return APMCLI(APMModule, APMDataModule, run=run, save_config_kwargs={"overwrite": True},
                       parser_kwargs={"description": "Distill a frozen teacher into an APM student."})
     finally:
         sys.argv = saved_argv
+
+
+def upgrade_argv(args: list[str]) -> list[str]:
+    """A command line whose config files and ``--model.*`` settings may be written for an earlier
+    version, in today's form (``apm.checkpoints.upgrade_settings``): a config file with old model
+    settings is handed on as its upgraded text; ``--model.hidden_dims X`` becomes
+    ``--model.student.hidden_dims X``, ``--model.student glom`` the settings class."""
+    from apm.checkpoints import LEGACY_STUDENT_KEYS
+
+    old = {*LEGACY_STUDENT_KEYS, "student", "glom"}
+    out, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if rest and (arg in ("-c", "--config") or arg.startswith("--model.") and arg[len("--model."):] in old):
+            out += _upgrade_pair(arg, rest.pop(0))
+        else:
+            out.append(arg)
+    return out
+
+
+def _upgrade_pair(arg: str, value: str) -> list[str]:
+    import yaml
+
+    from apm.checkpoints import LEGACY_STUDENT_KEYS, upgrade_settings
+
+    key = arg[len("--model."):]
+    if arg in ("-c", "--config"):
+        cfg = yaml.safe_load(Path(value).read_text()) if Path(value).is_file() else None
+        model = cfg.get("model") if isinstance(cfg, dict) else None
+        if isinstance(model, dict) and (set(model) & {*LEGACY_STUDENT_KEYS, "glom"}
+                                        or isinstance(model.get("student"), str)):
+            value = yaml.safe_dump({**cfg, "model": upgrade_settings(model)}, sort_keys=False)
+        return [arg, value]
+    if key == "student":
+        return [arg, upgrade_settings({"student": value})["student"]["class_path"]
+                if value in ("apm", "glom") else value]
+    if key == "glom":
+        return [a for k, v in (yaml.safe_load(value) or {}).items() for a in (f"--model.student.{k}", json.dumps(v))]
+    return [f"--model.student.{key}", value]
+
+
+def module_from_configs(configs: Sequence[str | Path], overrides: dict[str, Any] | None = None):
+    """A fresh APMModule from LightningCLI configs, parsed by LightningCLI itself (later files
+    override earlier ones; ``data.image_size`` feeds the model, as in ``apm fit``); ``overrides``
+    replace model settings (those of earlier versions upgraded)."""
+    from apm.checkpoints import upgrade_settings
+    from apm.errors import ConfigError
+
+    args: list[str] = []
+    for c in configs:
+        if not Path(c).is_file():
+            raise ConfigError(f"Setting '--config': {str(c)!r} is not a file; give a config such as "
+                              f"configs/apm.yaml.")
+        args += ["-c", str(c)]
+    settings = upgrade_settings({"compile": False, "feature_cache": None, **(overrides or {})})
+    for k, v in settings.items():
+        if k == "student" and "class_path" not in v:  # single settings of the configs' student
+            args += [a for sk, sv in v.items() for a in (f"--model.student.{sk}", json.dumps(sv))]
+        else:
+            args += [f"--model.{k}", json.dumps(v)]
+    args += ["--trainer.logger", "false", "--trainer.accelerator", "cpu"]
+    return build_cli(args, run=False).model
+
+
+def load_student(ckpt: str | Path | None = None, configs: Sequence[str | Path] | None = None,
+                 device: str = "cpu", trained: bool = True, overrides: dict[str, Any] | None = None,
+                 setting: str = "--ckpt"):
+    """An ``APMModule`` in eval mode on ``device`` for the tools: the student of ``ckpt``
+    (``APMModule.from_checkpoint``), checked against ``configs`` when both are given; or, from
+    ``configs`` alone, a fresh one. ``trained``: refuse a checkpoint saved before any training step
+    (no level statistics). ``overrides`` replace model settings."""
+    from apm.checkpoints import check_trained, read_student
+    from apm.errors import ConfigError
+    from apm.module import APMModule
+    from apm.precision import pick_device
+
+    if ckpt is None and not configs:
+        raise ConfigError("Give a trained student (--ckpt) or the configs of a fresh one (--config).")
+    if not configs:
+        return APMModule.from_checkpoint(ckpt, device, setting, trained, **(overrides or {}))
+    module = module_from_configs(configs, overrides)
+    if ckpt is not None:
+        module.restore(read_student(ckpt, setting), ckpt, setting)
+        if trained:
+            check_trained(module, ckpt, setting)
+    return module.to(pick_device(device)).eval()
 
 
 def show_teacher_log() -> None:

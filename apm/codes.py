@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -32,3 +33,9 @@ def sincos_2d(coords: torch.Tensor, dim: int, max_freq: float = 64.0) -> torch.T
     ang = 2 * math.pi * coords.float()[..., None] * freqs  # (N, 2, n)
     y, x = ang[..., 0, :], ang[..., 1, :]
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=-1)
+
+
+def nearest_cells(n: int, cells: int) -> np.ndarray:
+    """For each of ``n`` pixels along a side, the index of the grid cell (of ``cells`` along that
+    side) its centre falls in: a grid map's nearest-neighbour upsampling, one rounding for all."""
+    return np.minimum(((np.arange(n) + 0.5) * cells / n).astype(np.int64), cells - 1)

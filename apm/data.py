@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import lightning as L
 import numpy as np
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from apm.errors import ConfigError, UnreadableImageError
-from apm.skipping import SkipBadImages, SkipLog, SkippingDataLoader, first_readable
+from apm.skipping import SkipBadImages, SkipLog, SkippingDataLoader, failure_reason, first_readable
 from apm.skipping import log as skip_log
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -126,6 +126,94 @@ def load_image(path: str | Path, size: int | None = None, min_side: int = 1,
     return rgb
 
 
+def read_source(source: str | Path, size: int | None = None, min_side: int = 1,
+                max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """One image as RGB: a file given as a ``Path`` (``load_image``), or a photograph embedded in
+    scikit-image given by its name."""
+    if isinstance(source, Path):
+        return load_image(source, size, min_side, max_pixels)
+    return skimage_photo(source)
+
+
+def original_size(source: str | Path) -> tuple[int, int]:
+    """(rows, columns) of an image as ``read_source`` reads it at full scale (EXIF rotation
+    applied), from the file's header alone."""
+    if not isinstance(source, Path):
+        img = skimage_photo(source)
+        return img.height, img.width
+    with _own_size_limit(), Image.open(source) as img:
+        w, h = img.size
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations with a quarter turn
+    return (w, h) if turned else (h, w)
+
+
+def read_image(source: str | Path, image_size: int) -> torch.Tensor:
+    """One image as every tool feeds it to a student: (3, S, S) in [0, 1] (``read_source``, then
+    ``image_transform``); UnreadableImageError naming a file that cannot be used."""
+    return image_transform(image_size)(read_source(source, image_size))
+
+
+class Photo(NamedTuple):
+    """An image read by ``read_images``: its name, the image (3, S, S) in [0, 1] and its original
+    size (rows, columns) (``original_size``)."""
+
+    name: str
+    image: torch.Tensor
+    size: tuple[int, int]
+
+
+def read_images(specs: Sequence[str], image_size: int, setting: str = "--images", skip_bad: bool = False,
+                skipped: list[str] | None = None, draft: bool = True) -> list[Photo]:
+    """The one image reader of the tools, the API and the experiments: ``Photo`` s of image files,
+    folders (searched recursively) and ``skimage:NAME[,NAME...]`` (photographs embedded in
+    scikit-image), each as ``read_image`` makes it. A missing path or an unreadable file is an
+    error, or with ``skip_bad`` a warning naming it (its message appended to ``skipped``; a count at
+    the end); ConfigError when no image is left. Two files with one stem get distinct names.
+    ``draft``: a large JPEG decodes at a reduced scale that still covers ``image_size`` (fast;
+    False decodes every file at full scale)."""
+    skipped = [] if skipped is None else skipped
+    tf, out = image_transform(image_size), []
+
+    log = SkipLog()  # the one policy: each bad input named once, a count at the end
+
+    def bad(message: str, name: str | None = None, reason: str | None = None) -> None:
+        if not skip_bad:
+            raise ConfigError(message)
+        log.record([(name, reason)] if name else [(message, "")])
+        skipped.append(message)
+
+    for spec in specs:
+        sources = skimage_names(spec, setting) if spec.startswith("skimage:") else find_images(spec) if Path(spec).exists() else None
+        if sources is None:
+            bad(f"Setting {setting!r}: {spec!r} does not exist. Give image files, folders of images, "
+                f"or skimage:NAME for an embedded photograph.")
+        elif not sources:
+            bad(f"Setting {setting!r}: no image files under {spec!r}.")
+        for src in sources or []:
+            try:
+                pil = read_source(src, image_size if draft else None)
+                size = (pil.height, pil.width) if not draft or not isinstance(src, Path) else original_size(src)
+            except UnreadableImageError as e:
+                bad(f"Setting {setting!r}: {e}", str(src), failure_reason(e, str(src)))
+                continue
+            out.append(Photo(Path(src).stem, tf(pil), size))
+    log.summary(f"; {len(out)} image(s) loaded")
+    if not out:
+        raise ConfigError(f"Setting {setting!r}: no readable image among {list(specs)}.")
+    seen: dict[str, int] = {}
+    for k, p in enumerate(out):  # two files with one stem must not overwrite each other's figure
+        seen[p.name] = seen.get(p.name, 0) + 1
+        if seen[p.name] > 1:
+            out[k] = p._replace(name=f"{p.name}-{seen[p.name]}")
+    return out
+
+
+def load_images(specs: Sequence[str], image_size: int, setting: str = "--images",
+                skip_bad: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """``read_images`` as (name, image) pairs."""
+    return [(p.name, p.image) for p in read_images(specs, image_size, setting, skip_bad)]
+
+
 def find_images(root: str | Path) -> list[Path]:
     """Image files under ``root`` (recursive, sorted), by extension, case-insensitive."""
     root = Path(root)
@@ -178,10 +266,7 @@ class ImageDataset(Dataset):
 
     def load(self, i: int) -> Image.Image:
         """Image ``i`` as RGB; UnreadableImageError for a file that cannot be used."""
-        s = self.sources[i]
-        if isinstance(s, Path):
-            return load_image(s, self.image_size, self.min_side, self.max_pixels)
-        return skimage_photo(s)
+        return read_source(self.sources[i], self.image_size, self.min_side, self.max_pixels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.load(i)), i

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from apm.student import RGB
+from apm.codes import nearest_cells
+from apm.students.base import RGB
 
 METHODS = ("tsne", "pca")
 # Up to this many points per level, apm.tsne's exact t-SNE beats scikit-learn's Barnes-Hut on a
@@ -177,9 +178,7 @@ def island_agreement(teacher: torch.Tensor | np.ndarray, student: torch.Tensor |
 def upsample_nearest(rgb: np.ndarray, size: int) -> np.ndarray:
     """An (h, w, 3) map enlarged by nearest neighbour to (size, size, 3) (any h, w)."""
     h, w = rgb.shape[:2]
-    rows = np.minimum((np.arange(size) * h) // size, h - 1)
-    cols = np.minimum((np.arange(size) * w) // size, w - 1)
-    return rgb[rows][:, cols]
+    return rgb[nearest_cells(size, h)][:, nearest_cells(size, w)]
 
 
 def image_to_array(image: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -99,6 +99,21 @@ def moved_passes(features: Features, canvas: torch.Tensor, size: int,
     return out
 
 
+@torch.no_grad()
+def moved_targets(features: Features, images: torch.Tensor, patch: int
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Distillation toward the truth off the grid: per level, the features (B, h, w, d) of each
+    image moved by its own random offset of 0 to ``patch`` - 1 px (the frame's last pixels mirrored
+    past its edge), and the coordinates (B, h*w, 2) in the unmoved frame where those cells sit."""
+    size = images.shape[-1]
+    moves = torch.randint(0, patch, (images.shape[0], 2)).tolist()
+    canvas = pad_canvas(images, patch - 1)
+    feats = [f.float() for f in features(torch.stack([window(c, size, dy, dx) for c, (dy, dx) in zip(canvas, moves)]))]
+    points = [torch.stack([moved_coords(tuple(f.shape[1:3]), size, dy, dx, f.device) for dy, dx in moves])
+              for f in feats]
+    return feats, points
+
+
 def inside(grid: tuple[int, int], size: int, frame: int, offset: tuple[int, int],
            device: torch.device | None = None) -> torch.Tensor:
     """(h*w,) bool: the cells of a pass moved by ``offset`` whose pixels all lie within the

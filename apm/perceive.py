@@ -48,9 +48,9 @@ from teachers.base import Level, seeded, select_levels
 
 PROTOCOLS = ("ours", "official")
 INITS = ("trained", "fresh")
-# the parameters a per-image fit moves, by name prefix ("all": every one)
-MOVES = {"all": ("",), "heads": ("heads.",), "code": ("first.bias",), "code+heads": ("first.bias", "heads."),
-         "body": ("",)}  # body: every parameter but the heads
+# the parameters a per-image fit moves: the student's parts (``Student.parts``) each route moves
+MOVES = {"all": ("body", "heads"), "heads": ("heads",), "code": ("code",), "code+heads": ("code", "heads"),
+         "body": ("body",)}
 ROUTE = ("moves", "solve_heads", "ridge", "resolve_every", "passes")  # the FitRecipe fields that choose the route
 
 
@@ -168,7 +168,8 @@ class FitRecipe:
 @dataclass
 class Fitted:
     """One image's fitted student and its record (``seconds``: the fitting, from the teacher's
-    features to the last step; the teacher's forward is not counted)."""
+    features to the last step; ``teacher_seconds``: the teacher passes run for the batch, 0 when
+    its features were given; their sum is the whole fit)."""
 
     seed: int
     steps: int
@@ -179,11 +180,13 @@ class Fitted:
     curve: list[tuple[int, float]]
     params: dict[str, torch.Tensor] = field(repr=False)
     stats: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    teacher_seconds: float = 0.0
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready part: steps, seconds, whether the target was reached, R^2 per level."""
         mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
-        return {"steps": self.steps, "seconds": round(self.seconds, 4), "reached": self.reached,
+        return {"steps": self.steps, "seconds": round(self.seconds, 4),
+                "teacher_seconds": round(self.teacher_seconds, 4), "reached": self.reached,
                 "r2_mean_before": mean(self.r2_before), "r2_mean_after": mean(self.r2_after),
                 "r2_before": self.r2_before, "r2_after": self.r2_after, "curve": self.curve}
 
@@ -192,11 +195,13 @@ def moving_names(student: torch.nn.Module, moves: str) -> list[str]:
     """The names of ``student``'s parameters that ``moves`` (a key of ``MOVES``) fits per image;
     ConfigError when the student has none of them."""
     names = [n for n, _ in student.named_parameters()]
-    picked = [n for n in names if n.startswith(MOVES[moves]) and not (moves == "body" and n.startswith("heads."))]
+    parts = student.parts()
+    prefixes = tuple(p for part in MOVES[moves] for p in parts[part])
+    picked = [n for n in names if prefixes and n.startswith(prefixes)]
     if not picked:
         groups = ", ".join(sorted({n.split(".")[0] for n in names}))
-        raise ConfigError(f"Setting '--moves {moves}': this {type(student).__name__} has no parameter "
-                          f"named {' or '.join(MOVES[moves])}... (its parameters: {groups}). Use "
+        raise ConfigError(f"Setting '--moves {moves}': this {type(student).__name__} has no "
+                          f"{' or '.join(MOVES[moves])} parameters (its parameters: {groups}). Use "
                           f"'--moves all' or 'heads'.")
     return picked
 
@@ -455,13 +460,15 @@ def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe
 def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
     device = module.device
     images = images.to(device)
-    start = time.perf_counter()  # from the teacher's passes (when run here) to the last step
+    passes_start = time.perf_counter()
     points = None
     if recipe.passes > 1:
         features, points = moved_features(module, images, recipe.passes, features)
     elif features is None:
         with torch.no_grad():
             features = module.targets(images)
+    start = time.perf_counter()  # the fitting, without the teacher (``teacher_seconds``)
+    teacher_seconds = start - passes_start
     params, fit, stats = _start(module, images, seeds, recipe, features, points)
     opt = recipe.optimizer([p for p in params.values() if p.requires_grad],
                            0.0 if recipe.official else module.hparams.weight_decay)
@@ -490,7 +497,7 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
                         reached=mean >= recipe.target_r2, r2_before=dict(zip(names, before[i].tolist())),
                         r2_after=dict(zip(names, r2[j].tolist())), curve=curves[i],
                         params={n: p[j].detach().clone() for n, p in params.items()},
-                        stats=[(m[i], s[i]) for m, s in stats])
+                        stats=[(m[i], s[i]) for m, s in stats], teacher_seconds=teacher_seconds)
                     done.append(j)
             if done:
                 keep = torch.tensor([j for j in range(len(active)) if j not in done], dtype=torch.long)
@@ -575,18 +582,3 @@ def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: 
         out.append((before, fitted_module(module, fitted), rec))
     return out
 
-
-def save_student(module, path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``module`` as a checkpoint that ``APMModule.from_checkpoint`` and every ``apm`` tool
-    load (atomically; hyperparameters, weights, statistics, teacher identity; ``extra`` is stored
-    under ``"perceive"``)."""
-    import lightning
-
-    from apm.checkpoints import AtomicCheckpointIO
-
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
-    module.on_save_checkpoint(ckpt)
-    if extra:
-        ckpt["perceive"] = extra
-    AtomicCheckpointIO().save_checkpoint(ckpt, path)

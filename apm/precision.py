@@ -66,3 +66,15 @@ def autocast(device: str | torch.device, precision: str):
     if precision.startswith("16") and precision != "16-true":
         return torch.autocast(kind, dtype=torch.float16)
     return torch.autocast(kind, enabled=False)
+
+
+def pick_device(device: str | torch.device) -> torch.device:
+    """``auto`` = CUDA when available, else CPU; ConfigError for CUDA without a GPU."""
+    from apm.errors import ConfigError
+
+    device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("Setting '--device': CUDA is not available on this machine; use --device cpu.")
+    return torch.device(device)

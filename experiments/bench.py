@@ -1,6 +1,6 @@
 """Benchmark: what the APM student costs and saves, measured in one run on one device.
 
-    python experiments/bench.py --device cpu --json experiments/results/bench_cpu.json --quick
+    python -m experiments.bench --device cpu --json experiments/results/bench_cpu.json --quick
 
 Figures (keys of the JSON file; null where a figure does not apply to the device):
 
@@ -34,10 +34,8 @@ memory trimmed first) minus the resident size before the call.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -52,14 +50,14 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from apm import metrics
+from apm.precision import autocast, default_precision
+from apm.students.apm import LEVEL_ENTRIES, APMSettings, APMStudent
+from experiments.common import (ROOT, Memory, count_flops, device_info, matmul_rate, median_time, sync, wall,
+                                write_results)
+from teachers import Level, create_teacher
 
-from apm import metrics  # noqa: E402
-from apm.precision import autocast, default_precision  # noqa: E402
-from apm.module import DEFAULT_LEVEL_ENTRY  # noqa: E402
-from apm.student import LEVEL_ENTRIES, APMStudent  # noqa: E402
-from teachers import Level, create_teacher  # noqa: E402
+DEFAULT_LEVEL_ENTRY = APMSettings.level_entry
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -117,98 +115,6 @@ TINY = dict(paper_image=56, paper_hidden=[64, 64], paper_pe=16, paper_width=16, 
             cache_images=2, cache_epochs=2, cache_hidden=[32], fid_image=28, fid_levels=[1, 3],
             fid_hidden=[64, 64], fid_target=0.5, fid_eval_every=5, fid_budget_s=2.0, isl_image=56,
             isl_figure_levels=3, isl_levels_ours=1, isl_levels_sklearn=1)
-
-
-# -- measuring -----------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def wall(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
-
-
-def median_time(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        wall(fn, device)
-    return statistics.median(wall(fn, device) for _ in range(reps))
-
-
-def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(q, k, v)
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of ``fn`` by torch.utils.flop_counter, with CPU fused attention counted too."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    extra = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        extra[op] = _sdpa_flops
-    with FlopCounterMode(display=False, custom_mapping=extra) as fc:
-        fn()
-    return int(fc.get_total_flops())
-
-
-class Memory:
-    """Peak memory of a call above what was in use before it (bytes); None if not measurable."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.method = "cuda max_memory_allocated" if device.type == "cuda" else None
-        self._libc = None
-        if device.type == "cpu" and Path("/proc/self/clear_refs").exists():
-            try:
-                self._libc = ctypes.CDLL("libc.so.6")
-                self._reset_hwm()
-                # Fixed threshold: every large tensor is its own mapping, returned to the OS on free,
-                # so the resident size follows live tensors (glibc otherwise keeps freed ones).
-                self._libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-                self.method = "peak RSS (VmHWM after clear_refs) minus RSS before"
-            except OSError:
-                self._libc = None
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-    @staticmethod
-    def _reset_hwm() -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-    def peak(self, fn: Callable[[], object]) -> int | None:
-        if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            fn()
-            sync(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device) - before)
-        if self._libc is None:
-            return None
-        self._libc.malloc_trim(0)
-        self._reset_hwm()
-        before = self._status("VmRSS")
-        fn()
-        return int(self._status("VmHWM") - before)
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 3) -> float:
-    """Achieved FLOP/s of an n x n x n matmul."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = median_time(lambda: a @ b, device, reps)
-    return 2 * n**3 / t
 
 
 # -- the official forward (baseline) -------------------------------------------------------------
@@ -314,6 +220,21 @@ def all_queries(student: APMStudent) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[perm], coords[perm]
 
 
+def dense_runner(model: APMStudent, images: torch.Tensor, device: torch.device,
+                 precision: str) -> Callable[[], list[torch.Tensor]]:
+    """A call of the student's dense answers on ``images`` (no gradients, autocast as measured)."""
+    @torch.no_grad()
+    def run():
+        with autocast(device, precision):
+            return model.dense(images)
+    return run
+
+
+def _growth(key: str, table: list[dict]) -> float | None:
+    a, b = table[0][key], table[-1][key]
+    return None if a in (None, 0) or b is None else b / a
+
+
 def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memory, log) -> tuple[dict, dict]:
     rows, stream_rows = [], []
     for size in s.sizes:
@@ -324,11 +245,7 @@ def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memo
         ids, coords = ids.to(device), coords.to(device)
 
         def dense_of(model: APMStudent) -> Callable[[], list[torch.Tensor]]:
-            @torch.no_grad()
-            def run():
-                with autocast(device, precision):
-                    return model.dense(images)
-            return run
+            return dense_runner(model, images, device, precision)
 
         run_student = dense_of(student)
 
@@ -365,20 +282,16 @@ def bench_inference(s: Settings, device: torch.device, precision: str, mem: Memo
         stream_rows.append(srow)
         teacher = student = students = None  # freed before the next size
 
-    def growth(key, table):
-        a, b = table[0][key], table[-1][key]
-        return None if a in (None, 0) or b is None else b / a
-
     at_448 = [r["dense_flops_vs_teacher_ratio"] for r in rows if r["image"] == 448]
     dense = {"sizes": rows, "memory_method": mem.method, "level_entry": DEFAULT_LEVEL_ENTRY,
              "dense_flops_vs_teacher_ratio_448": at_448[0] if at_448 else None,
              "location_growth": rows[-1]["locations"] / rows[0]["locations"],
-             **{f"{k}_growth": growth(k, rows) for k in
+             **{f"{k}_growth": _growth(k, rows) for k in
                 ("student_flops", "teacher_flops", "student_s", "teacher_s", "student_peak_bytes",
                  "teacher_peak_bytes")}}
     streaming = {"sizes": stream_rows, "chunk": s.stream_chunk, "memory_method": mem.method,
-                 "streaming_memory_growth_ratio": growth("peak_bytes", stream_rows),
-                 "teacher_memory_growth_ratio": growth("teacher_peak_bytes", rows)}
+                 "streaming_memory_growth_ratio": _growth("peak_bytes", stream_rows),
+                 "teacher_memory_growth_ratio": _growth("teacher_peak_bytes", rows)}
     return dense, streaming
 
 
@@ -460,6 +373,53 @@ def bench_fidelity(s: Settings, device: torch.device, precision: str, log) -> di
             "time_to_fidelity_vs_baseline_ratio": statistics.median(reached) if reached else None}
 
 
+def lockstep(runs: dict[str, tuple[Callable, Callable]], feats: list[torch.Tensor], s: Settings,
+             device: torch.device, log) -> dict[str, dict]:
+    """Train the recipes in lockstep (a few steps each in turn, so that load from elsewhere
+    slows both alike), each on its own clock, until each reaches the target or the budget."""
+    state = {k: {"seconds": None, "steps": 0, "train_s": 0.0, "curve": []} for k in runs}
+    while True:
+        live = [k for k, st in state.items() if st["seconds"] is None and st["train_s"] < s.fid_budget_s]
+        if not live:
+            break
+        for k in live:
+            step, predict = runs[k]
+            st = state[k]
+            for _ in range(s.fid_eval_every):
+                st["train_s"] += wall(step, device)
+                st["steps"] += 1
+            with torch.no_grad():
+                per_level = [float(metrics.r2(p, t).mean()) for p, t in zip(predict(), feats)]
+            r2 = sum(per_level) / len(per_level)
+            st["curve"].append((st["steps"], round(st["train_s"], 3), round(r2, 4),
+                                [round(v, 3) for v in per_level]))
+            if r2 >= s.fid_target:
+                st["seconds"] = st["train_s"]
+        log("  " + ", ".join(f"{k}: step {st['steps']} R^2 {st['curve'][-1][2]:.3f} "
+                             f"({st['train_s']:.1f} s)" for k, st in state.items()))
+    for st in state.values():
+        st["final_r2"] = st["curve"][-1][2]
+    return state
+
+
+def official_recipe(student: APMStudent, images: torch.Tensor, feats: list[torch.Tensor]
+                    ) -> tuple[Callable, Callable]:
+    """The official recipe's step and dense prediction: Adam 1e-4, fp32, every query every step,
+    MSE on the raw features."""
+    off_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    raw = [rearrange(f, "b h w d -> b (h w) d") for f in feats]
+    levels = list(range(len(raw)))
+
+    def official_step():
+        preds = official_forward(student, images, levels)
+        loss = torch.stack([F.mse_loss(p, t) for p, t in zip(preds, raw)]).sum()
+        off_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        off_opt.step()
+
+    return official_step, lambda: student.dense(images)
+
+
 def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: int = 0) -> dict:
     import lightning as L
     import yaml
@@ -475,33 +435,6 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
     def fresh_module(level_entry: str) -> APMModule:
         torch.manual_seed(seed)  # the same initial student for both recipes
         return APMModule(**{**recipe, "level_entry": level_entry}, image_size=s.fid_image).to(device)
-
-    def race(runs: dict[str, tuple[Callable, Callable]]) -> dict[str, dict]:
-        """Train the recipes in lockstep (a few steps each in turn, so that load from elsewhere
-        slows both alike), each on its own clock, until each reaches the target or the budget."""
-        state = {k: {"seconds": None, "steps": 0, "train_s": 0.0, "curve": []} for k in runs}
-        while True:
-            live = [k for k, st in state.items() if st["seconds"] is None and st["train_s"] < s.fid_budget_s]
-            if not live:
-                break
-            for k in live:
-                step, predict = runs[k]
-                st = state[k]
-                for _ in range(s.fid_eval_every):
-                    st["train_s"] += wall(step, device)
-                    st["steps"] += 1
-                with torch.no_grad():
-                    per_level = [float(metrics.r2(p, t).mean()) for p, t in zip(predict(), feats)]
-                r2 = sum(per_level) / len(per_level)
-                st["curve"].append((st["steps"], round(st["train_s"], 3), round(r2, 4),
-                                    [round(v, 3) for v in per_level]))
-                if r2 >= s.fid_target:
-                    st["seconds"] = st["train_s"]
-            log("  " + ", ".join(f"{k}: step {st['steps']} R^2 {st['curve'][-1][2]:.3f} "
-                                 f"({st['train_s']:.1f} s)" for k, st in state.items()))
-        for st in state.values():
-            st["final_r2"] = st["curve"][-1][2]
-        return state
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -530,21 +463,8 @@ def fidelity_race(s: Settings, device: torch.device, precision: str, log, seed: 
         contenders = {e: ours(e) for e in LEVEL_ENTRIES}
         feats = contenders[DEFAULT_LEVEL_ENTRY][2]
 
-        # official: Adam 1e-4, fp32, every query every step, MSE on the raw features
-        student = fresh_module("first").student  # the paper's design
-        off_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-        raw = [rearrange(f, "b h w d -> b (h w) d") for f in feats]
-        levels = list(range(len(raw)))
-
-        def official_step():
-            preds = official_forward(student, images, levels)
-            loss = torch.stack([F.mse_loss(p, t) for p, t in zip(preds, raw)]).sum()
-            off_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            off_opt.step()
-
-        res = race({**{e: c[:2] for e, c in contenders.items()},
-                    "official": (official_step, lambda: student.dense(images))})
+        official = official_recipe(fresh_module("first").student, images, feats)  # the paper's design
+        res = lockstep({**{e: c[:2] for e, c in contenders.items()}, "official": official}, feats, s, device, log)
         ours, official = res[DEFAULT_LEVEL_ENTRY], res["official"]
     reached = ours["seconds"] is not None and official["seconds"] is not None
     if ours["seconds"] is None:
@@ -611,51 +531,14 @@ def bench_islands(s: Settings, device: torch.device, log) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------
-def write_results(path: Path, res: dict) -> None:
-    """Write an experiment's results as indented JSON (folders created) and say where."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {path}")
+def _fmt(x, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
 
 
-def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.+)", f.read())
-        info["cpu"] = m.group(1).strip() if m else info["cpu"]
-    except OSError:
-        pass
-    from apm.precision import cpu_has_bf16
-
-    info["cpu_bf16"] = cpu_has_bf16()
-    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def table(res: dict) -> str:
-    def f(x, fmt="{:.2f}"):
-        return "n/a" if x is None else fmt.format(x)
-
-    tr, d, st, g, c, fi = (res[k] for k in ("train", "dense", "streaming", "gpu", "cache", "fidelity"))
+def inference_rows(d: dict, st: dict) -> list[str]:
+    """Table rows of parts 2 and 3: dense and streaming inference per size, and their growth."""
+    f = _fmt
     lines = [
-        f"device: {res['env']['device']} ({res['env']['cpu']}, {res['env']['threads']} threads"
-        + (f", {res['env']['gpu']}" if "gpu" in res["env"] else "") + f"), torch {res['env']['torch']}",
-        "",
-        "1. training throughput at the paper's configuration   ours       official   ratio",
-        f"   queries/s                                    {tr['queries_per_s_ours']:10.0f} "
-        f"{tr['queries_per_s_baseline']:10.0f}   {tr['train_speedup_vs_baseline_ratio']:.2f}x",
-        f"   images/s                                     {tr['images_per_s_ours']:10.3f} "
-        f"{tr['images_per_s_baseline']:10.3f}",
-        f"   GFLOP per step                               {tr['flops_per_step_ours'] / 1e9:10.0f} "
-        f"{tr['flops_per_step_baseline'] / 1e9:10.0f}   {tr['flops_ratio_baseline_over_ours']:.2f}x less work",
-        f"   precision: ours {tr['ours_precision']}, official {tr['baseline_precision']}; first "
-        f"layer = {100 * tr['first_layer_flop_share_baseline']:.1f}% of the official step's FLOPs",
-        "",
         "2./3. inference, 1 image, all locations and levels    (student = dense; stream = chunks of "
         f"{st['chunk']})",
         "   size  locs  student GFLOP  teacher GFLOP  student s  teacher s  stream s  "
@@ -681,6 +564,29 @@ def table(res: dict) -> str:
         f"   peak memory growth: streaming {f(st['streaming_memory_growth_ratio'])}x, teacher "
         f"{f(st['teacher_memory_growth_ratio'])}x, dense student {f(d['student_peak_bytes_growth'])}x"
         f"  ({d['memory_method']})",
+    ]
+    return lines
+
+
+def table(res: dict) -> str:
+    f = _fmt
+
+    tr, d, st, g, c, fi = (res[k] for k in ("train", "dense", "streaming", "gpu", "cache", "fidelity"))
+    lines = [
+        f"device: {res['env']['device']} ({res['env']['cpu']}, {res['env']['threads']} threads"
+        + (f", {res['env']['gpu']}" if "gpu" in res["env"] else "") + f"), torch {res['env']['torch']}",
+        "",
+        "1. training throughput at the paper's configuration   ours       official   ratio",
+        f"   queries/s                                    {tr['queries_per_s_ours']:10.0f} "
+        f"{tr['queries_per_s_baseline']:10.0f}   {tr['train_speedup_vs_baseline_ratio']:.2f}x",
+        f"   images/s                                     {tr['images_per_s_ours']:10.3f} "
+        f"{tr['images_per_s_baseline']:10.3f}",
+        f"   GFLOP per step                               {tr['flops_per_step_ours'] / 1e9:10.0f} "
+        f"{tr['flops_per_step_baseline'] / 1e9:10.0f}   {tr['flops_ratio_baseline_over_ours']:.2f}x less work",
+        f"   precision: ours {tr['ours_precision']}, official {tr['baseline_precision']}; first "
+        f"layer = {100 * tr['first_layer_flop_share_baseline']:.1f}% of the official step's FLOPs",
+        "",
+        *inference_rows(d, st),
         "",
         f"4. GPU: student step at {f(g['student_fraction_of_bf16_peak'], '{:.1%}')} of the measured "
         f"bf16 peak ({f(None if g['bf16_peak_flops'] is None else g['bf16_peak_flops'] / 1e12, '{:.0f}')}"
@@ -722,7 +628,15 @@ KEYS = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
 PARTS = ("train", "inference", "cache", "fidelity", "islands")
 
 
-def main(argv: list[str] | None = None) -> dict:
+# the headline figures, copied to the top of the results: (part, key)
+HEADLINES = (("train", "train_speedup_vs_baseline_ratio"), ("dense", "dense_flops_vs_teacher_ratio_448"),
+             ("fidelity", "time_to_fidelity_vs_baseline_ratio"), ("streaming", "streaming_memory_growth_ratio"),
+             ("gpu", "student_fraction_of_bf16_peak"), ("cache", "cache_epoch_speedup_ratio"),
+             ("islands", "islands_speedup_ratio"))
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Callable]:
+    """The command line, the settings it chooses, and its parser's ``error``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -747,6 +661,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not hasattr(s, k):
             p.error(f"--set: unknown setting {k!r}")
         setattr(s, k, json.loads(v))
+    return args, s, p.error
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, s, error = parse_args(argv)
     device = torch.device(args.device)
     precision = default_precision(device)
     t0 = time.perf_counter()
@@ -755,11 +674,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
     mem = Memory(device)  # first: pins the allocator before anything large is allocated
-    command = "python experiments/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = args.only or PARTS
     res: dict = json.loads(args.json.read_text()) if args.only else {}
     if args.only and res["env"]["device"] != device.type:
-        p.error(f"--only: {args.json} holds a {res['env']['device']} run; give --device {res['env']['device']}")
+        error(f"--only: {args.json} holds a {res['env']['device']} run; give --device {res['env']['device']}")
     res.setdefault("part_commands", {}).update({part: command for part in parts})
     res.update({"env": device_info(device), "settings": {**res.get("settings", {}), **asdict(s)},
                 "precision_default": precision, "command": res.get("command", command)})
@@ -784,13 +703,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "islands" in parts:
         log("7. island-figure embedding")
         res["islands"] = bench_islands(s, device, log)
-    res["train_speedup_vs_baseline_ratio"] = res["train"]["train_speedup_vs_baseline_ratio"]
-    res["dense_flops_vs_teacher_ratio_448"] = res["dense"]["dense_flops_vs_teacher_ratio_448"]
-    res["time_to_fidelity_vs_baseline_ratio"] = res["fidelity"]["time_to_fidelity_vs_baseline_ratio"]
-    res["streaming_memory_growth_ratio"] = res["streaming"]["streaming_memory_growth_ratio"]
-    res["student_fraction_of_bf16_peak"] = res["gpu"]["student_fraction_of_bf16_peak"]
-    res["cache_epoch_speedup_ratio"] = res["cache"]["cache_epoch_speedup_ratio"]
-    res["islands_speedup_ratio"] = res["islands"]["islands_speedup_ratio"]
+    res.update({key: res[part][key] for part, key in HEADLINES})
     res["total_s" if not args.only else "only_s"] = time.perf_counter() - t0
     print()
     print(table(res))

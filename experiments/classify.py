@@ -18,14 +18,13 @@ Random weights make accuracy chance; what is measured is cost and agreement (doe
 zero-shot answer equal the teacher's), which carry over to pretrained weights only as a check of
 the machinery, not of the paper's numbers.
 
-    python experiments/classify.py --json experiments/results/classify_cpu.json
+    python -m experiments.classify --json experiments/results/classify_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections import Counter
 import time
@@ -33,14 +32,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import bench  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench, common
 
-from apm.cli import main as apm  # noqa: E402
-from apm.data import skimage_photo  # noqa: E402
+from apm.cli import main as apm
+from apm.data import skimage_photo
 
 CLASSES = {"astronaut": "astronaut", "cat": "chelsea", "coffee mug": "coffee", "rocket": "rocket",
            "motorcycle": "stereo_motorcycle", "coins": "coins", "moon": "moon", "clock": "clock"}
@@ -70,14 +67,7 @@ def distill(out: Path, steps: int) -> tuple[Path, float]:
     ckpt, record = out / "checkpoints" / "last.ckpt", out / "seconds.json"
     if ckpt.is_file() and record.is_file():
         return ckpt, json.loads(record.read_text())["seconds"]
-    start = time.perf_counter()
-    assert apm(["fit", "-c", CONFIGS[0], "-c", CONFIGS[1], "--data.images", TRAIN,
-                "--data.val_fraction", "0", "--trainer.max_steps", str(steps),
-                "--trainer.default_root_dir", str(out), "--trainer.logger", "false",
-                "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-                "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0",
-                "--trainer.enable_progress_bar", "false"]) == 0
-    seconds = time.perf_counter() - start
+    seconds = common.distill(out, CONFIGS, "--data.images", TRAIN, "--trainer.max_steps", str(steps)).seconds
     record.write_text(json.dumps({"seconds": seconds}))
     return ckpt, seconds
 

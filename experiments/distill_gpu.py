@@ -1,6 +1,6 @@
 """A real-size distillation on a GPU for a fixed time, and what it achieved.
 
-    python experiments/distill_gpu.py --images /path/to/photos --minutes 5 --json out.json
+    python -m experiments.distill_gpu --images /path/to/photos --minutes 5 --json out.json
 
 DINOv2-base architecture (random weights with layer scale 1.0, so that every block changes the
 features; no download needed), 448 px, every block + rgb (13 levels), the default student and
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +22,13 @@ import lightning as L
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench import count_flops, matmul_rate, sync, wall, write_results  # noqa: E402
+from experiments.common import ROOT
+from experiments.common import count_flops, matmul_rate, sync, wall, write_results
 
-from apm.data import APMDataModule, SKIMAGE_PHOTOS  # noqa: E402
-from apm.module import APMModule  # noqa: E402
-from apm.precision import autocast, default_precision  # noqa: E402
+from apm.data import APMDataModule, SKIMAGE_PHOTOS
+from apm.module import APMModule
+from apm.precision import autocast, default_precision
 
 
 class StepTimer(L.Callback):
@@ -60,6 +57,44 @@ def photo_folder(tmp: Path) -> Path:
     return tmp
 
 
+def run_settings(recipe: dict, tiny: bool, error) -> tuple[dict, dict]:
+    """configs/apm.yaml's model and data settings with this run's teacher (DINOv2-base with random
+    weights, or with ``tiny`` the tiny one and a small student on the CPU)."""
+    m, d = recipe["model"], recipe["data"]
+    m.update(teacher="dinov2_base", teacher_args={"pretrained": False,
+                                                  "config_overrides": {"layerscale_value": 1.0}})
+    if tiny:
+        m.update(teacher="dinov2_tiny", teacher_args={"pretrained": False}, hidden_dims=[32],
+                 stats_images=4)
+        d.update(image_size=56, batch_size=2)
+    elif not torch.cuda.is_available():
+        error("needs a CUDA GPU (or --tiny)")
+    return m, d
+
+
+def student_flops(model, batch: torch.Tensor, device: torch.device, precision: str) -> int:
+    """The student's own FLOPs of one training step: forward and backward, no teacher."""
+    def student_step():
+        with autocast(device, precision):
+            locs = model.sample_locations(batch.shape[0], device)
+            preds = model.student(batch, locs)
+        sum(p.float().square().mean() for p in preds).backward()
+
+    return count_flops(student_step)
+
+
+def after_training(model, batch: torch.Tensor, device: torch.device, tmp: Path) -> tuple[float, float, dict]:
+    """The teacher's forward time on the batch, the time of one island figure, and the trained
+    student's fidelity on two images of the batch."""
+    from apm.analysis import island_figures
+
+    with torch.no_grad():
+        teacher_t = statistics.median([wall(lambda: model.teacher(batch), device) for _ in range(5)])
+    t0 = time.perf_counter()
+    island_figures(model, batch[:1], ["figure"], tmp / "islands")
+    return teacher_t, time.perf_counter() - t0, model.evaluate(batch[:2])
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=Path, default=None, help="folder of photographs (default: scikit-image's)")
@@ -70,15 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a tiny teacher and student on the CPU (tests)")
     a = p.parse_args(argv)
     recipe = yaml.safe_load((ROOT / "configs" / "apm.yaml").read_text())
-    m, d = recipe["model"], recipe["data"]
-    m.update(teacher="dinov2_base", teacher_args={"pretrained": False,
-                                                  "config_overrides": {"layerscale_value": 1.0}})
-    if a.tiny:
-        m.update(teacher="dinov2_tiny", teacher_args={"pretrained": False}, hidden_dims=[32],
-                 stats_images=4)
-        d.update(image_size=56, batch_size=2)
-    elif not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (or --tiny)")
+    m, d = run_settings(recipe, a.tiny, p.error)
     device = torch.device("cpu" if a.tiny else "cuda")
     precision = default_precision(device)
     tmp = Path(tempfile.mkdtemp())
@@ -103,27 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     batch = next(iter(data.train_dataloader()))
     batch = batch.to(device) if isinstance(batch, torch.Tensor) else batch[0].to(device)
-    def student_step():  # the student's own FLOPs: forward and backward, no teacher
-        with autocast(device, precision):
-            locs = model.sample_locations(batch.shape[0], device)
-            preds = model.student(batch, locs)
-        sum(p.float().square().mean() for p in preds).backward()
-
-    flops = count_flops(student_step)
+    flops = student_flops(model, batch, device, precision)
     step_s = statistics.median(timer.times)
     peak = matmul_rate(device, torch.bfloat16, 256 if a.tiny else 8192, reps=5)
     queries = d["batch_size"] * m["queries_per_image"]
-    model.eval()
-    with torch.no_grad():
-        images_a = batch[:1]
-        teacher_t = statistics.median(
-            [wall(lambda: model.teacher(batch), device) for _ in range(5)])
-    from apm.analysis import island_figures
-
-    t0 = time.perf_counter()
-    island_figures(model, images_a, ["figure"], tmp / "islands")
-    figure_s = time.perf_counter() - t0
-    val = model.evaluate(batch[:2])
+    teacher_t, figure_s, val = after_training(model.eval(), batch, device, tmp)
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "precision": precision, "teacher": f"{m['teacher']} (random weights)",

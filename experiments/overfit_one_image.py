@@ -5,9 +5,9 @@ step. At several iteration counts the script saves the island figure (input | te
 and measures fidelity and island agreement per level (``apm.analysis.island_scores``); at the end it
 draws the loss curve and writes every number to a JSON file.
 
-    python experiments/overfit_one_image.py                       # tiny random DINOv2, offline
-    python experiments/overfit_one_image.py --image skimage:coffee --steps 50 200 800
-    python experiments/overfit_one_image.py --teacher dinov2_small --teacher-args '{"pretrained": true}' \
+    python -m experiments.overfit_one_image                       # tiny random DINOv2, offline
+    python -m experiments.overfit_one_image --image skimage:coffee --steps 50 200 800
+    python -m experiments.overfit_one_image --teacher dinov2_small --teacher-args '{"pretrained": true}' \
         --image-size 448 --hidden-dims 1024 1024 1024 1024 --device cuda
 """
 
@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
 
-from apm.analysis import island_figures, island_scores, summarize  # noqa: E402
-from apm.loading import load_images  # noqa: E402
-from apm.module import APMModule  # noqa: E402
+from experiments.common import ROOT
+from apm.analysis import island_figures, island_scores, summarize
+from apm.data import load_images
+from apm.module import APMModule
 
 
 class Repeat(Dataset):
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_curve(res["loss"], sorted(set(a.steps)), a.out / "loss.png")
     res.update(figures=sorted(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
                               for p in a.out.glob("*.png")))
-    from bench import write_results  # experiments/ is on the path when this runs as a script
+    from experiments.common import write_results
 
     write_results(a.json, res)
     for step, summ in res["steps"].items():

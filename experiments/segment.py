@@ -14,7 +14,7 @@ parse-tree figure. 224-px centre crops (16x16 grid).
         --model.stats_images 32 --model.feature_cache runs/segment_bsds224/cache \\
         --trainer.max_time 00:00:15:00 --trainer.max_steps 1000000 --trainer.accelerator cpu \\
         --trainer.check_val_every_n_epoch 100000 --trainer.default_root_dir runs/segment_bsds224_h512 ...
-    OMP_NUM_THREADS=1 python experiments/segment.py --ckpt runs/segment_bsds224_h512/checkpoints/last.ckpt
+    OMP_NUM_THREADS=1 python -m experiments.segment --ckpt runs/segment_bsds224_h512/checkpoints/last.ckpt
 
 Writes ``experiments/results/segment_real_cpu.json`` (the summary), and under
 ``experiments/results/segment/`` the per-image scores (``per_image.json``) and the figures.
@@ -25,22 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import bench  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench
 
-from apm import segment  # noqa: E402
-from apm.loading import load_student  # noqa: E402
-from apm.data import find_images  # noqa: E402
-from apm.perceive import FitRecipe  # noqa: E402
+from apm import segment
+from apm.cli import load_student
+from apm.data import find_images
+from apm.perceive import FitRecipe
 
 DATA = Path(os.environ.get("BSDS500", "bsds500"))  # a folder with images/ and groundTruth/
 PUBLISHED = {  # BSDS500 test set, Arbelaez et al., TPAMI 2011, Table 2 (region measures)

@@ -10,7 +10,7 @@ measures of ``apm eval`` (R^2 per level, k-means ARI) on held-out photographs an
 - ``wider``: the MLP twice as wide;
 - ``more_images``: four times the training photographs.
 
-    python experiments/unseen_fidelity.py --images FOLDER --json experiments/results/unseen_fidelity_cpu.json
+    python -m experiments.unseen_fidelity --images FOLDER --json experiments/results/unseen_fidelity_cpu.json
 """
 
 from __future__ import annotations
@@ -25,32 +25,24 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
-import bench  # noqa: E402
+from experiments.common import ROOT
+from experiments import bench, common
 
-from apm.analysis import island_scores  # noqa: E402
-from apm.loading import load_student  # noqa: E402
-from apm.cli import build_cli  # noqa: E402
-from apm.data import find_images, image_transform, load_image  # noqa: E402
+from apm.analysis import island_scores
+from apm.cli import load_student
+from apm.data import find_images, read_image
 
 TEACHER_ARGS = {"pretrained": False, "config_overrides": {"layerscale_value": 1.0}}
 
 
 def distill(train_dir: Path, out: Path, steps: int, hidden: list[int], extra: list[str]) -> tuple[Path, float]:
-    args = ["fit", "-c", str(ROOT / "configs" / "apm.yaml"),
-            "--data.images", str(train_dir), "--data.image_size", "224", "--data.val_fraction", "0",
-            "--data.num_workers", "0", "--model.teacher", "dinov2_small",
-            "--model.teacher_args", json.dumps(TEACHER_ARGS), "--model.hidden_dims", json.dumps(hidden),
-            "--model.warmup_steps", "50", "--trainer.max_steps", str(steps), "--trainer.accelerator", "cpu",
-            "--trainer.check_val_every_n_epoch", "100000",
-            "--trainer.logger", "false", "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0",
-            "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false", *extra]
-    t = time.perf_counter()
-    cli = build_cli(args)
-    return Path(cli.trainer.checkpoint_callback.last_model_path), time.perf_counter() - t
+    run = common.distill(out, [ROOT / "configs" / "apm.yaml"], "--data.images", str(train_dir),
+                         "--data.image_size", "224", "--data.num_workers", "0", "--model.teacher", "dinov2_small",
+                         "--model.teacher_args", json.dumps(TEACHER_ARGS), "--model.student.hidden_dims",
+                         json.dumps(hidden), "--model.warmup_steps", "50", "--trainer.max_steps", str(steps),
+                         "--trainer.accelerator", "cpu", *extra)
+    return run.ckpt, run.seconds
 
 
 def score(ckpt: Path, images: list[tuple[str, torch.Tensor]]) -> dict:
@@ -79,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     files = [files[i] for i in order]
     unseen, pool = files[-a.unseen:], files[: -a.unseen]
     work = Path(tempfile.mkdtemp(prefix="apm_unseen_"))
-    tf = image_transform(224)
-    held_out = [(f.stem, tf(load_image(f, 224))) for f in unseen]
+    held_out = [(f.stem, read_image(f, 224)) for f in unseen]
     variants = {
         "baseline": (a.train, a.hidden, []),
         "filters8": (a.train, a.hidden, ["--model.column_filters", "8"]),
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             for f in pool[:n_train]:
                 (train_dir / f.name).symlink_to(f.resolve())
         ckpt, seconds = distill(train_dir, work / name, a.steps, hidden, extra)
-        seen = [(f.stem, tf(load_image(f, 224))) for f in pool[: min(8, n_train)]]
+        seen = [(f.stem, read_image(f, 224)) for f in pool[: min(8, n_train)]]
         results[name] = {"train_images": n_train, "hidden_dims": hidden, "settings": extra,
                          "train_seconds": round(seconds, 1), "unseen": score(ckpt, held_out),
                          "seen": score(ckpt, seen)}
@@ -105,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.perf_counter() - t0:7.1f} s] {name:12s} unseen R^2 {r['unseen']['r2_mean']:.3f} "
               f"ARI {r['unseen']['ari_mean']:.3f} | training photos R^2 {r['seen']['r2_mean']:.3f} "
               f"({seconds:.0f} s)", flush=True)
-    res = {"command": "python experiments/unseen_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    res = {"command": "python -m experiments.unseen_fidelity " + " ".join(argv if argv is not None else sys.argv[1:]),
            "env": bench.device_info(torch.device("cpu")), "teacher": "dinov2_small", "teacher_args": TEACHER_ARGS,
            "image_size": 224, "steps": a.steps, "unseen_images": [n for n, _ in held_out], "variants": results}
     bench.write_results(a.json, res)

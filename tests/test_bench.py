@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 TOP = ("train_speedup_vs_baseline_ratio", "time_to_fidelity_vs_baseline_ratio",
        "streaming_memory_growth_ratio", "student_fraction_of_bf16_peak", "cache_epoch_speedup_ratio",
@@ -33,9 +35,9 @@ def vit_flops(size: int, width: int = 32, blocks: int = 3, mlp_ratio: int = 2, p
 @pytest.mark.slow
 def test_bench_tiny_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--device", "cpu",
+    run = subprocess.run([sys.executable, "-m", "experiments.bench", "--device", "cpu",
                           "--tiny", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env=RUN_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "1. training throughput" in run.stdout and "6. time to mean R^2" in run.stdout  # the table
     res = json.loads(out.read_text())
@@ -66,12 +68,12 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     assert "7. island figure" in run.stdout
     assert isl["level_s_ours"] > 0 and isl["level_s_sklearn"] > 0
     assert 0.5 < isl["trustworthiness_ours"] <= 1 and 0.5 < isl["trustworthiness_sklearn"] <= 1
-    assert res["env"]["torch"] and res["command"].startswith("python experiments/bench.py")
+    assert res["env"]["torch"] and res["command"].startswith("python -m experiments.bench")
 
     # --only re-measures one part in place and keeps the others as they were
-    again = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--device", "cpu",
+    again = subprocess.run([sys.executable, "-m", "experiments.bench", "--device", "cpu",
                             "--tiny", "--json", str(out), "--only", "islands"], capture_output=True,
-                           text=True, timeout=300, cwd=tmp_path)
+                           text=True, timeout=300, cwd=tmp_path, env=RUN_ENV)
     assert again.returncode == 0, again.stderr[-3000:]
     updated = json.loads(out.read_text())
     assert updated["train"] == res["train"] and updated["fidelity"] == res["fidelity"]
@@ -79,7 +81,7 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     assert "7. island-figure embedding" in ran and "1. training throughput" not in ran  # that part alone
     assert updated["part_commands"]["islands"].endswith("--only islands")
     assert updated["part_commands"]["train"] == res["command"]
-    missing = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--device", "cpu",
+    missing = subprocess.run([sys.executable, "-m", "experiments.bench", "--device", "cpu",
                               "--tiny", "--json", str(tmp_path / "none.json"), "--only", "islands"],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=RUN_ENV)
     assert missing.returncode == 2 and "run the whole benchmark once first" in missing.stderr

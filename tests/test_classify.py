@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apm.loading import load_student
+from apm.cli import load_student
 from apm.classify import (classification_recipe, classify_batch, read_class_names, scan_folder,
                           summarize)
 from apm.cli import main
@@ -289,7 +289,7 @@ def test_warm_start_from_a_distilled_clip_student(distilled, tmp_path):
     statistics have a large mean (random CLIP embeddings share a direction), so a readout that
     skipped decoding would answer differently; the recorded answers equal the fitted student's
     through APMModule.predict_features."""
-    from apm.loading import load_student
+    from apm.cli import load_student
 
     data = labelled_folder(tmp_path / "data")
     templates = tmp_path / "templates.txt"

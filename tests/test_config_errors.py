@@ -81,7 +81,7 @@ def test_folder_without_usable_images(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, setting", [
-    (["--model.hidden_dims", "[32]"], "model.hidden_dims"),
+    (["--model.hidden_dims", "[32]"], "model.student.hidden_dims"),
     (["--model.teacher_args", "{pretrained: false, seed: 1}"], "model.teacher_args"),
     (["--model.teacher", "dinov2_small", "--model.teacher_args", "{pretrained: false}"], "model.teacher"),
     (["--model.rgb", "false"], "model.rgb"),
@@ -104,21 +104,21 @@ def test_checkpoint_file_at_another_image_size(capsys, run_dir, monkeypatch):
 def test_a_student_saved_without_its_optimizer_is_no_run_to_resume(capsys, run_dir, monkeypatch):
     """apm perceive and APM.save write weights only: every tool loads them, apm fit --ckpt_path
     says why it cannot continue from one (instead of Lightning's KeyError on the optimizer)."""
-    from apm.perceive import save_student
+    from apm.checkpoints import write_student as save_student
 
     monkeypatch.chdir(run_dir)
     save_student(APMModule.from_checkpoint(run_dir / LAST), run_dir / "weights.ckpt")
-    assert APMModule.from_checkpoint(run_dir / "weights.ckpt").hparams.hidden_dims == [64]
+    assert APMModule.from_checkpoint(run_dir / "weights.ckpt").student_settings.hidden_dims == [64]
     msg = _fails(capsys, "--ckpt_path", "weights.ckpt")
     assert "'--ckpt_path'" in msg and "weights only" in msg and "APM.from_pretrained" in msg, msg
 
 
 def test_from_checkpoint_for_tools(run_dir):
     m = APMModule.from_checkpoint(run_dir / LAST)
-    assert m.hparams.hidden_dims == [64] and bool(m.standardizer.ready)
+    assert m.student_settings.hidden_dims == [64] and bool(m.standardizer.ready)
     feats = m.predict_features(torch.rand(1, 3, 56, 56))
     assert [tuple(f.shape) for f in feats] == [(1, 4, 4, 32)] * 3 + [(1, 4, 4, 3)]
-    with pytest.raises(ConfigError, match="'--ckpt'.*model.hidden_dims is \\[64\\] in the checkpoint"):
+    with pytest.raises(ConfigError, match="'--ckpt'.*model.student.hidden_dims is \\[64\\] in the checkpoint"):
         APMModule.from_checkpoint(run_dir / LAST, hidden_dims=[32])
 
 

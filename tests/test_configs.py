@@ -42,7 +42,7 @@ def test_smoke_yaml_layers_on_top(tmp_path, monkeypatch):
     m, dm, tr = cli.model, cli.datamodule, cli.trainer
     assert m.hparams.teacher == "dinov2_tiny" and not m.hparams.teacher_args["pretrained"]
     assert m.hparams.image_size == 224 == dm.hparams.image_size  # linked from data
-    assert m.hparams.hidden_dims == [256, 256]
+    assert m.student_settings.hidden_dims == [256, 256]
     assert tr.max_steps == 30 and str(tr.default_root_dir).endswith("runs/smoke")
     ck = next(c for c in tr.callbacks if isinstance(c, ModelCheckpoint))
     assert ck.dirpath.endswith("runs/smoke/checkpoints")

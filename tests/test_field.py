@@ -10,7 +10,7 @@ from scipy.ndimage import map_coordinates
 
 from apm import offgrid
 from apm.errors import ConfigError
-from apm.loading import module_from_configs
+from apm.cli import module_from_configs
 from apm.perceive import FitRecipe, fit_images, fitted_module
 from apm.student import APMStudent
 from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level
@@ -19,10 +19,11 @@ from tests.conftest import CONFIGS
 PATCH, SIZE = 14, 112
 
 
-def field_module(tmp_path, **model):
-    """A fresh smoke module at SIZE px with the given model settings."""
+def field_module(tmp_path, subpatch_moves: bool = False, feature_cache: str | None = None, **student):
+    """A fresh smoke module at SIZE px with the given student settings."""
     overlay = tmp_path / "size.yaml"
     overlay.write_text(f"data:\n  image_size: {SIZE}\n")
+    model = {"student": student, "subpatch_moves": subpatch_moves, "feature_cache": feature_cache}
     return module_from_configs([CONFIGS / "apm.yaml", CONFIGS / "smoke.yaml", overlay], model)
 
 
@@ -212,7 +213,7 @@ def test_subpatch_moves_pair_each_image_with_its_own_moved_cells_and_a_real_fit_
 
     module = field_module(tmp_path, pixel_window=7, pixel_spacing=2.0, subpatch_moves=True)
     images = torch.stack([edges_photo(s, block=5)[0] for s in range(3)])
-    feats, points = module.moved_targets(images)
+    feats, points = offgrid.moved_targets(module.targets, images, PATCH)
     rgb = len(module.levels) - 1
     canvas = F.pad(images, (0, PATCH - 1, 0, PATCH - 1), mode="reflect")
     for b in range(3):
@@ -225,7 +226,8 @@ def test_subpatch_moves_pair_each_image_with_its_own_moved_cells_and_a_real_fit_
             torch.testing.assert_close(points[rgb][b, i * 8 + j], torch.tensor([y0 + 7, x0 + 7]) / SIZE)
     overlay = tmp_path / "size.yaml"
     assert main(["fit", "-c", str(CONFIGS / "apm.yaml"), "-c", str(CONFIGS / "smoke.yaml"), "-c", str(overlay),
-                 "--model.pixel_window", "7", "--model.pixel_spacing", "2", "--model.subpatch_moves", "true",
+                 "--model.student.pixel_window", "7", "--model.student.pixel_spacing", "2",
+                 "--model.subpatch_moves", "true",
                  "--data.images", "skimage:astronaut,coffee", "--data.val_fraction", "0",
                  "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp_path / "run"),
                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",

@@ -20,7 +20,8 @@ from apm.cli import build_cli, main
 from apm.errors import ConfigError
 from apm.glom import GLOMStudent, bilinear_taps, resample_matrix, same_level_attention
 from apm.codes import grid_coords
-from apm.loading import load_images, load_student
+from apm.cli import load_student
+from apm.data import load_images
 from apm.module import APMModule
 from apm.objective import weighted_mse
 from teachers.base import Level

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.legacy import flat_settings
 from apm.module import APMModule
 from apm.student import APMStudent
 from teachers import Level
@@ -140,11 +141,11 @@ def test_a_checkpoint_without_the_setting_loads_as_the_first_design(tmp_path, im
     old.standardizer.finalize()
     path = tmp_path / "old.ckpt"
     ckpt = saved_checkpoint(old, path)
-    del ckpt["hyper_parameters"]["level_entry"]
+    ckpt["hyper_parameters"] = flat_settings(ckpt["hyper_parameters"], "level_entry")
     torch.save(ckpt, path)
     want = old.eval().predict_features(image[None])
     loaded = APMModule.from_checkpoint(path)
-    assert loaded.student.level_entry == loaded.hparams.level_entry == "first"
+    assert loaded.student.level_entry == loaded.student_settings.level_entry == "first"
     for a, b in zip(loaded.predict_features(image[None]), want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # resuming a run (a module built with today's default, then on_load_checkpoint) adopts it too

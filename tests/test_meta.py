@@ -10,7 +10,7 @@ from einops import rearrange
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
-from apm.loading import load_images
+from apm.data import load_images
 from apm.module import APMModule
 from tests.test_perceive import smoke_fit
 

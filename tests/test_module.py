@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from tests.legacy import flat_settings
 from apm.errors import ConfigError
 from apm.module import APMModule
 from tests.conftest import saved_checkpoint
@@ -92,7 +93,7 @@ def test_positional_code_top_frequency_follows_the_finest_grid_and_old_checkpoin
     # a checkpoint written before the setting existed has no pe_max_freq: it keeps 64
     path = tmp_path / "old.ckpt"
     ckpt = saved_checkpoint(m, path)
-    del ckpt["hyper_parameters"]["pe_max_freq"]
+    ckpt["hyper_parameters"] = flat_settings(ckpt["hyper_parameters"], "pe_max_freq")
     torch.save(ckpt, path)
     assert APMModule.from_checkpoint(path).student.pe_max_freq == 64.0
     assert APMModule.from_checkpoint(tmp_path / "old.ckpt", pe_max_freq=None).student.pe_max_freq == 2.0

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from apm.loading import load_images, load_student
+from apm.cli import load_student
+from apm.data import load_images
 from apm.cli import main
 from apm.data import APMDataModule, image_transform, skimage_photo
 from apm.errors import ConfigError

@@ -10,7 +10,8 @@ import torch
 from einops import rearrange
 
 from apm import APM
-from apm.loading import load_images, load_student
+from apm.cli import load_student
+from apm.data import load_images
 from apm.cli import main
 from apm.codes import grid_coords
 from apm.data import skimage_photo

@@ -10,7 +10,8 @@ from sklearn.linear_model import Ridge
 
 from apm.cli import main
 from apm.errors import ConfigError
-from apm.loading import load_images, load_student
+from apm.cli import load_student
+from apm.data import load_images
 from apm.module import APMModule
 from apm.perceive import ROUTE, FitRecipe, fit_images, fitted_module, ridge_readout
 from tests.test_perceive import UNSEEN, smoke_fit, unseen

@@ -10,7 +10,8 @@ from apm.classify import (GLOBAL, LOG_NAME, SUMMARY_NAME, classification_inputs,
                           classify_folder, global_among_fitted, format_table, summarize)
 from apm.commands.common import parser, recipe_from_args, route_args, student_args
 from apm.errors import ConfigError
-from apm.loading import load_student, pick_device
+from apm.cli import load_student
+from apm.precision import pick_device
 from teachers.clip import imagenet_templates, text_classifier
 
 

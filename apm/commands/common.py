@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from apm.errors import ConfigError
-from apm.loading import load_student
+from apm.cli import load_student
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:

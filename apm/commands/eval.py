@@ -13,7 +13,9 @@ from apm.analysis import format_table, island_scores, summarize
 from apm.commands.common import IMAGES_HELP, parser
 from apm.errors import ConfigError
 from apm.offgrid import offgrid_scores
-from apm.loading import load_images, load_student, pick_device
+from apm.cli import load_student
+from apm.data import load_images
+from apm.precision import pick_device
 from teachers.base import select_levels
 
 

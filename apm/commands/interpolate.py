@@ -5,7 +5,9 @@ from __future__ import annotations
 from apm.analysis import interpolation_strip
 from apm.commands.common import embedding_args, parser
 from apm.errors import ConfigError
-from apm.loading import load_images, load_student, pick_device
+from apm.cli import load_student
+from apm.data import load_images
+from apm.precision import pick_device
 from teachers.base import select_levels
 
 

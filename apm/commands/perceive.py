@@ -11,8 +11,10 @@ import torch
 from apm.analysis import island_figures, island_scores
 from apm.commands.common import (IMAGES_HELP, parser, recipe_from_args, route_args, student_args,
                                  student_from_args)
-from apm.loading import load_images, pick_device
-from apm.perceive import FitRecipe, perceive_images, save_student
+from apm.checkpoints import write_student
+from apm.data import load_images
+from apm.perceive import FitRecipe, perceive_images
+from apm.precision import pick_device
 from apm.runlog import image_seed, resume
 from teachers.base import select_levels
 
@@ -118,7 +120,7 @@ def perceive_batch(module, part: list[tuple[str, torch.Tensor]], recipe: FitReci
             zip(part, perceive_images(module, batch, seeds, recipe, features=feats))):
         mine = [f[b : b + 1] for f in feats]
         ckpt = out / f"{name}.ckpt"
-        save_student(after, ckpt, extra=rec)
+        write_student(after, ckpt, extra=rec)
         line = {"image": name, **rec, "ckpt": str(ckpt)}
         for when, m in (("before", before), ("after", after)):
             scores = island_scores(m, img[None], levels, k=a.k, seed=a.seed, targets=mine)

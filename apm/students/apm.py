@@ -15,18 +15,20 @@ term once per grid, the level-free work once per location, the level term once p
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from apm.codes import grid_coords, sincos_2d
+from apm.codes import grid_coords
+from apm.students.base import RGB, ColumnInput, StudentSettings
 from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level, check_image_size, select_levels
 
 LEVEL_ENTRIES = ("first", "late")
-RGB = "rgb"  # the pixel level: each patch's mean colour
+__all__ = ["APMSettings", "APMStudent", "LEVEL_ENTRIES", "RGB"]
 
 
 def pick(table: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,7 @@ def pick(table: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     return table.gather(1, loc[..., None].expand(-1, -1, table.shape[-1]))
 
 
-class APMStudent(nn.Module):
+class APMStudent(ColumnInput):
     """Column encoder, positional and level codes, a shared field MLP and per-level heads.
 
     Args:
@@ -99,25 +101,9 @@ class APMStudent(nn.Module):
         for i, l in enumerate(self.levels):
             self.register_buffer(f"coords_{i}", grid_coords(l.grid), persistent=False)
 
+    code_parameters = ("first.bias",)  # the first layer's bias: a per-image code (apm perceive)
+
     # -- the pieces of a query -------------------------------------------------------------------
-    def trigger(self, images: torch.Tensor) -> torch.Tensor:
-        """The trigger column T (B, c*h*w) of images (B, 3, H, W) in [0, 1]: the column filter on
-        ImageNet-normalized images. The normalization is folded into the filter, so no normalized
-        copy of the image is ever made (streaming memory stays independent of the image size)."""
-        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        w = self.column.weight / std
-        b = self.column.bias - (w * mean).sum((1, 2, 3))
-        col = F.conv2d(images, w.to(images.dtype), b.to(images.dtype), stride=self.patch_size)
-        return rearrange(col, "b c h w -> b (c h w)")
-
-    def coords(self, level: int) -> torch.Tensor:
-        """Cell-centre coordinates (h*w, 2) of a level's grid, row-major, in [0, 1]."""
-        return getattr(self, f"coords_{level}")
-
-    def positional(self, coords: torch.Tensor) -> torch.Tensor:
-        return sincos_2d(coords, self.pe_dim, self.pe_max_freq)
-
     def evidence(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """The pixels each query sees (B, N, 3 * pixel_window^2): the ImageNet-normalized
         photograph sampled bilinearly on the window around each coordinate, (N, 2) or (B, N, 2) in
@@ -320,13 +306,50 @@ class APMStudent(nn.Module):
                 if len(pos):  # one pass through the trunk for every level in the chunk
                     yield start + pos, lvl, self.heads[lvl](h)
 
-    def predict_queries(self, images: torch.Tensor, level_ids: torch.Tensor, coords: torch.Tensor,
-                        chunk: int = 4096) -> list[torch.Tensor]:
-        """``stream`` collected: per level, (B, n_l, d_l) for that level's queries in input order
-        (n_l = 0 for a level not asked)."""
-        parts: list[list[torch.Tensor]] = [[] for _ in self.levels]
-        for _, lvl, pred in self.stream(images, level_ids, coords, chunk):
-            parts[lvl].append(pred)  # chunks come in order; a stable sort keeps positions ascending
-        b = images.shape[0]
-        return [torch.cat(p, dim=1) if p else images.new_zeros(b, 0, l.dim)
-                for p, l in zip(parts, self.levels)]
+
+@dataclass
+class APMSettings(StudentSettings):
+    """The APM field student's settings (``model.student``; ``APMStudent``'s arguments).
+
+    Args:
+        pe_dim: Width of the 2-D sin-cos positional code.
+        pe_max_freq: Highest frequency of the positional code in cycles per image side; null (the
+            default): half the finest level's grid side, its Nyquist limit (higher frequencies
+            alias on the grid the student is trained on). Checkpoints written before this setting
+            existed used 64 and keep it.
+        hidden_dims: Widths of the shared field MLP's layers.
+        level_dim: Width of the learned level embedding.
+        level_entry: Where the level code enters: ``late`` (the last hidden layer, so the layers
+            before it run once per location for all levels) or ``first`` (the paper's design;
+            every (location, level) runs the whole MLP). Checkpoints written before this setting
+            existed are ``first``. See docs/architecture.md.
+        column_filters: Output channels of the column filter; 1 is the paper's single filter, one
+            number per patch. More let an unseen image's patch colours and textures through (see
+            docs/perceive.md).
+        pixel_window: Evidence at the query point: each query also sees the photograph's pixels on a
+            ``pixel_window`` x ``pixel_window`` lattice around its own coordinate, sampled
+            bilinearly, beside the trigger column; 0 (the default) is the paper's query. It lets the
+            student answer between the teacher's cells (docs/field.md).
+        pixel_spacing: Pixels between the window's samples.
+    """
+
+    name: ClassVar[str] = "apm"
+    hidden_dims: list[int] = field(default_factory=lambda: [1024, 1024, 1024, 1024])
+    level_dim: int = 64
+    level_entry: str = "late"
+    column_filters: int = 1
+    pixel_window: int = 0
+    pixel_spacing: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.pixel_window < 0 or not self.pixel_spacing > 0:
+            raise ValueError(f"pixel_window {self.pixel_window} and pixel_spacing {self.pixel_spacing}: use "
+                             f"a window of 0 (off) or more samples a side, spaced by a positive number of "
+                             f"pixels (e.g. 7 and 2)")
+        if self.level_entry not in LEVEL_ENTRIES:
+            raise ValueError(f"level_entry {self.level_entry!r} is not one of {', '.join(LEVEL_ENTRIES)}")
+        if self.column_filters < 1:
+            raise ValueError(f"column_filters is {self.column_filters}; use 1 (the paper's single "
+                             f"filter) or more")
+        if not self.hidden_dims:
+            raise ValueError("hidden_dims needs at least one layer")
