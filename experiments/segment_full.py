@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from apm.loading import load_student
+from apm.cli import load_student
 from apm.segment import full
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from apm.cli import main
 from apm.data import image_transform, skimage_photo
 from apm.explore import rle_decode, rle_encode
 from apm.explore.maps import match_labels
-from apm.loading import load_student
+from apm.cli import load_student
 from apm.segment import region_scores
 from tests.conftest import CONFIGS
 

@@ -12,7 +12,7 @@ from apm import offgrid
 from apm.errors import ConfigError
 from apm.cli import module_from_configs
 from apm.perceive import FitRecipe, fit_images, fitted_module
-from apm.student import APMStudent
+from apm.students.apm import APMStudent
 from teachers.base import IMAGENET_MEAN, IMAGENET_STD, Level
 from tests.conftest import CONFIGS
 

