@@ -113,6 +113,15 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 3)
 
 
 # -- results ------------------------------------------------------------------------------------
+def rounded(x, digits: int = 4):
+    """Floats in nested dicts and lists rounded (result files stay small)."""
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return [rounded(v, digits) for v in x] if isinstance(x, list) else x
+
+
 def write_results(path: Path, res: dict) -> None:
     """Write an experiment's results as indented JSON (folders created) and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)

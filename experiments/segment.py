@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 
-from experiments.common import ROOT
+from experiments.common import ROOT, rounded
 from experiments import bench
 
 from apm import segment
@@ -177,15 +177,6 @@ def main(argv: list[str] | None = None) -> dict:
                                     "loadavg_before": load, "device": bench.device_info(torch.device("cpu"))})
     write(doc, a.json, a.figures / "per_image.json")
     return doc
-
-
-def rounded(x, digits: int = 4):
-    """Floats in nested dicts and lists rounded (the per-image file stays small)."""
-    if isinstance(x, float):
-        return round(x, digits)
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    return [rounded(v, digits) for v in x] if isinstance(x, list) else x
 
 
 def as_rows(scores: dict) -> dict:

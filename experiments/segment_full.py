@@ -25,6 +25,7 @@ import torch
 
 from apm.cli import load_student
 from apm.segment import full
+from experiments.common import rounded
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = """model:
@@ -51,15 +52,6 @@ def parse(argv: list[str] | None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "segment_full_cpu.json")
     return p.parse_args(argv)
-
-
-def rounded(x, digits: int = 4):
-    """Floats in nested dicts and lists rounded (the per-photograph scores stay small)."""
-    if isinstance(x, float):
-        return round(x, digits)
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    return [rounded(v, digits) for v in x] if isinstance(x, list) else x
 
 
 def main(argv: list[str] | None = None) -> dict:
