@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Callable
 
 from teachers.base import Teacher
@@ -38,9 +39,7 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    import teachers
-
-    for info in pkgutil.iter_modules(teachers.__path__):
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):  # this package's folder
         if info.name not in {"base", "errors", "registry"} and not info.name.startswith("_"):
             importlib.import_module(f"teachers.{info.name}")
     _DISCOVERED = True
