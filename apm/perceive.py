@@ -152,6 +152,10 @@ class FitRecipe:
         """The route settings (``ROUTE``) and their values, as a run log records them."""
         return {k: getattr(self, k) for k in ROUTE}
 
+    def plan(self) -> "Route":
+        """The route as the one object the fitting loop asks (``Route``)."""
+        return Route(self.moves, self.solve_heads, self.ridge, self.resolve_every)
+
     @property
     def official(self) -> bool:
         return self.protocol == "official"
@@ -163,6 +167,40 @@ class FitRecipe:
         if self.official:
             return torch.optim.Adam(params, lr=self.learning_rate())
         return torch.optim.AdamW(params, lr=self.learning_rate(), weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a per-image fit moves (``FitRecipe.plan``): which parameters its gradient steps move
+    (``moves``), and when every fitted level's head is set in closed form (``solve_heads`` at the
+    start, again after every ``resolve_every`` gradient steps; ``ridge`` its penalty). The loop asks
+    it at the start and after each step; nothing else reads these fields."""
+
+    moves: str = "all"
+    solve_heads: bool = False
+    ridge: float = 1e-4
+    resolve_every: int = 0
+
+    def moving(self, student: torch.nn.Module, fitted: Sequence[int]) -> list[str]:
+        """The names of the parameters the gradient steps move; ConfigError when the student has
+        none of them, or no linear head per fitted level to solve."""
+        picked = moving_names(student, self.moves)
+        names = dict(student.named_parameters())
+        if self.solve_heads and not all(f"heads.{i}.weight" in names for i in fitted):
+            raise ConfigError(f"Setting '--solve-heads': this {type(student).__name__} has no linear head per "
+                              f"level (heads.<level>) to solve; drop '--solve-heads'.")
+        return picked
+
+    def start(self, fit: "Adaptation", params: dict[str, torch.Tensor]) -> bool:
+        """Step 1: the closed-form solve of the heads, when asked; True when it took the step."""
+        if self.solve_heads:
+            fit.solve_heads(params, self.ridge)
+        return self.solve_heads
+
+    def after_step(self, fit: "Adaptation", params: dict[str, torch.Tensor], step: int) -> None:
+        """After gradient step ``step``: the heads solved again every ``resolve_every`` steps."""
+        if self.resolve_every and step % self.resolve_every == 0:
+            fit.solve_heads(params, self.ridge)
 
 
 @dataclass
@@ -438,11 +476,7 @@ def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe
     student, device = module.student, module.device
     z, stats = standardized_targets(module, images, recipe, features)
     fitted = select_levels(module.levels, recipe.levels, "--levels")
-    moving = moving_names(student, recipe.moves)
-    names = dict(student.named_parameters())
-    if recipe.solve_heads and not all(f"heads.{i}.weight" in names for i in fitted):
-        raise ConfigError(f"Setting '--solve-heads': this {type(student).__name__} has no linear head per "
-                          f"level (heads.<level>) to solve; drop '--solve-heads'.")
+    moving = recipe.plan().moving(student, fitted)
     if recipe.init == "fresh":
         init = [fresh_parameters(student, s) for s in seeds]
     else:
@@ -540,16 +574,15 @@ def moved_features(module, images: torch.Tensor, passes: int,
 
 
 def _step(fit: Adaptation, params, opt, active: list[int], step: int, recipe: FitRecipe) -> None:
-    if step == 0 and recipe.solve_heads:
-        fit.solve_heads(params, recipe.ridge)
+    route = recipe.plan()
+    if step == 0 and route.start(fit, params):
         return
     losses = fit.step(params, opt)
     if not torch.isfinite(losses).all():
         bad = [active[j] for j in (~torch.isfinite(losses)).nonzero().flatten().tolist()]
         raise ConfigError(f"Fitting diverged (loss not finite) for image(s) {bad} at step {step + 1}; "
                           f"lower '--lr' (now {recipe.learning_rate():g}).")
-    if recipe.resolve_every and step % recipe.resolve_every == 0:
-        fit.solve_heads(params, recipe.ridge)
+    route.after_step(fit, params, step)
 
 
 def fitted_module(module, fitted: Fitted):

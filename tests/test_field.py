@@ -239,3 +239,16 @@ def test_subpatch_moves_pair_each_image_with_its_own_moved_cells_and_a_real_fit_
 def test_subpatch_moves_refuse_the_feature_cache(tmp_path):
     with pytest.raises(ConfigError, match="subpatch_moves"):
         field_module(tmp_path, subpatch_moves=True, feature_cache=str(tmp_path / "cache"))
+
+
+def test_apm_segment_reads_the_route_options_as_perceive_does(tmp_path, capsys):
+    from apm.cli import main
+
+    base = ["segment", "--config", str(CONFIGS / "apm.yaml"), "--config", str(CONFIGS / "smoke.yaml"),
+            "--images", "skimage:astronaut", "--gt", str(tmp_path), "--json", str(tmp_path / "s.json")]
+    assert main([*base, "--solve-heads"]) == 2
+    assert "'--solve-heads' (needs --perceive)" in capsys.readouterr().err
+    assert main([*base, "--perceive", "--passes", "3"]) == 2  # the recipe gets the route: refused there
+    assert "Setting '--passes': 3" in capsys.readouterr().err
+    assert main([*base, "--perceive", "--ridge", "0.1"]) == 2
+    assert "does nothing without it" in capsys.readouterr().err

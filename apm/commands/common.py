@@ -67,17 +67,25 @@ def recipe_from_args(a: argparse.Namespace, protocol: str, **kwargs):
     """The fitting recipe of a command's --protocol, --init, --lr, --queries and route options
     (``route_args``): ``init`` defaults to trained with --ckpt and fresh without (the official
     protocol is always fresh)."""
-    from apm.perceive import ROUTE, FitRecipe
+    from apm.perceive import FitRecipe
 
     init = a.init or (None if protocol == "official" else "trained" if a.ckpt else "fresh")
     if init == "trained" and not a.ckpt and protocol == "ours":
         raise ConfigError("Setting '--init trained' needs --ckpt, a trained student to start from; "
                           "with --config alone the student is fresh (--init fresh).")
+    return FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries, **route_from_args(a),
+                     **kwargs)
+
+
+def route_from_args(a: argparse.Namespace) -> dict:
+    """``FitRecipe``'s route fields as a command's route options (``route_args``) set them: the one
+    reading of those options by every command that fits (perceive, classify, segment)."""
+    from apm.perceive import ROUTE
+
     if getattr(a, "ridge", None) is not None and not getattr(a, "solve_heads", False):
         raise ConfigError(f"Setting '--ridge {a.ridge:g}' is the penalty of --solve-heads and does nothing "
                           f"without it; add --solve-heads, or drop --ridge.")
-    route = {k: getattr(a, k) for k in ROUTE if getattr(a, k, None) is not None}
-    return FitRecipe(protocol=protocol, init=init, lr=a.lr, queries_per_image=a.queries, **route, **kwargs)
+    return {k: getattr(a, k) for k in ROUTE if getattr(a, k, None) is not None}
 
 
 def embedding_args(p: argparse.ArgumentParser, method: str = "tsne") -> None:

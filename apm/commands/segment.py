@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 
 from apm import segment
-from apm.commands.common import student_from_args
+from apm.commands.common import route_args, route_from_args, student_from_args
 from apm.errors import ConfigError
+from apm.perceive import ROUTE
 from apm.precision import pick_device
 
 
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--perceive", action="store_true", help="fit a copy of the student to each image first")
     p.add_argument("--max-steps", type=int, default=500, help="fitting: stop after this many steps")
     p.add_argument("--target-r2", type=float, default=0.9, help="fitting: stop at this mean R^2 over the levels")
+    route_args(p)
     p.add_argument("--upsample", type=int, default=0,
                    help="> 1: also islands at this many times the grid: the teacher's grid upsampled "
                    "bilinearly against the (fitted) student queried there (k-means with 3 starts there)")
@@ -78,6 +80,7 @@ def _pointless(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         ("--tree-k", "--resolution grid", grid), ("--ucm", "--resolution full", full),
         ("--thresholds", "--resolution full", full), ("--no-boundaries", "--resolution full", full),
         ("--max-steps", "--perceive", a.perceive), ("--target-r2", "--perceive", a.perceive),
+        *((f"--{k.replace('_', '-')}", "--perceive", a.perceive) for k in ROUTE),
         ("--upsample-levels", "--upsample 2 or more", a.upsample > 1),
         ("--tree-levels", "--figures", a.figures), ("--tree-images", "--figures", a.figures))
         if not on and getattr(a, f[2:].replace("-", "_")) != p.get_default(f[2:].replace("-", "_"))]
@@ -97,7 +100,8 @@ def main(argv: list[str]) -> int:
         return _full(a, module)
     plan = segment.make_plan(module, a.levels, a.k, seed=a.seed, n_init=a.n_init, perceive=a.perceive,
                              max_steps=a.max_steps, target_r2=a.target_r2, upsample=a.upsample,
-                             upsample_levels=a.upsample_levels, tree_k=a.tree_k, reseed=a.reseed)
+                             upsample_levels=a.upsample_levels, tree_k=a.tree_k, reseed=a.reseed,
+                             route=route_from_args(a) if a.perceive else None)
     tree_levels = segment.tree_levels(module, plan, a.tree_levels) if a.figures else []
     start, cpu = time.perf_counter(), time.process_time()
     results, photos, bad_images, bad_truth = segment.run(module, a.images, a.gt, plan)

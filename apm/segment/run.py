@@ -235,10 +235,11 @@ def to_json(summary: dict, results: Sequence[dict], **extra) -> dict:
 def make_plan(module, levels: Sequence[str] | None = None, ks: Sequence[int] = (2, 3, 4, 6, 8, 12), *,
               seed: int = 0, n_init: int = 3, perceive: bool = False, max_steps: int = 500,
               target_r2: float = 0.9, upsample: int = 0, upsample_levels: Sequence[str] | None = None,
-              tree_k: Sequence[int] = (8, 4), reseed: bool = False) -> Plan:
+              tree_k: Sequence[int] = (8, 4), reseed: bool = False, route: dict | None = None) -> Plan:
     """The ``Plan`` of a module's levels (by name or index; default every level but ``rgb``), with
     a fitting recipe when ``perceive`` (from the trained student, or a fresh one for a teacher
-    alone); ConfigError for cluster counts below 1 or unknown levels."""
+    alone; ``route``: ``FitRecipe``'s route fields, as the commands' route options give them);
+    ConfigError for cluster counts below 1 or unknown levels."""
     from apm.perceive import FitRecipe
     from apm.students.base import RGB
     from teachers.base import select_levels
@@ -249,7 +250,7 @@ def make_plan(module, levels: Sequence[str] | None = None, ks: Sequence[int] = (
     chosen = select_levels(names, list(levels), "--levels") if levels else [i for i, n in enumerate(names) if n != RGB]
     trained = bool(module.standardizer.ready)
     recipe = (FitRecipe(init="trained" if trained else "fresh", target_r2=target_r2, max_steps=max_steps,
-                        levels=[names[i] for i in chosen]) if perceive else None)
+                        levels=[names[i] for i in chosen], **(route or {})) if perceive else None)
     fine = select_levels(names, list(upsample_levels), "--upsample-levels") if upsample_levels else chosen[-1:]
     return Plan(levels=chosen, ks=sorted(set(ks)), seed=seed, n_init=n_init, student=trained, recipe=recipe,
                 fine=upsample, fine_levels=fine if upsample > 1 else [], tree_k=tuple(tree_k), reseed=reseed)
