@@ -55,6 +55,34 @@ def fill_run_dirs(trainer_cfg) -> None:
                     item.init_args[arg] = str(root / sub)
 
 
+def _parse_with_flag_errors(cli, parse, parser, args) -> None:
+    """LightningCLI's parsing, where a mistake is one paragraph with the closest valid flags, not
+    an 85-line usage dump."""
+    from jsonargparse import ArgumentError
+
+    from apm.flag_errors import flag_error, flag_names
+
+    argv = sys.argv[1:] if args is None else list(args)
+    subs = getattr(cli, "_subcommand_parsers", {})
+    sub = next((a for a in argv if a in subs), None)
+    for p in [parser, *subs.values()]:
+        p.exit_on_error = False
+    try:
+        parse(parser, args)
+    except ArgumentError as e:
+        raise flag_error(str(e), flag_names(subs.get(sub, parser)), f"apm {sub or ''}".strip()) from None
+
+
+def _print_checkpoints(trainer) -> None:
+    """After a fit, where its last and best checkpoints are."""
+    cbs = trainer.checkpoint_callbacks
+    if cbs and trainer.is_global_zero:
+        for kind in ("last", "best"):
+            path = next((p for cb in cbs if (p := getattr(cb, f"{kind}_model_path", ""))), "")
+            if path:
+                print(f"checkpoint ({kind}): {Path(path).resolve()}")
+
+
 def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI over APMModule and APMDataModule (``data.image_size`` feeds the model)."""
     from lightning.pytorch.cli import LightningCLI
@@ -67,20 +95,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             parser.link_arguments("data.image_size", "model.image_size")
 
         def parse_arguments(self, parser, args) -> None:
-            # A mistake is one paragraph with the closest valid flags, not an 85-line usage dump.
-            from jsonargparse import ArgumentError
-
-            from apm.flag_errors import flag_error, flag_names
-
-            argv = sys.argv[1:] if args is None else list(args)
-            subs = getattr(self, "_subcommand_parsers", {})
-            sub = next((a for a in argv if a in subs), None)
-            for p in [parser, *subs.values()]:
-                p.exit_on_error = False
-            try:
-                super().parse_arguments(parser, args)
-            except ArgumentError as e:
-                raise flag_error(str(e), flag_names(subs.get(sub, parser)), f"apm {sub or ''}".strip()) from None
+            _parse_with_flag_errors(self, super().parse_arguments, parser, args)
 
         def before_instantiate_classes(self) -> None:
             sub = self.config.get("subcommand")
@@ -114,12 +129,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 self.config = self.parser.parse_object({sub: {"model": hp}}, self.config)
 
         def after_fit(self) -> None:
-            cbs = self.trainer.checkpoint_callbacks
-            if cbs and self.trainer.is_global_zero:
-                for kind in ("last", "best"):
-                    path = next((p for cb in cbs if (p := getattr(cb, f"{kind}_model_path", ""))), "")
-                    if path:
-                        print(f"checkpoint ({kind}): {Path(path).resolve()}")
+            _print_checkpoints(self.trainer)
 
     # LightningCLI reads sys.argv when given no args, and warns when given both: hand it the
     # arguments as the command line they are, with the settings of earlier versions upgraded.

@@ -19,6 +19,13 @@ from apm.precision import pick_device
 from teachers.base import select_levels
 
 
+def add_offgrid(per_image: dict[str, dict[str, list[float]]], scores: dict[str, dict[str, list[float]]]) -> None:
+    """``apm.offgrid.offgrid_scores`` of a batch added to the per-image table as ``r2_offgrid_*``."""
+    for name, ms in scores.items():
+        for m, v in ms.items():
+            per_image[name].setdefault(f"r2_offgrid_{m}", []).extend(v)
+
+
 def main(argv: list[str]) -> int:
     """``apm eval``: fidelity and island agreement per level, as a table and a JSON file."""
     p = parser("eval", "Per level: mean cosine, centred cosine, R^2 (teacher's scale), MSE "
@@ -61,9 +68,7 @@ def main(argv: list[str]) -> int:
             for m, v in ms.items():
                 per_image.setdefault(name, {}).setdefault(m, []).extend(v)
         if a.offgrid:
-            for name, ms in offgrid_scores(module, batch.to(module.device), levels, a.passes).items():
-                for m, v in ms.items():
-                    per_image[name].setdefault(f"r2_offgrid_{m}", []).extend(v)
+            add_offgrid(per_image, offgrid_scores(module, batch.to(module.device), levels, a.passes))
         bar.update(end - start)
     bar.close()
     summary = summarize(per_image)

@@ -31,6 +31,20 @@ LEVEL_ENTRIES = ("first", "late")
 __all__ = ["APMSettings", "APMStudent", "LEVEL_ENTRIES", "RGB"]
 
 
+def window_pixels(images: torch.Tensor, coords: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The ImageNet-normalized photograph (B, 3, H, W) in [0, 1] sampled bilinearly at ``offsets``
+    (k, 2) pixels around each coordinate (N, 2) or (B, N, 2) in [0, 1]: (B, N, 3k). Pixel edges
+    sit at integers, so (i + 1/2) / H is pixel i's centre; border pixels repeat past the edge."""
+    b, _, height, width = images.shape
+    c = coords.to(images.device, torch.float32)
+    c = c[None].expand(b, -1, -1) if c.ndim == 2 else c
+    size = c.new_tensor([height, width])
+    grid = ((c[:, :, None] * size + offsets) / size * 2 - 1).flip(-1)  # grid_sample's (x, y) in [-1, 1]
+    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return rearrange((x - mean) / std, "b c n k -> b n (c k)")
+
+
 def pick(table: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     """Rows ``loc`` (B, n) of a coordinate table (P, 2) or (B, P, 2): (B, n, 2)."""
     if table.ndim == 2:
@@ -55,11 +69,8 @@ class APMStudent(ColumnInput):
             hidden layer, ``"late"`` (with a single hidden layer, that is the first).
         column_filters: Output channels of the column filter (the paper's is 1): the trigger column
             holds ``column_filters`` numbers per patch.
-        pixel_window: Evidence at the query point: each query also sees the photograph's pixels on
-            a ``pixel_window`` x ``pixel_window`` lattice centred on its own coordinate, sampled
-            bilinearly (so at any coordinate, not only cell centres). 0 (default): the paper's
-            query, [T, PE, E], which is the same everywhere inside a cell but for PE.
-        pixel_spacing: Distance in pixels between the window's samples (1: every pixel).
+        pixel_window, pixel_spacing: Evidence at the query point: the photograph's pixels on an n x n
+            lattice, ``pixel_spacing`` px apart, around each query (``window_pixels``); 0: off.
     """
 
     def __init__(self, levels: Sequence[Level], image_size: int, patch_size: int, pe_dim: int = 256,
@@ -82,8 +93,6 @@ class APMStudent(ColumnInput):
             raise ValueError(f"column_filters must be at least 1, got {column_filters}")
         self.column_dim = column_filters * self.grid[0] * self.grid[1]
         self.pe_dim, self.level_dim, self.pe_max_freq = pe_dim, level_dim, pe_max_freq
-        if pixel_window < 0 or not pixel_spacing > 0:
-            raise ValueError(f"pixel_window must be >= 0 and pixel_spacing > 0, got {pixel_window}, {pixel_spacing}")
         self.pixel_window, self.pixel_spacing = pixel_window, float(pixel_spacing)
         self.evidence_dim = 3 * pixel_window ** 2
         offsets = (torch.arange(pixel_window, dtype=torch.float32) - (pixel_window - 1) / 2) * pixel_spacing
@@ -105,25 +114,12 @@ class APMStudent(ColumnInput):
 
     # -- the pieces of a query -------------------------------------------------------------------
     def evidence(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """The pixels each query sees (B, N, 3 * pixel_window^2): the ImageNet-normalized
-        photograph sampled bilinearly on the window around each coordinate, (N, 2) or (B, N, 2) in
-        [0, 1] (pixel edges at integers, so (i + 1/2) / H is pixel i's centre; border pixels repeat
-        past the edge)."""
-        b, _, height, width = images.shape
-        c = coords.to(images.device, torch.float32)
-        c = c[None].expand(b, -1, -1) if c.ndim == 2 else c
-        size = c.new_tensor([height, width])
-        pts = c[:, :, None] * size + self.window_offsets  # (B, N, k, 2) pixel positions (y, x)
-        grid = (pts / size * 2 - 1).flip(-1)  # grid_sample wants (x, y) in [-1, 1]
-        x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return rearrange((x - mean) / std, "b c n k -> b n (c k)")
+        """The pixels each query sees (B, N, 3 * pixel_window^2) (``window_pixels``)."""
+        return window_pixels(images, coords, self.window_offsets)
 
     def site(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """What a query's location adds to the first layer: W_P PE(coords), plus W_X of the pixels
-        around it with ``pixel_window``. (N, H1) without evidence; (B, N, H1) with it, or for
-        coordinates (B, N, 2)."""
+        """W_P PE(coords) + W_X (the pixels around each coordinate, with ``pixel_window``): (N, H1),
+        or (B, N, H1) with evidence or coordinates (B, N, 2)."""
         pos = self.position_term(coords)
         if not self.evidence_dim:
             return pos
