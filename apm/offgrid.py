@@ -189,6 +189,21 @@ def scores(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 PREDICTORS = ("student", "nearest", "bilinear", "bilinear_k", "ceiling")
 
 
+def predictor_scores(lattice_passes: Sequence[MovedPass], moved_by_patch: MovedPass, level: int,
+                     truth: torch.Tensor, coords: torch.Tensor) -> dict[str, list[float]]:
+    """R^2 per image against one level's ``truth`` (B, N, d) at ``coords`` (N, 2) of the teacher's
+    own predictors: ``nearest`` cell and ``bilinear`` from the unmoved pass (the lattice's (0, 0)),
+    ``bilinear_k`` from all the lattice passes, and the ``ceiling``: the unmoved grid against the
+    pass moved by one patch (``moved_by_patch``), the same pixels one cell apart."""
+    grid0 = next(p for p in lattice_passes if p.offset == (0, 0)).features[level]
+    preds = {"nearest": nearest_at(grid0, coords), "bilinear": bilinear_at(grid0, coords),
+             "bilinear_k": lattice_bilinear_at(lattice_passes, level, coords)}
+    res = {k: scores(v, truth).tolist() for k, v in preds.items()}
+    a, b = grid0[:, 1:, 1:], moved_by_patch.features[level][:, :-1, :-1]
+    res["ceiling"] = scores(a.flatten(1, 2), b.flatten(1, 2)).tolist()
+    return res
+
+
 @torch.no_grad()
 def offgrid_scores(module, images: torch.Tensor, levels: Sequence[int], passes: int = 4,
                    offsets: Sequence[tuple[int, int]] = EVAL_OFFSETS) -> dict[str, dict[str, list[float]]]:
@@ -202,8 +217,7 @@ def offgrid_scores(module, images: torch.Tensor, levels: Sequence[int], passes: 
     canvas = pad_canvas(images, patch)
     truth_passes = moved_passes(module.targets, canvas, size, offsets)
     lattice_passes = moved_passes(module.targets, canvas, size, lattice(passes, patch))
-    unmoved = next(p for p in lattice_passes if p.offset == (0, 0))
-    moved14 = moved_passes(module.targets, canvas, size, [(patch, patch)])[0]
+    moved_by_patch = moved_passes(module.targets, canvas, size, [(patch, patch)])[0]
     out: dict[str, dict[str, list[float]]] = {}
     for lvl in levels:
         feats, coords = stitch(truth_passes, lvl)
@@ -211,11 +225,7 @@ def offgrid_scores(module, images: torch.Tensor, levels: Sequence[int], passes: 
         keep = torch.cat([inside(grid, size, size, p.offset, coords.device) for p in truth_passes])
         feats, coords = feats[:, keep], coords[keep]
         student = module.standardizer.decode(lvl, module.student.query(images, lvl, coords).float())
-        grid0 = unmoved.features[lvl]
-        preds = {"student": student, "nearest": nearest_at(grid0, coords), "bilinear": bilinear_at(grid0, coords),
-                 "bilinear_k": lattice_bilinear_at(lattice_passes, lvl, coords)}
-        res = {k: scores(v, feats).tolist() for k, v in preds.items()}
-        a, b = grid0[:, 1:, 1:], moved14.features[lvl][:, :-1, :-1]  # the same pixels, one cell apart
-        res["ceiling"] = scores(a.flatten(1, 2), b.flatten(1, 2)).tolist()
+        res = {"student": scores(student, feats).tolist(),
+               **predictor_scores(lattice_passes, moved_by_patch, lvl, feats, coords)}
         out[module.levels[lvl].name] = res
     return out

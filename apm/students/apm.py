@@ -233,8 +233,9 @@ class APMStudent(ColumnInput):
                 if self.evidence_dim or table.ndim == 3:
                     term = self.site(images, table if loc is None else pick(table, loc))
                 else:
-                    term = pos.setdefault(id(table), self.position_term(table))
-                    term = term if loc is None else term[loc]
+                    if id(table) not in pos:
+                        pos[id(table)] = self.position_term(table)
+                    term = pos[id(table)] if loc is None else pos[id(table)][loc]
                 site = self.locate(col[:, None] + term)
                 sites.append((table, loc, site))
             pres.append(site + self.level_term(lvl))
