@@ -164,7 +164,8 @@ class APM:
                  protocol: str = "ours", init: str | None = None, lr: float | None = None,
                  seed: int = 0, levels: Sequence[str | int] | None = None,
                  progress: bool = True, moves: str = "all", solve_heads: bool = False,
-                 ridge: float = 1e-4, resolve_every: int = 0, passes: int = 1) -> Perception | list[Perception]:
+                 ridge: float = 1e-4, resolve_every: int = 0, passes: int = 1,
+                 field: bool = False) -> Perception | list[Perception]:
         """Fit a copy of this student to the image's teacher features (see ``apm perceive``)
         until its mean R^2 over ``levels`` (names or indices; default all) reaches ``target_r2``
         or ``max_steps``; a (B, 3, H, W) tensor fits B independent copies at once and returns a
@@ -176,7 +177,9 @@ class APM:
         distilled student; with ``moves="body", resolve_every=1`` and ``target_r2=0.98`` about ten
         steps fit it as well as the full fit. ``passes=4`` fits on four teacher passes moved by
         {0, 7}^2 px, at the points where their cells sit, so the student answers between the
-        grid's cells (docs/field.md). This student is not changed."""
+        grid's cells (docs/field.md). ``field=True`` is the field route: no gradient step, this
+        student's answers scaled per level plus the interpolation of what they missed at the cells
+        of ``passes`` (4) teacher passes (``apm.field``). This student is not changed."""
         from apm.perceive import FitRecipe, perceive_images
         from apm.runlog import image_seed
 
@@ -185,7 +188,7 @@ class APM:
             init = "trained" if self.trained else "fresh"
         recipe = FitRecipe(protocol=protocol, init=init, target_r2=target_r2, max_steps=max_steps, lr=lr,
                            levels=levels, moves=moves, solve_heads=solve_heads, ridge=ridge,
-                           resolve_every=resolve_every, passes=passes)
+                           resolve_every=resolve_every, passes=passes, field=field)
         seeds = [image_seed(name, seed)] if name is not None else [seed + b for b in range(len(x))]
         out = [Perception(APM(after), rec) for _, after, rec in
                perceive_images(self.module, x, seeds, recipe, progress)]

@@ -52,6 +52,7 @@ LEGACY_DEFAULTS = {"pe_max_freq": 64.0, "level_entry": "first"}
 RUNTIME_ONLY = {"_instantiator", "_class_path", "compile", "feature_cache", "max_nonfinite_steps",
                 "teacher_precision"}
 # Settings that decide the teacher's features or the student's parameter shapes.
+FIELD_KEYS = "student.lattice."  # a fitted field's residual lattice (apm.field): per image, any shape
 SHAPE_SETTINGS = {"teacher", "teacher_args", "teachers", "image_size", "patch_size", "rgb", "student"}
 # Settings that the data module owns (linked into the model by the CLI).
 DATA_SETTINGS = {"image_size"}
@@ -308,7 +309,7 @@ def check_compatible(checkpoint: dict[str, Any], module: Any, path: str | Path |
     shapes = [f"parameter {k} is {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
               for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    unexpected = [k for k in sd if k not in own and not k.startswith(FIELD_KEYS)]
     if not (teacher_changed or shapes or missing or unexpected):
         return
     diffs = [f"{_setting(k)} is {saved_hp.get(k)!r} in the checkpoint but {own_hp.get(k)!r} here"

@@ -20,6 +20,7 @@ TOOLS: dict[str, str] = {
     "classify": "apm.commands.classify:main",
     "segment": "apm.commands.segment:main",
     "explore": "apm.commands.explore:main",
+    "solve": "apm.commands.solve:main",
 }
 
 

@@ -151,25 +151,38 @@ def nearest_at(feats: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return feats[:, i, j].float()
 
 
-def lattice_bilinear_at(passes: Sequence[MovedPass], level: int, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinear interpolation at ``coords`` (N, 2) of K passes moved on a lattice (every dy with
-    every dx, as ``lattice`` gives): their cells interleaved into one rectilinear grid of K times
-    the cells, each at the position its pass puts it (uneven lattices included), then interpolated
-    per axis; past the outer points the edge value holds. Returns (B, N, d)."""
+def interleave(passes: Sequence[MovedPass], level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K passes moved on a lattice (every dy with every dx, as ``lattice`` gives) as one rectilinear
+    grid of K times the cells: features (B, H, W, d) and the positions of its rows (H,) and columns
+    (W,) in the unmoved frame, cell-major, then the pass's offset (uneven lattices included)."""
     by_offset = {p.offset: p for p in passes}
     oys, oxs = sorted({o[0] for o in by_offset}), sorted({o[1] for o in by_offset})
+    if len(by_offset) != len(oys) * len(oxs):
+        raise ValueError(f"passes moved by {sorted(by_offset)} are not a lattice (every dy with every dx)")
     rows = [torch.stack([by_offset[(y, x)].features[level] for x in oxs], dim=3) for y in oys]
     fine = rearrange(torch.stack(rows, dim=2), "b h sy w sx d -> b (h sy) (w sx) d").float()
     h, w = fine.shape[1] // len(oys), fine.shape[2] // len(oxs)
-    # positions of the fine grid's rows and columns: cell-major, then the pass's offset
     ys = torch.stack([by_offset[(y, oxs[0])].coords[level].view(h, w, 2)[:, 0, 0] for y in oys], 1).flatten()
     xs = torch.stack([by_offset[(oys[0], x)].coords[level].view(h, w, 2)[0, :, 1] for x in oxs], 1).flatten()
+    return fine, ys, xs
+
+
+def rectilinear_at(fine: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation at ``coords`` (N, 2) of a grid (B, H, W, d) whose rows and columns sit
+    at the sorted positions ``ys`` (H,) and ``xs`` (W,), per axis; past the outer points the edge
+    value holds. Returns (B, N, d)."""
     c = coords.to(fine.device, torch.float32)
     (y0, y1, ty), (x0, x1, tx) = _bracket(ys.to(c.device), c[:, 0]), _bracket(xs.to(c.device), c[:, 1])
-    ty, tx = ty[None, :, None], tx[None, :, None]
+    ty, tx = ty[None, :, None].to(fine.dtype), tx[None, :, None].to(fine.dtype)
     top = fine[:, y0, x0] * (1 - tx) + fine[:, y0, x1] * tx
     bottom = fine[:, y1, x0] * (1 - tx) + fine[:, y1, x1] * tx
     return top * (1 - ty) + bottom * ty
+
+
+def lattice_bilinear_at(passes: Sequence[MovedPass], level: int, coords: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation at ``coords`` (N, 2) of K passes moved on a lattice, their cells
+    interleaved into one rectilinear grid (``interleave``). Returns (B, N, d)."""
+    return rectilinear_at(*interleave(passes, level), coords)
 
 
 def _bracket(pos: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ INITS = ("trained", "fresh")
 # the parameters a per-image fit moves: the student's parts (``Student.parts``) each route moves
 MOVES = {"all": ("body", "heads"), "heads": ("heads",), "code": ("code",), "code+heads": ("code", "heads"),
          "body": ("body",)}
-ROUTE = ("moves", "solve_heads", "ridge", "resolve_every", "passes")  # the FitRecipe fields that choose the route
+ROUTE = ("moves", "solve_heads", "ridge", "resolve_every", "passes", "field")  # the FitRecipe fields that choose the route
 
 
 @dataclass
@@ -90,6 +90,11 @@ class FitRecipe:
             runs the teacher on the image moved by a lattice of sub-patch offsets ({0, p/2}^2 px for
             4) and fits the student at the points where those cells truly sit (``apm.offgrid``), so
             it learns the teacher between the grid's cells. The passes count in the fit's seconds.
+        field: The field route (``apm.field``): no gradient step; the student is kept as it is (its
+            heads, distilled on other photographs, are the prior) and each fitted level gets a gain
+            and the bilinear interpolation of what it missed at the ``passes`` passes' cells (4
+            unless more are given). At those cells it answers the teacher; between them, the pixels
+            it sees and the passes' interpolation together.
     """
 
     protocol: str = "ours"
@@ -106,6 +111,7 @@ class FitRecipe:
     ridge: float = 1e-4
     resolve_every: int = 0
     passes: int = 1
+    field: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -130,6 +136,8 @@ class FitRecipe:
         if self.levels is not None and not len(self.levels):
             raise ConfigError("Setting '--levels' is empty; name at least one level, or leave it "
                               "unset to fit every level.")
+        if self.field:
+            self._check_field()
         if self.official:  # the paper's code: nothing of ours to start from or to sample with
             ignored = []
             if self.init == "trained":
@@ -147,6 +155,18 @@ class FitRecipe:
             self.init = "fresh"
         elif self.init is None:
             self.init = "trained"
+
+    def _check_field(self) -> None:
+        others = [f for f, on in (("'--protocol official'", self.official), ("'--solve-heads'", self.solve_heads),
+                                  (f"'--moves {self.moves}'", self.moves != "all"),
+                                  ("'--init fresh'", self.init == "fresh")) if on]
+        if others:
+            raise ConfigError(f"Setting '--field' with {' and '.join(others)}: the field route takes no "
+                              f"gradient step and keeps the trained student's heads as they are (they are "
+                              f"what it knows of the pixels), so these do not apply. Drop them, or drop "
+                              f"'--field' (docs/field.md).")
+        if self.passes == 1:
+            self.passes = 4  # the field interpolates between moved passes: {0, p/2}^2 px by default
 
     def route(self) -> dict[str, Any]:
         """The route settings (``ROUTE``) and their values, as a run log records them."""
@@ -219,6 +239,8 @@ class Fitted:
     params: dict[str, torch.Tensor] = field(repr=False)
     stats: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     teacher_seconds: float = 0.0
+    lattice: torch.nn.Module | None = field(default=None, repr=False)
+    r2_heldout: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready part: steps, seconds, whether the target was reached, R^2 per level."""
@@ -226,7 +248,8 @@ class Fitted:
         return {"steps": self.steps, "seconds": round(self.seconds, 4),
                 "teacher_seconds": round(self.teacher_seconds, 4), "reached": self.reached,
                 "r2_mean_before": mean(self.r2_before), "r2_mean_after": mean(self.r2_after),
-                "r2_before": self.r2_before, "r2_after": self.r2_after, "curve": self.curve}
+                "r2_before": self.r2_before, "r2_after": self.r2_after, "curve": self.curve,
+                **({"r2_heldout": self.r2_heldout} if self.r2_heldout else {})}
 
 
 def moving_names(student: torch.nn.Module, moves: str) -> list[str]:
@@ -495,6 +518,8 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
     device = module.device
     images = images.to(device)
     passes_start = time.perf_counter()
+    if recipe.field:
+        return _field_fits(module, images, seeds, recipe, features, passes_start)
     points = None
     if recipe.passes > 1:
         features, points = moved_features(module, images, recipe.passes, features)
@@ -548,6 +573,50 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
     return results  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def _field_fits(module, images, seeds, recipe, features, passes_start: float) -> list[Fitted]:
+    """The field route (``apm.field``): per image, the lattice passes standardized as the student
+    is, and a ``fit_field`` on them; no gradient step. R^2 after is on the grid's cells (where the
+    field answers the teacher); ``r2_heldout`` estimates it between them."""
+    from apm import field
+
+    patch, size = module.student.patch_size, images.shape[-1]
+    offsets = offgrid.lattice(recipe.passes, patch)
+    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets))
+    passes = offgrid.moved_passes(module.targets, canvas, size, offsets)
+    if features is not None:  # the unmoved pass was given
+        passes[0] = offgrid.MovedPass((0, 0), [f.to(images.device).float() for f in features], passes[0].coords)
+    teacher_seconds = time.perf_counter() - passes_start
+    _, stats = standardized_targets(module, images, recipe, passes[0].features)
+    fitted_levels = select_levels(module.levels, recipe.levels, "--levels")
+    names = [module.levels[i].name for i in fitted_levels]
+    params = {n: p.detach().clone() for n, p in module.student.named_parameters()}
+    out = []
+    for b, seed in enumerate(seeds):
+        start = time.perf_counter()
+        scale = [(m[b], s[b]) for m, s in stats]
+        z = [offgrid.MovedPass(p.offset, [(f[b : b + 1] - m) / s for f, (m, s) in zip(p.features, scale)], p.coords)
+             for p in passes]
+        fit = field.fit_field(module.student, images[b : b + 1], z, fitted_levels)
+        grid = [z[0].features[l] for l in fitted_levels]
+        r2 = []
+        for lattice in (None, fit.lattice):
+            module.student.lattice = lattice
+            try:
+                pred = module.student.dense(images[b : b + 1], fitted_levels)
+            finally:
+                module.student.lattice = None
+            r2.append({n: float(metrics.r2(p.float().flatten(1, 2), t.flatten(1, 2))[0])
+                       for n, p, t in zip(names, pred, grid)})
+        mean = sum(r2[1].values()) / len(names)
+        out.append(Fitted(seed=int(seed), steps=1, seconds=time.perf_counter() - start, reached=mean >= recipe.target_r2,
+                          r2_before=r2[0], r2_after=r2[1], curve=[(0, round(sum(r2[0].values()) / len(names), 5)),
+                                                                   (1, round(mean, 5))],
+                          params=params, stats=scale, teacher_seconds=teacher_seconds, lattice=fit.lattice,
+                          r2_heldout={module.levels[l].name: v for l, v in fit.heldout.items()}))
+    return out
+
+
 def moved_features(module, images: torch.Tensor, passes: int,
                    features: Sequence[torch.Tensor] | None = None
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -590,6 +659,7 @@ def fitted_module(module, fitted: Fitted):
     statistics it was fitted with, in eval mode: usable by every ``apm`` tool and savable."""
     clone = copy.deepcopy(module, memo={id(module.teacher): module.teacher})
     clone.student.load_state_dict({n: p.to(clone.device) for n, p in fitted.params.items()})
+    clone.student.lattice = None if fitted.lattice is None else copy.deepcopy(fitted.lattice).to(clone.device)
     sd = clone.standardizer
     for i, (mean, std) in enumerate(fitted.stats):
         sd.mean(i).copy_(mean)
@@ -609,7 +679,7 @@ def perceive_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: 
     for fitted in fit_images(module, images, seeds, recipe, progress, features=features):
         start = (fresh_parameters(module.student, fitted.seed) if recipe.init == "fresh" else
                  {n: p.detach() for n, p in module.student.named_parameters()})
-        before = fitted_module(module, replace(fitted, params=start))
+        before = fitted_module(module, replace(fitted, params=start, lattice=None))
         rec = {"protocol": recipe.protocol, "init": recipe.init, "lr": recipe.learning_rate(), **recipe.route(),
                "target_r2": recipe.target_r2, "seed": fitted.seed, **fitted.record()}
         out.append((before, fitted_module(module, fitted), rec))

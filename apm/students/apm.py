@@ -241,14 +241,17 @@ class APMStudent(ColumnInput):
             pres.append(site + self.level_term(lvl))
             sizes.append(site.shape[-2])
         last = self._after_entry(torch.cat(pres, dim=1)).split(sizes, dim=1)  # one pass for all levels
-        return list(last) if hidden else [self.heads[lvl](h) for lvl, h in zip(levels, last)]
+        if hidden:
+            return list(last)
+        return [self.finish(lvl, self.heads[lvl](h), table if loc is None else pick(table, loc))
+                for lvl, h, loc, table in zip(levels, last, locations, tables)]
 
     def query(self, images: torch.Tensor, level: int, coords: torch.Tensor,
               chunk: int | None = None) -> torch.Tensor:
         """Predict one level at arbitrary coordinates (N, 2) in [0, 1], in chunks of ``chunk``
         queries. Returns (B, N, d); queries are independent, so chunking changes nothing."""
         col = self.column_term(self.trigger(images))
-        return torch.cat([self.answer(col, level, self.site(images, c))
+        return torch.cat([self.finish(level, self.answer(col, level, self.site(images, c)), c)
                           for c in coords.split(chunk or coords.shape[0])], dim=1)
 
     def dense(self, images: torch.Tensor, levels: Sequence[int] | None = None,
@@ -265,7 +268,7 @@ class APMStudent(ColumnInput):
             for c in coords.split(chunk or coords.shape[0]):
                 site = self.locate(col[:, None] + self.site(images, c))
                 for lvl in on_grid:
-                    preds[lvl].append(self.heads[lvl](self._after_entry(site + self.level_term(lvl))))
+                    preds[lvl].append(self.finish(lvl, self.heads[lvl](self._after_entry(site + self.level_term(lvl))), c))
         return [rearrange(torch.cat(preds[lvl], dim=1), "b (h w) d -> b h w d",
                           h=self.levels[lvl].grid[0], w=self.levels[lvl].grid[1]) for lvl in levels]
 
@@ -301,7 +304,7 @@ class APMStudent(ColumnInput):
             counts = torch.bincount(lv, minlength=len(self.levels)).tolist()
             for lvl, (pos, h) in enumerate(zip(order.split(counts), hidden.split(counts, dim=1))):
                 if len(pos):  # one pass through the trunk for every level in the chunk
-                    yield start + pos, lvl, self.heads[lvl](h)
+                    yield start + pos, lvl, self.finish(lvl, self.heads[lvl](h), c[pos])
 
 
 @dataclass

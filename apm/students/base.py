@@ -98,13 +98,32 @@ class Student(Protocol):
 class ColumnInput(nn.Module):
     """The pieces every student shares: it reads the image through ``self.column`` (a Conv2d with
     kernel and stride ``patch_size``), knows its ``levels`` and their cell-centre ``coords_<i>``
-    buffers, and codes positions with ``pe_dim`` and ``pe_max_freq``."""
+    buffers, and codes positions with ``pe_dim`` and ``pe_max_freq``. A fitted field
+    (``apm.field``) attaches its residual lattice as ``lattice``: every answer then passes through
+    ``finish``; checkpoints carry it."""
 
     levels: list[Level]
     patch_size: int
     pe_dim: int
     pe_max_freq: float
     column: nn.Conv2d
+    lattice: nn.Module | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lattice = None
+
+    def finish(self, level: int, pred: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """A level's answers (B, N, d) at ``coords`` (N, 2) or (B, N, 2): the heads', or with a
+        fitted field's ``lattice``, its gain times them plus its interpolated residual."""
+        return pred if self.lattice is None else self.lattice(level, pred, coords)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        from apm.field import PREFIX, ResidualLattice
+
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix + PREFIX)}
+        self.lattice = ResidualLattice.from_state(own).to(self.column.weight.device) if own else None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def trigger(self, images: torch.Tensor) -> torch.Tensor:
         """The trigger column T (B, c*h*w) of images (B, 3, H, W) in [0, 1]: the column filter on

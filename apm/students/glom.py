@@ -320,7 +320,10 @@ class GLOMStudent(ColumnInput):
         """Per level, the head (or, ``hidden``, its input) at ``locations`` (B, n) (None: all) of
         the states e."""
         states = [gather(self.level_states(e, lvl), loc) for lvl, loc in zip(levels, locations)]
-        return states if hidden else [self.heads[lvl](x) for lvl, x in zip(levels, states)]
+        if hidden:
+            return states
+        return [self.finish(lvl, self.heads[lvl](x), self.coords(lvl) if loc is None else self.coords(lvl)[loc])
+                for lvl, x, loc in zip(levels, states, locations)]
 
     def forward(self, images: torch.Tensor, locations: Sequence[torch.Tensor | None],
                 levels: Sequence[int] | None = None, hidden: bool = False) -> list[torch.Tensor]:
@@ -364,7 +367,7 @@ class GLOMStudent(ColumnInput):
 
     def _read(self, e: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
         idx, wts = bilinear_taps(coords.to(e.device), tuple(self.levels[level].grid))
-        return self.heads[level](sample(self.level_states(e, level), idx, wts))
+        return self.finish(level, self.heads[level](sample(self.level_states(e, level), idx, wts)), coords)
 
     def query(self, images: torch.Tensor, level: int, coords: torch.Tensor,
               chunk: int | None = None) -> torch.Tensor:
