@@ -160,16 +160,18 @@ class APM:
         ``from_config``."""
         return bool(self.module.standardizer.ready)
 
-    def perceive(self, image: ImageLike, target_r2: float = 0.9, max_steps: int = 500,
+    def perceive(self, image: ImageLike, target_r2: float | None = None, max_steps: int | None = None,
                  protocol: str = "ours", init: str | None = None, lr: float | None = None,
                  seed: int = 0, levels: Sequence[str | int] | None = None,
-                 progress: bool = True, moves: str = "all", solve_heads: bool = False,
-                 ridge: float = 1e-4, resolve_every: int = 0, passes: int = 1,
-                 field: bool = False) -> Perception | list[Perception]:
-        """Fit a copy of this student to the image's teacher features (see ``apm perceive``)
-        until its mean R^2 over ``levels`` (names or indices; default all) reaches ``target_r2``
-        or ``max_steps``; a (B, 3, H, W) tensor fits B independent copies at once and returns a
-        list. ``init`` defaults to ``trained`` for a trained student and ``fresh`` for one from
+                 progress: bool = True, moves: str | None = None, solve_heads: bool | None = None,
+                 ridge: float | None = None, resolve_every: int | None = None, passes: int | None = None,
+                 field: bool | None = None) -> Perception | list[Perception]:
+        """Fit a copy of this student to the image's teacher features (see ``apm perceive``); a
+        (B, 3, H, W) tensor fits B independent copies at once and returns a list. A trained student
+        asked for no gradient setting (``apm.perceive.GRADIENT``) takes the field route
+        (``field=True``, below; ``field=False`` for the gradient fit); otherwise the student is
+        fitted until its mean R^2 over ``levels`` (names or indices; default all) reaches
+        ``target_r2`` (0.9) or ``max_steps`` (500). ``init`` defaults to ``trained`` for a trained student and ``fresh`` for one from
         ``from_config`` (the official protocol is always fresh). A path is seeded as
         ``apm perceive`` seeds it (from its name); in-memory image b of a call is seeded
         ``seed + b``. ``moves``, ``solve_heads``, ``ridge`` and ``resolve_every`` choose the route
@@ -180,15 +182,18 @@ class APM:
         grid's cells (docs/field.md). ``field=True`` is the field route: no gradient step, this
         student's answers scaled per level plus the interpolation of what they missed at the cells
         of ``passes`` (4) teacher passes (``apm.field``). This student is not changed."""
-        from apm.perceive import FitRecipe, perceive_images
+        from apm.perceive import FitRecipe, field_by_default, perceive_images
         from apm.runlog import image_seed
 
         x, name = self._read(image)
         if init is None and protocol != "official":
             init = "trained" if self.trained else "fresh"
-        recipe = FitRecipe(protocol=protocol, init=init, target_r2=target_r2, max_steps=max_steps, lr=lr,
-                           levels=levels, moves=moves, solve_heads=solve_heads, ridge=ridge,
-                           resolve_every=resolve_every, passes=passes, field=field)
+        given = {k: v for k, v in dict(target_r2=target_r2, max_steps=max_steps, lr=lr, moves=moves,
+                                       solve_heads=solve_heads, ridge=ridge, resolve_every=resolve_every,
+                                       passes=passes).items() if v is not None}
+        if field is None:
+            field = field_by_default(protocol, init, given)
+        recipe = FitRecipe(protocol=protocol, init=init, levels=levels, field=field, **given)
         seeds = [image_seed(name, seed)] if name is not None else [seed + b for b in range(len(x))]
         out = [Perception(APM(after), rec) for _, after, rec in
                perceive_images(self.module, x, seeds, recipe, progress)]

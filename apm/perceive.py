@@ -54,6 +54,16 @@ MOVES = {"all": ("body", "heads"), "heads": ("heads",), "code": ("code",), "code
 ROUTE = ("moves", "solve_heads", "ridge", "resolve_every", "passes", "field")  # the FitRecipe fields that choose the route
 
 
+GRADIENT = ("moves", "solve_heads", "resolve_every", "lr", "queries_per_image", "max_steps", "target_r2")
+
+
+def field_by_default(protocol: str, init: str | None, asked: Sequence[str]) -> bool:
+    """Whether a fit that names no route takes the field route, as ``apm perceive`` and
+    ``APM.perceive`` do: from a trained student (``init`` trained), with our protocol, unless one
+    of the gradient fit's settings (``GRADIENT``, named in ``asked``) was asked for."""
+    return protocol == "ours" and init == "trained" and not set(asked) & set(GRADIENT)
+
+
 @dataclass
 class FitRecipe:
     """How a student is fitted to one image.

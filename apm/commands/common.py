@@ -61,11 +61,12 @@ def route_args(p: argparse.ArgumentParser) -> None:
                    help="teacher passes per image: 1 fits the grid; 4 (or 9, 16) also fits the teacher "
                    "on the image moved by a lattice of sub-patch offsets, at the points where those "
                    "cells truly sit, so the student answers between the grid's cells (docs/field.md)")
-    p.add_argument("--field", action="store_true", default=None,
+    p.add_argument("--field", action=argparse.BooleanOptionalAction, default=None,
                    help="the field route: no gradient step; the trained student is kept and each level "
                    "gets a gain and the bilinear interpolation of what it missed at the cells of "
                    "--passes passes (4 unless given): the teacher at those cells, the pixels and the "
-                   "passes between them. About half a second beside the passes (docs/field.md)")
+                   "passes between them, in about a second (docs/field.md). Default of apm perceive "
+                   "from --ckpt when no gradient setting is given; --no-field: the gradient fit")
 
 
 def recipe_from_args(a: argparse.Namespace, protocol: str, **kwargs):

@@ -13,10 +13,14 @@ from apm.commands.common import (IMAGES_HELP, parser, recipe_from_args, route_ar
                                  student_from_args)
 from apm.checkpoints import write_student
 from apm.data import load_images
-from apm.perceive import FitRecipe, perceive_images
+from apm.errors import ConfigError
+from apm.perceive import GRADIENT, FitRecipe, field_by_default, perceive_images
 from apm.precision import pick_device
 from apm.runlog import image_seed, resume
 from teachers.base import select_levels
+
+
+FLAG = {"queries_per_image": "queries"}  # FitRecipe's name -> this command's option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +68,16 @@ def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     device = pick_device(a.device)
     module = student_from_args(a, "perceive", "a fresh student of that config's teacher", device)
+    defaults = build_parser()
+    asked = [k for k in GRADIENT if getattr(a, FLAG.get(k, k)) != defaults.get_default(FLAG.get(k, k))]
+    if a.field and set(asked) - {"moves", "solve_heads"}:  # those two FitRecipe refuses itself
+        flags = ", ".join(f"'--{FLAG.get(k, k).replace('_', '-')}'" for k in asked)
+        raise ConfigError(f"Settings '--field' and {flags}: the field route takes no gradient step, so "
+                          f"{flags} would do nothing. Drop them, or use '--no-field' for the gradient fit.")
+    if a.field is None:  # no route named: the field route from a trained student, unless gradient settings are given
+        a.field = field_by_default(a.protocol, a.init or ("trained" if a.ckpt else "fresh"), asked) or None
+        if a.field:
+            print("route: the field (no gradient step; --no-field for the gradient fit), docs/field.md")
     recipe = recipe_from_args(a, a.protocol, target_r2=a.target_r2, max_steps=a.max_steps,
                               eval_every=a.eval_every, levels=a.levels)
     levels = select_levels(module.levels, a.levels, "--levels")  # a bad level is named before any work
