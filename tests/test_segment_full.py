@@ -167,3 +167,33 @@ def test_the_students_query_at_pixels_is_its_field():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     pixels = at(image, 0, full.pixel_coords((size, size)))
     assert pixels.shape == (size * size, module.levels[0].dim) and len(torch.unique(pixels[:, 0])) > size
+
+
+def test_a_field_fitted_to_each_photograph_is_the_teacher_at_its_cells_and_segment_scores_it(tmp_path):
+    """``--perceive`` at full resolution: each photograph, resized to the student's square, gets a
+    fitted copy (here the field route) that is queried at every pixel; at the fitted cells of that
+    square it answers the teacher's own features there."""
+    from apm.codes import grid_coords
+    from apm.perceive import FitRecipe
+
+    ckpt = str(CONFIGS.parent / "tests" / "data" / "single_dinov2_tiny.ckpt")
+    module = load_student(ckpt, None, "cpu")
+    photo = torch.from_numpy(np.asarray(Image.open(__import__("skimage").data.__path__[0] + "/coffee.png")
+                                        .convert("RGB"))).permute(2, 0, 1).float() / 255
+    at = full.fitted_query(module, FitRecipe(field=True))
+    with torch.no_grad():
+        feats = module.targets(full.square(module, photo))
+    for lvl in (0, len(module.levels) - 1):
+        got = at(photo, lvl, grid_coords(module.levels[lvl].grid))
+        torch.testing.assert_close(got, feats[lvl][0].flatten(0, 1).float(), atol=1e-3, rtol=1e-3)
+    (tmp_path / "img").mkdir(), (tmp_path / "gt").mkdir()
+    Image.fromarray((photo.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "img" / "coffee.png")
+    seg = np.zeros((400, 600), int)
+    seg[:, 300:] = 1
+    bsds_mat(tmp_path / "gt" / "coffee.mat", [seg])
+    out = tmp_path / "full.json"
+    assert main(["segment", "--ckpt", ckpt, "--images", str(tmp_path / "img"), "--gt", str(tmp_path / "gt"),
+                 "--resolution", "full", "--perceive", "--field", "--levels", "0", "--k", "2",
+                 "--n-init", "1", "--thresholds", "3", "--no-boundaries", "--json", str(out), "--device", "cpu"]) == 0
+    doc = json.loads(out.read_text())
+    assert "student_fitted" in doc["regions"] and doc["settings"]["field"] is True

@@ -14,7 +14,7 @@ from pathlib import Path
 from apm import segment
 from apm.commands.common import route_args, route_from_args, student_from_args
 from apm.errors import ConfigError
-from apm.perceive import ROUTE
+from apm.perceive import ROUTE, FitRecipe
 from apm.precision import pick_device
 
 
@@ -75,7 +75,7 @@ def _pointless(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     """ConfigError for flags set away from their defaults that do nothing in this combination."""
     full, grid = a.resolution == "full", a.resolution == "grid"
     unused = [(f, need) for f, need, on in (
-        ("--perceive", "--resolution grid", grid), ("--upsample", "--resolution grid", grid),
+        ("--upsample", "--resolution grid", grid),
         ("--figures", "--resolution grid", grid), ("--reseed", "--resolution grid", grid),
         ("--tree-k", "--resolution grid", grid), ("--ucm", "--resolution full", full),
         ("--thresholds", "--resolution full", full), ("--no-boundaries", "--resolution full", full),
@@ -139,9 +139,13 @@ def _full(a: argparse.Namespace, module) -> int:
 
     plan = segment.make_plan(module, a.levels, a.k, seed=a.seed, n_init=a.n_init)
     trained = bool(module.standardizer.ready)
+    features_at, name = (full.student_query(module) if trained else None), "student_queried"
+    if a.perceive:
+        recipe = FitRecipe(init="trained" if trained else "fresh", target_r2=a.target_r2, max_steps=a.max_steps,
+                           **route_from_args(a))
+        features_at, name = full.fitted_query(module, recipe), "student_fitted"
     fplan = full.FullPlan(levels=plan.levels, ks=plan.ks, seed=a.seed, n_init=a.n_init, thresholds=a.thresholds,
-                          features_at=full.student_query(module) if trained else None,
-                          boundaries=not a.no_boundaries)
+                          features_at=features_at, student_name=name, boundaries=not a.no_boundaries)
     start, cpu = time.perf_counter(), time.process_time()
     results, skipped = full.run_full(module, a.images, a.gt, fplan, a.ucm)
     summary = full.summarize_full(results)
@@ -153,6 +157,7 @@ def _full(a: argparse.Namespace, module) -> int:
         doc = {**summary, "per_image": per_image, "skipped": skipped, "seconds": round(seconds, 2),
                "cpu_seconds": round(cpu, 2), "settings": {
                    "resolution": "full", "ckpt": a.ckpt, "config": a.config, "gt": a.gt, "ucm": a.ucm,
+                   "perceive": a.perceive, **(route_from_args(a) if a.perceive else {}),
                    "k": plan.ks, "levels": [module.levels[i].name for i in plan.levels], "n_init": a.n_init,
                    "seed": a.seed, "thresholds": a.thresholds, "sample": fplan.sample, "vi_units": "bits",
                    "teacher_weights": getattr(module.teacher, "weights_source", None)}}

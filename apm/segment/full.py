@@ -11,7 +11,8 @@ photograph's pixel (r, c) of (H, W) is queried at ((r + 0.5) / H, (c + 0.5) / W)
 - ``teacher_bilinear``: each level's grid upsampled bilinearly (``grid_features_at``);
 - ``colour``: the mean colours of the teacher's patches, upsampled bilinearly;
 - a student queried at every pixel: any ``features_at(image, level, coords)`` (``Plan.features_at``,
-  e.g. a field that sees the pixels); by default the module's own student (``student_query``);
+  e.g. a field that sees the pixels); by default the module's own student (``student_query``), or
+  with ``--perceive`` a copy fitted to each photograph first (``fitted_query``);
 - ``ucm``: gPb-owt-ucm's segmentations (``--ucm DIR``), the benchmark's own segmenter.
 
 k-means islands are fitted on a sample of pixels and every pixel is then labelled in chunks
@@ -69,14 +70,33 @@ def student_query(module, chunk: int = 16384) -> Callable[[torch.Tensor, int, to
     """``features_at(image, level, coords)`` of the module's student (teacher's scale): the whole
     photograph resized to the student's square input, queried at ``coords`` in chunks. The place
     where a student that sees the pixels at each query plugs in instead."""
-    size = int(module.hparams.image_size)
-
     @torch.no_grad()
     def at(image: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False).to(module.device)
-        pred = module.student.query(x, level, coords.to(module.device), chunk)
+        pred = module.student.query(square(module, image), level, coords.to(module.device), chunk)
         return module.standardizer.decode(level, pred.float())[0].cpu()
+    return at
+
+
+def square(module, image: torch.Tensor) -> torch.Tensor:
+    """The photograph (3, H, W) resized to the student's square input: (1, 3, S, S) on its device."""
+    size = int(module.hparams.image_size)
+    return F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).clamp(0, 1).to(module.device)
+
+
+def fitted_query(module, recipe, chunk: int = 16384) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
+    """``features_at`` of a copy of the student fitted to each photograph first (``--perceive``):
+    the photograph resized to the student's input, fitted once by ``recipe`` (e.g. the field
+    route), then queried as ``student_query`` queries."""
+    from apm.perceive import fit_images, fitted_module
+
+    held: dict = {}
+
+    def at(image: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
+        if held.get("image") is not image:
+            fitted = fit_images(module, square(module, image), [0], recipe, progress=False)[0]
+            held.update(image=image, query=student_query(fitted_module(module, fitted), chunk))
+        return held["query"](image, level, coords)
     return at
 
 
