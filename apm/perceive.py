@@ -472,7 +472,7 @@ def standardized_targets(module, images: torch.Tensor, recipe: FitRecipe,
 def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
                progress: bool = True, features: Sequence[torch.Tensor] | None = None,
                on_eval: Callable[[int, list[int], torch.Tensor, list[torch.Tensor]], None] | None = None,
-               ) -> list[Fitted]:
+               canvas: torch.Tensor | None = None) -> list[Fitted]:
     """Fit one copy of ``module``'s student to each image's teacher features.
 
     Args:
@@ -487,6 +487,9 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
             steps and the last) as ``on_eval(step, indices, r2, predictions)``: the indices into
             ``images`` of the images still fitting, their R^2 (n, L) per fitted level, and their
             students' dense predictions per fitted level (n, h, w, d) on the teacher's scale.
+        canvas: For ``passes`` > 1: the images with real pixels past their bottom and right edges
+            (N, 3, S', S'), the frame at the top left, for the moved passes; default the frame's
+            last pixels mirrored (``offgrid.pad_canvas``).
 
     Returns:
         Per image, a ``Fitted`` (its parameters, statistics, steps, seconds and R^2 per level).
@@ -498,7 +501,7 @@ def fit_images(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRe
     with torch.inference_mode(False), torch.enable_grad():
         images = images.clone()
         features = None if features is None else [f.clone() for f in features]
-        return _fit(module, images, seeds, recipe, progress, features, on_eval)
+        return _fit(module, images, seeds, recipe, progress, features, on_eval, canvas)
 
 
 def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe,
@@ -524,15 +527,15 @@ def _start(module, images: torch.Tensor, seeds: Sequence[int], recipe: FitRecipe
     return params, fit, stats
 
 
-def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fitted]:
+def _fit(module, images, seeds, recipe, progress, features, on_eval, canvas=None) -> list[Fitted]:
     device = module.device
     images = images.to(device)
     passes_start = time.perf_counter()
     if recipe.field:
-        return _field_fits(module, images, seeds, recipe, features, passes_start)
+        return _field_fits(module, images, seeds, recipe, features, passes_start, canvas)
     points = None
     if recipe.passes > 1:
-        features, points = moved_features(module, images, recipe.passes, features)
+        features, points = moved_features(module, images, recipe.passes, features, canvas)
     elif features is None:
         with torch.no_grad():
             features = module.targets(images)
@@ -584,7 +587,7 @@ def _fit(module, images, seeds, recipe, progress, features, on_eval) -> list[Fit
 
 
 @torch.no_grad()
-def _field_fits(module, images, seeds, recipe, features, passes_start: float) -> list[Fitted]:
+def _field_fits(module, images, seeds, recipe, features, passes_start: float, canvas=None) -> list[Fitted]:
     """The field route (``apm.field``): per image, the lattice passes standardized as the student
     is, and a ``fit_field`` on them; no gradient step. R^2 after is on the grid's cells (where the
     field answers the teacher); ``r2_heldout`` estimates it between them."""
@@ -592,7 +595,7 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float) ->
 
     patch, size = module.student.patch_size, images.shape[-1]
     offsets = offgrid.lattice(recipe.passes, patch)
-    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets))
+    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets)) if canvas is None else canvas.to(images.device)
     passes = offgrid.moved_passes(module.targets, canvas, size, offsets)
     if features is not None:  # the unmoved pass was given
         passes[0] = offgrid.MovedPass((0, 0), [f.to(images.device).float() for f in features], passes[0].coords)
@@ -628,14 +631,14 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float) ->
 
 
 def moved_features(module, images: torch.Tensor, passes: int,
-                   features: Sequence[torch.Tensor] | None = None
+                   features: Sequence[torch.Tensor] | None = None, canvas: torch.Tensor | None = None
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per level, the targets of ``passes`` teacher passes on the images moved by a lattice of
     sub-patch offsets (``apm.offgrid.lattice``; the unmoved pass first, ``features`` when given),
     stitched into points (N, P, 1, d), and their coordinates (P, 2), one table object per grid."""
     patch, size = module.student.patch_size, images.shape[-1]
     offsets = offgrid.lattice(passes, patch)
-    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets))
+    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets)) if canvas is None else canvas.to(images.device)
     moved = offgrid.moved_passes(module.targets, canvas, size, offsets[1:])
     if features is None:
         with torch.no_grad():

@@ -68,10 +68,11 @@ def field_module(size: int, settings: dict, hidden: int):
                                {"student": {"hidden_dims": [hidden], "pe_dim": 64, **settings}}).eval()
 
 
-def field_scores(module, frame: torch.Tensor, evals, passes: int, ridge: float, init: str = "fresh",
+def field_scores(module, canvas: torch.Tensor, size: int, evals, passes: int, ridge: float, init: str = "fresh",
                  steps: int = 1, route: str = "solve") -> tuple[list[float], float, float]:
     """Off-grid R^2 per teacher level of a field (fresh, or the module's trained student) fitted on
-    ``passes`` passes of ``frame`` (``route`` "solve": one solve of the heads, then variable
+    ``passes`` passes of the ``size``-px frame at the top left of ``canvas``, real pixels past it as for
+    ``bilinear_k`` (``route`` "solve": one solve of the heads, then variable
     projection up to ``steps``; "field": the field route of ``apm.field``), and the fit's wall and
     CPU seconds (its teacher passes included)."""
     from apm.perceive import FitRecipe, fit_images, fitted_module
@@ -83,7 +84,8 @@ def field_scores(module, frame: torch.Tensor, evals, passes: int, ridge: float, 
         recipe = FitRecipe(init=init, passes=passes, solve_heads=True, ridge=ridge, max_steps=steps,
                            target_r2=2.0, **moves)
     wall, cpu = time.perf_counter(), time.process_time()
-    fitted = fit_images(module, frame, [0], recipe, progress=False)[0]
+    frame = canvas[..., :size, :size]
+    fitted = fit_images(module, frame, [0], recipe, progress=False, canvas=canvas)[0]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     st = fitted_module(module, fitted)
     out = []
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 per.setdefault(k, {}).setdefault(name, []).append(v)
         for n, module in fields.items():
             trained = n in ("distilled", "field")
-            r2, wall, cpu = field_scores(module, canvas[..., : a.size, : a.size], evals, a.passes, a.ridge,
+            r2, wall, cpu = field_scores(module, canvas, a.size, evals, a.passes, a.ridge,
                                          "trained" if trained else "fresh", a.steps if n == "distilled" else 1,
                                          "field" if n == "field" else "solve")
             for name, v in zip(names, r2):
