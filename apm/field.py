@@ -31,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from apm import offgrid
+from apm import metrics, offgrid
 
 PREFIX = "lattice."
 
@@ -51,9 +51,6 @@ class ResidualLattice(nn.Module):
             self.register_buffer(f"ys_{lvl}", ys.float())
             self.register_buffer(f"xs_{lvl}", xs.float())
 
-    def gain(self, level: int) -> float:
-        return float(getattr(self, f"gain_{level}"))
-
     def forward(self, level: int, pred: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """The field's answer (B, N, d) at ``coords`` (N, 2) or (B, N, 2) from the student's (B, N, d)."""
         if level not in self.fitted:
@@ -70,19 +67,27 @@ class ResidualLattice(nn.Module):
         return cls({l: tuple(state[f"{prefix}{n}_{l}"] for n in ("gain", "values", "ys", "xs")) for l in levels})
 
 
+def _held_out(target: Sequence[offgrid.MovedPass], base: Sequence[offgrid.MovedPass], level: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At the cells of every pass but the unmoved one (B, N, d): the targets ``t``, their error
+    ``u`` from the unmoved pass's targets interpolated bilinearly, and the same of the student's
+    answers ``v``. A field of gain g fitted on the unmoved pass alone errs there by u - g v."""
+    i0 = [p.offset for p in target].index((0, 0))
+    ts, us, vs = [], [], []
+    for i, (t, b) in enumerate(zip(target, base)):
+        if i != i0:
+            c = t.coords[level]
+            ts.append(t.features[level].flatten(1, 2))
+            us.append(ts[-1] - offgrid.bilinear_at(target[i0].features[level], c))
+            vs.append(b.features[level].flatten(1, 2) - offgrid.bilinear_at(base[i0].features[level], c))
+    return torch.cat(ts, 1), torch.cat(us, 1), torch.cat(vs, 1)
+
+
 def gain(target: Sequence[offgrid.MovedPass], base: Sequence[offgrid.MovedPass], level: int) -> float:
     """The gain in [0, 1] of the student's answers ``base`` that best predicts, with the residual
     of the unmoved pass interpolated bilinearly, the ``target`` cells of the other passes (least
-    squares in closed form: the held-out error is linear in the gain)."""
-    i0 = [p.offset for p in target].index((0, 0))
-    us, vs = [], []
-    for i, (t, b) in enumerate(zip(target, base)):
-        if i == i0:
-            continue
-        c = t.coords[level]
-        us.append(t.features[level].flatten(1, 2) - offgrid.bilinear_at(target[i0].features[level], c))
-        vs.append(b.features[level].flatten(1, 2) - offgrid.bilinear_at(base[i0].features[level], c))
-    u, v = torch.cat(us, 1).double(), torch.cat(vs, 1).double()
+    squares in closed form: the held-out error u - g v is linear in the gain)."""
+    _, u, v = (x.double() for x in _held_out(target, base, level))
     den = float(v.square().sum())
     return min(max(float((u * v).sum()) / den, 0.0), 1.0) if den > 0 else 0.0
 
@@ -90,17 +95,8 @@ def gain(target: Sequence[offgrid.MovedPass], base: Sequence[offgrid.MovedPass],
 def heldout_r2(target: Sequence[offgrid.MovedPass], base: Sequence[offgrid.MovedPass], level: int, g: float) -> float:
     """R^2 at the other passes' cells of the field fitted on the unmoved pass alone with gain ``g``:
     an estimate, from the fit's own passes, of how it answers between the cells it was fitted to."""
-    from apm import metrics
-
-    i0 = [p.offset for p in target].index((0, 0))
-    r0 = target[i0].features[level] - g * base[i0].features[level]
-    preds, truths = [], []
-    for i, (t, b) in enumerate(zip(target, base)):
-        if i != i0:
-            c = t.coords[level]
-            preds.append(g * b.features[level].flatten(1, 2) + offgrid.bilinear_at(r0, c))
-            truths.append(t.features[level].flatten(1, 2))
-    return float(metrics.r2(torch.cat(preds, 1), torch.cat(truths, 1))[0])
+    t, u, v = _held_out(target, base, level)
+    return float(metrics.r2(t - (u - g * v), t)[0])
 
 
 @dataclass

@@ -593,12 +593,7 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
     field answers the teacher); ``r2_heldout`` estimates it between them."""
     from apm import field
 
-    patch, size = module.student.patch_size, images.shape[-1]
-    offsets = offgrid.lattice(recipe.passes, patch)
-    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets)) if canvas is None else canvas.to(images.device)
-    passes = offgrid.moved_passes(module.targets, canvas, size, offsets)
-    if features is not None:  # the unmoved pass was given
-        passes[0] = offgrid.MovedPass((0, 0), [f.to(images.device).float() for f in features], passes[0].coords)
+    passes = lattice_passes(module, images, recipe.passes, features, canvas)
     teacher_seconds = time.perf_counter() - passes_start
     _, stats = standardized_targets(module, images, recipe, passes[0].features)
     fitted_levels = select_levels(module.levels, recipe.levels, "--levels")
@@ -612,13 +607,13 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
              for p in passes]
         fit = field.fit_field(module.student, images[b : b + 1], z, fitted_levels)
         grid = [z[0].features[l] for l in fitted_levels]
-        r2 = []
-        for lattice in (None, fit.lattice):
+        r2, own = [], module.student.lattice
+        for lattice in (own, fit.lattice):  # the start, and the field
             module.student.lattice = lattice
             try:
                 pred = module.student.dense(images[b : b + 1], fitted_levels)
             finally:
-                module.student.lattice = None
+                module.student.lattice = own
             r2.append({n: float(metrics.r2(p.float().flatten(1, 2), t.flatten(1, 2))[0])
                        for n, p, t in zip(names, pred, grid)})
         mean = sum(r2[1].values()) / len(names)
@@ -630,12 +625,11 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
     return out
 
 
-def moved_features(module, images: torch.Tensor, passes: int,
-                   features: Sequence[torch.Tensor] | None = None, canvas: torch.Tensor | None = None
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per level, the targets of ``passes`` teacher passes on the images moved by a lattice of
-    sub-patch offsets (``apm.offgrid.lattice``; the unmoved pass first, ``features`` when given),
-    stitched into points (N, P, 1, d), and their coordinates (P, 2), one table object per grid."""
+def lattice_passes(module, images: torch.Tensor, passes: int, features: Sequence[torch.Tensor] | None = None,
+                   canvas: torch.Tensor | None = None) -> list[offgrid.MovedPass]:
+    """``passes`` teacher passes on the images moved by a lattice of sub-patch offsets
+    (``apm.offgrid.lattice``), the unmoved one first (``features`` when given); the moved ones read
+    ``canvas`` (real pixels past the frame) or, without it, the frame's last pixels mirrored."""
     patch, size = module.student.patch_size, images.shape[-1]
     offsets = offgrid.lattice(passes, patch)
     canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets)) if canvas is None else canvas.to(images.device)
@@ -643,12 +637,20 @@ def moved_features(module, images: torch.Tensor, passes: int,
     if features is None:
         with torch.no_grad():
             features = module.targets(images)
-    first = offgrid.MovedPass((0, 0), [f.float() for f in features],
+    first = offgrid.MovedPass((0, 0), [f.to(images.device).float() for f in features],
                               [offgrid.moved_coords(tuple(f.shape[1:3]), size, 0, 0, f.device) for f in features])
-    passes_ = [first, *moved]
+    return [first, *moved]
+
+
+def moved_features(module, images: torch.Tensor, passes: int,
+                   features: Sequence[torch.Tensor] | None = None, canvas: torch.Tensor | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per level, the targets of ``lattice_passes`` stitched into points (N, P, 1, d), and their
+    coordinates (P, 2), one table object per grid."""
+    passes_ = lattice_passes(module, images, passes, features, canvas)
     tables: dict[tuple[int, int], torch.Tensor] = {}
     feats, points = [], []
-    for lvl, f in enumerate(features):
+    for lvl, f in enumerate(passes_[0].features):
         feat, table = offgrid.stitch(passes_, lvl)
         feats.append(feat[:, :, None])  # (N, P, 1, d): a grid of P x 1 to the rest of the fit
         points.append(tables.setdefault(tuple(f.shape[1:3]), table))

@@ -232,6 +232,8 @@ def test_bad_input_is_named_in_one_paragraph_before_any_work(configs, tmp_path, 
     (data / "notes").rmdir()
     assert main([*base, "--data", str(data), "--templates", str(tmp_path / "none.txt")]) == 2
     assert "'--templates'" in capsys.readouterr().err and not out.exists()
+    assert main([*base, "--data", str(data), "--field"]) == 2  # the field route takes no step to score at
+    assert "Setting '--field'" in capsys.readouterr().err and not out.exists()
 
     # a teacher without a global level (DINOv2) is named with the fix
     (tmp_path / "t.txt").write_text("a photo of a {}.\n")

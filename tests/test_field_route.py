@@ -69,6 +69,9 @@ def test_the_gain_is_the_held_out_least_squares_one_and_stays_in_zero_one():
                           - offgrid.bilinear_at(r0, t.coords[0])).square().sum()) for t, b in zip(target[1:], base[1:]))
     grid = np.linspace(0, 1, 1001)
     assert g == pytest.approx(grid[np.argmin([err(x) for x in grid])], abs=2e-3)
+    held = torch.cat([t.features[0].flatten(1, 2) for t in target[1:]], 1)  # the held-out R^2 by hand
+    sst = float((held - held.mean(1, keepdim=True)).square().sum())
+    assert field.heldout_r2(target, base, 0, g) == pytest.approx(1 - err(g) / sst, abs=1e-5)
 
 
 def test_the_pooled_head_solve_is_sklearns_ridge_whatever_the_batches():

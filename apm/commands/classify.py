@@ -66,6 +66,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError("apm classify needs --ckpt (a trained student with a CLIP teacher, the warm "
                           "start) or --config (a fresh student per image, e.g. --config configs/apm.yaml "
                           "--config configs/clip.yaml).")
+    if a.field:
+        raise ConfigError("Setting '--field': apm classify scores the fitted student at gradient steps "
+                          "(--steps), and the field route takes none (at the grid's cells it answers the "
+                          "teacher itself). Drop '--field'.")
     recipe = recipe_from_args(a, a.protocol or ("ours" if a.ckpt else "official"))
     steps = sorted(set(a.steps))
     settings = {"protocol": recipe.protocol, "init": recipe.init, "steps": steps,

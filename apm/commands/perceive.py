@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     device = pick_device(a.device)
     module = student_from_args(a, "perceive", "a fresh student of that config's teacher", device)
     defaults = build_parser()
-    asked = [k for k in GRADIENT if getattr(a, FLAG.get(k, k)) != defaults.get_default(FLAG.get(k, k))]
+    asked = [k for k in (*GRADIENT, "eval_every") if getattr(a, FLAG.get(k, k)) != defaults.get_default(FLAG.get(k, k))]
     if a.field and set(asked) - {"moves", "solve_heads"}:  # those two FitRecipe refuses itself
         flags = ", ".join(f"'--{FLAG.get(k, k).replace('_', '-')}'" for k in asked)
         raise ConfigError(f"Settings '--field' and {flags}: the field route takes no gradient step, so "
