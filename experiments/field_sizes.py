@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", type=int, nargs="+", default=[448, 896, 1792])
     p.add_argument("--level", default="block9")
     p.add_argument("--k", type=int, default=6)
-    p.add_argument("--chunk", type=int, default=16384, help="queries per pass through the student")
+    p.add_argument("--chunk", type=int, default=8192, help="queries per pass through the student")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "field_sizes_cpu.json")
     p.add_argument("--solved", type=Path, help="fit by the field route from this student of 'apm solve'")
     p.add_argument("--child", nargs=2, metavar=("CKPT", "SIZE"), help=argparse.SUPPRESS)

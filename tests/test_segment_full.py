@@ -178,8 +178,8 @@ def test_a_field_fitted_to_each_photograph_is_the_teacher_at_its_cells_and_segme
 
     ckpt = str(CONFIGS.parent / "tests" / "data" / "single_dinov2_tiny.ckpt")
     module = load_student(ckpt, None, "cpu")
-    photo = torch.from_numpy(np.asarray(Image.open(__import__("skimage").data.__path__[0] + "/coffee.png")
-                                        .convert("RGB"))).permute(2, 0, 1).float() / 255
+    photo = torch.from_numpy(np.array(Image.open(__import__("skimage").data.__path__[0] + "/coffee.png")
+                                      .convert("RGB"))).permute(2, 0, 1).float() / 255
     at = full.fitted_query(module, FitRecipe(field=True))
     with torch.no_grad():
         feats = module.targets(full.square(module, photo))
