@@ -171,8 +171,8 @@ class APM:
         asked for no gradient setting (``apm.perceive.GRADIENT``) takes the field route
         (``field=True``, below; ``field=False`` for the gradient fit); otherwise the student is
         fitted until its mean R^2 over ``levels`` (names or indices; default all) reaches
-        ``target_r2`` (0.9) or ``max_steps`` (500). ``init`` defaults to ``trained`` for a trained student and ``fresh`` for one from
-        ``from_config`` (the official protocol is always fresh). A path is seeded as
+        ``target_r2`` (0.9) or ``max_steps`` (500). ``init`` defaults to ``trained`` for a trained
+        student and ``fresh`` for one from ``from_config`` (the official protocol is always fresh). A path is seeded as
         ``apm perceive`` seeds it (from its name); in-memory image b of a call is seeded
         ``seed + b``. ``moves``, ``solve_heads``, ``ridge`` and ``resolve_every`` choose the route
         (``apm perceive --help``): ``solve_heads=True`` reaches R^2 0.9 in one step from a

@@ -51,9 +51,8 @@ INITS = ("trained", "fresh")
 # the parameters a per-image fit moves: the student's parts (``Student.parts``) each route moves
 MOVES = {"all": ("body", "heads"), "heads": ("heads",), "code": ("code",), "code+heads": ("code", "heads"),
          "body": ("body",)}
-ROUTE = ("moves", "solve_heads", "ridge", "resolve_every", "passes", "field")  # the FitRecipe fields that choose the route
-
-
+ROUTE = ("moves", "solve_heads", "ridge", "resolve_every", "passes", "field")  # the fields that choose the route
+# the settings that only a gradient fit reads: asking for one chooses it over the field route
 GRADIENT = ("moves", "solve_heads", "resolve_every", "lr", "queries_per_image", "max_steps", "target_r2")
 
 
@@ -591,7 +590,7 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
     """The field route (``apm.field``): per image, the lattice passes standardized as the student
     is, and a ``fit_field`` on them; no gradient step. R^2 after is on the grid's cells (where the
     field answers the teacher); ``r2_heldout`` estimates it between them."""
-    from apm import field
+    from apm.field import fit_field
 
     passes = lattice_passes(module, images, recipe.passes, features, canvas)
     teacher_seconds = time.perf_counter() - passes_start
@@ -605,7 +604,7 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
         scale = [(m[b], s[b]) for m, s in stats]
         z = [offgrid.MovedPass(p.offset, [(f[b : b + 1] - m) / s for f, (m, s) in zip(p.features, scale)], p.coords)
              for p in passes]
-        fit = field.fit_field(module.student, images[b : b + 1], z, fitted_levels)
+        fit = fit_field(module.student, images[b : b + 1], z, fitted_levels)
         grid = [z[0].features[l] for l in fitted_levels]
         r2, own = [], module.student.lattice
         for lattice in (own, fit.lattice):  # the start, and the field
@@ -617,9 +616,10 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
             r2.append({n: float(metrics.r2(p.float().flatten(1, 2), t.flatten(1, 2))[0])
                        for n, p, t in zip(names, pred, grid)})
         mean = sum(r2[1].values()) / len(names)
-        out.append(Fitted(seed=int(seed), steps=1, seconds=time.perf_counter() - start, reached=mean >= recipe.target_r2,
-                          r2_before=r2[0], r2_after=r2[1], curve=[(0, round(sum(r2[0].values()) / len(names), 5)),
-                                                                   (1, round(mean, 5))],
+        before = sum(r2[0].values()) / len(names)
+        out.append(Fitted(seed=int(seed), steps=1, seconds=time.perf_counter() - start,
+                          reached=mean >= recipe.target_r2, r2_before=r2[0], r2_after=r2[1],
+                          curve=[(0, round(before, 5)), (1, round(mean, 5))],
                           params=params, stats=scale, teacher_seconds=teacher_seconds, lattice=fit.lattice,
                           r2_heldout={module.levels[l].name: v for l, v in fit.heldout.items()}))
     return out

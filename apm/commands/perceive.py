@@ -69,12 +69,13 @@ def main(argv: list[str]) -> int:
     device = pick_device(a.device)
     module = student_from_args(a, "perceive", "a fresh student of that config's teacher", device)
     defaults = build_parser()
-    asked = [k for k in (*GRADIENT, "eval_every") if getattr(a, FLAG.get(k, k)) != defaults.get_default(FLAG.get(k, k))]
+    asked = [k for k in (*GRADIENT, "eval_every")
+             if getattr(a, FLAG.get(k, k)) != defaults.get_default(FLAG.get(k, k))]
     if a.field and set(asked) - {"moves", "solve_heads"}:  # those two FitRecipe refuses itself
         flags = ", ".join(f"'--{FLAG.get(k, k).replace('_', '-')}'" for k in asked)
         raise ConfigError(f"Settings '--field' and {flags}: the field route takes no gradient step, so "
                           f"{flags} would do nothing. Drop them, or use '--no-field' for the gradient fit.")
-    if a.field is None:  # no route named: the field route from a trained student, unless gradient settings are given
+    if a.field is None:  # no route named: the field route from a trained student, unless a gradient setting is given
         a.field = field_by_default(a.protocol, a.init or ("trained" if a.ckpt else "fresh"), asked) or None
         if a.field:
             print("route: the field (no gradient step; --no-field for the gradient fit), docs/field.md")

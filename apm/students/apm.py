@@ -268,7 +268,8 @@ class APMStudent(ColumnInput):
             for c in coords.split(chunk or coords.shape[0]):
                 site = self.locate(col[:, None] + self.site(images, c))
                 for lvl in on_grid:
-                    preds[lvl].append(self.finish(lvl, self.heads[lvl](self._after_entry(site + self.level_term(lvl))), c))
+                    pred = self.heads[lvl](self._after_entry(site + self.level_term(lvl)))
+                    preds[lvl].append(self.finish(lvl, pred, c))
         return [rearrange(torch.cat(preds[lvl], dim=1), "b (h w) d -> b h w d",
                           h=self.levels[lvl].grid[0], w=self.levels[lvl].grid[1]) for lvl in levels]
 
