@@ -145,7 +145,9 @@ def perceive_batch(module, part: list[tuple[str, torch.Tensor]], recipe: FitReci
                                                             method=a.figures, seed=a.seed, k=a.k,
                                                             targets=mine)[0])
         reached = "reached" if rec["reached"] else "not reached"
+        held = rec.get("r2_heldout")
+        held = f", {sum(held.values()) / len(held):.3f} at held-out cells" if held else ""
         print(f"{name}: mean R^2 {rec['r2_mean_before']:.3f} -> {rec['r2_mean_after']:.3f} in "
-              f"{rec['steps']} steps, {rec['seconds']:.1f} s ({reached} {a.target_r2}) -> {ckpt}")
+              f"{rec['steps']} steps{held}, {rec['seconds']:.1f} s ({reached} {a.target_r2}) -> {ckpt}")
         lines.append(line)
     return lines
