@@ -32,6 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from apm import metrics, offgrid
+from apm.ridge import ridge_solve
 
 PREFIX = "lattice."
 
@@ -135,7 +136,7 @@ def fit_field(student, image: torch.Tensor, target: Sequence[offgrid.MovedPass],
 
 
 class HeadSolve:
-    """Each level's head as the ridge regression (``apm.perceive.ridge_readout``'s penalty) of the
+    """Each level's head as the ridge regression (``apm.ridge.ridge_solve``, as ``ridge_readout``) of the
     teacher's features on the student's last hidden activations, pooled over many photographs
     without keeping them: per set of activations the sums of h and h h^T, per level those of f and
     h f^T, added batch by batch. Levels whose activations are the same (a student without a level
@@ -160,10 +161,7 @@ class HeadSolve:
         key, (sf, hf) = self.target[level]
         n, sh, hh = self.hidden[key]
         hm, fm = sh / n, sf / n
-        hh = hh - n * torch.outer(hm, hm)  # centred
-        hf = hf - n * torch.outer(hm, fm)
-        lam = max(self.ridge * float(hh.trace()) / n, 1e-12)
-        a = torch.cholesky_solve(hf, torch.linalg.cholesky(hh + lam * torch.eye(len(hh), dtype=hh.dtype)))
+        a = ridge_solve(hh - n * torch.outer(hm, hm), hf - n * torch.outer(hm, fm), self.ridge, n)  # centred
         return a.T.float(), (fm - hm @ a).float()
 
 
@@ -189,14 +187,13 @@ def solve_field(module, batches: Iterable[torch.Tensor], passes: int = 4, ridge:
     of photographs used; ``progress`` is called with each batch's."""
     from apm.standardize import LevelStandardizer
 
-    student, patch = module.student, module.student.patch_size
+    student = module.student
     levels = list(range(len(module.levels)))
     level_free = getattr(student, "level_dim", 1) == 0
     solve, stats, seen = HeadSolve(ridge), LevelStandardizer(module.standardizer.dims), 0
     for images in batches:
         images = images.to(module.device)
-        canvas = offgrid.pad_canvas(images, patch)
-        for p in offgrid.moved_passes(module.targets, canvas, images.shape[-1], offgrid.lattice(passes, patch)):
+        for p in offgrid.lattice_passes(module, images, passes):
             if p.offset == (0, 0):
                 stats.update([f.cpu() for f in p.features])
             tables = shared_tables(p)

@@ -99,6 +99,24 @@ def moved_passes(features: Features, canvas: torch.Tensor, size: int,
     return out
 
 
+def lattice_passes(module, images: torch.Tensor, passes: int, features: Sequence[torch.Tensor] | None = None,
+                   canvas: torch.Tensor | None = None) -> list[MovedPass]:
+    """``passes`` passes of ``module``'s teacher (``module.targets``) on the images moved by a
+    lattice of sub-patch offsets (``lattice``), the unmoved one first (``features`` when given);
+    the moved ones read ``canvas`` (real pixels past the frame) or, without it, the frame's last
+    pixels mirrored."""
+    patch, size = module.student.patch_size, images.shape[-1]
+    offsets = lattice(passes, patch)
+    canvas = pad_canvas(images, max(max(o) for o in offsets)) if canvas is None else canvas.to(images.device)
+    moved = moved_passes(module.targets, canvas, size, offsets[1:])
+    if features is None:
+        with torch.no_grad():
+            features = module.targets(images)
+    first = MovedPass((0, 0), [f.to(images.device).float() for f in features],
+                      [moved_coords(tuple(f.shape[1:3]), size, 0, 0, f.device) for f in features])
+    return [first, *moved]
+
+
 @torch.no_grad()
 def moved_targets(features: Features, images: torch.Tensor, patch: int
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -229,7 +247,7 @@ def offgrid_scores(module, images: torch.Tensor, levels: Sequence[int], passes: 
     patch, size = module.student.patch_size, images.shape[-1]
     canvas = pad_canvas(images, patch)
     truth_passes = moved_passes(module.targets, canvas, size, offsets)
-    lattice_passes = moved_passes(module.targets, canvas, size, lattice(passes, patch))
+    on_lattice = lattice_passes(module, images, passes, canvas=canvas)
     moved_by_patch = moved_passes(module.targets, canvas, size, [(patch, patch)])[0]
     out: dict[str, dict[str, list[float]]] = {}
     for lvl in levels:
@@ -239,6 +257,6 @@ def offgrid_scores(module, images: torch.Tensor, levels: Sequence[int], passes: 
         feats, coords = feats[:, keep], coords[keep]
         student = module.standardizer.decode(lvl, module.student.query(images, lvl, coords).float())
         res = {"student": scores(student, feats).tolist(),
-               **predictor_scores(lattice_passes, moved_by_patch, lvl, feats, coords)}
+               **predictor_scores(on_lattice, moved_by_patch, lvl, feats, coords)}
         out[module.levels[lvl].name] = res
     return out

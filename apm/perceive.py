@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from apm import metrics
 from apm.errors import ConfigError
 from apm.objective import QuerySampler, gather, weighted_mse
+from apm.ridge import ridge_solve
 from apm.standardize import LevelStandardizer
 from apm import offgrid
 from teachers.base import Level, seeded, select_levels
@@ -285,14 +286,8 @@ def ridge_readout(h: torch.Tensor, z: torch.Tensor, ridge: float) -> tuple[torch
     hm, zm = h.mean(-2, keepdim=True), z.mean(-2, keepdim=True)
     hc, zc = h - hm, z - zm
     n, k = hc.shape[-2:]
-    lam = (ridge * hc.square().sum((-2, -1)) / n).clamp_min(1e-12)[..., None, None]
-    # The system is symmetric positive definite: Cholesky. (Batched LU, torch.linalg.solve, hits an
-    # MKL error loop on some CPUs after torch.set_num_threads.)
-    def spd_solve(m: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-        return torch.cholesky_solve(rhs, torch.linalg.cholesky(m + lam * eye))
-
-    a = hc.mT @ spd_solve(hc @ hc.mT, zc) if n <= k else spd_solve(hc.mT @ hc, hc.mT @ zc)
+    a = (hc.mT @ ridge_solve(hc @ hc.mT, zc, ridge, n) if n <= k
+         else ridge_solve(hc.mT @ hc, hc.mT @ zc, ridge, n))
     return a.mT, (zm - hm @ a).squeeze(-2)
 
 
@@ -592,7 +587,7 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
     field answers the teacher); ``r2_heldout`` estimates it between them."""
     from apm.field import fit_field
 
-    passes = lattice_passes(module, images, recipe.passes, features, canvas)
+    passes = offgrid.lattice_passes(module, images, recipe.passes, features, canvas)
     teacher_seconds = time.perf_counter() - passes_start
     _, stats = standardized_targets(module, images, recipe, passes[0].features)
     fitted_levels = select_levels(module.levels, recipe.levels, "--levels")
@@ -625,29 +620,12 @@ def _field_fits(module, images, seeds, recipe, features, passes_start: float, ca
     return out
 
 
-def lattice_passes(module, images: torch.Tensor, passes: int, features: Sequence[torch.Tensor] | None = None,
-                   canvas: torch.Tensor | None = None) -> list[offgrid.MovedPass]:
-    """``passes`` teacher passes on the images moved by a lattice of sub-patch offsets
-    (``apm.offgrid.lattice``), the unmoved one first (``features`` when given); the moved ones read
-    ``canvas`` (real pixels past the frame) or, without it, the frame's last pixels mirrored."""
-    patch, size = module.student.patch_size, images.shape[-1]
-    offsets = offgrid.lattice(passes, patch)
-    canvas = offgrid.pad_canvas(images, max(max(o) for o in offsets)) if canvas is None else canvas.to(images.device)
-    moved = offgrid.moved_passes(module.targets, canvas, size, offsets[1:])
-    if features is None:
-        with torch.no_grad():
-            features = module.targets(images)
-    first = offgrid.MovedPass((0, 0), [f.to(images.device).float() for f in features],
-                              [offgrid.moved_coords(tuple(f.shape[1:3]), size, 0, 0, f.device) for f in features])
-    return [first, *moved]
-
-
 def moved_features(module, images: torch.Tensor, passes: int,
                    features: Sequence[torch.Tensor] | None = None, canvas: torch.Tensor | None = None
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per level, the targets of ``lattice_passes`` stitched into points (N, P, 1, d), and their
+    """Per level, the targets of ``offgrid.lattice_passes`` stitched into points (N, P, 1, d), and their
     coordinates (P, 2), one table object per grid."""
-    passes_ = lattice_passes(module, images, passes, features, canvas)
+    passes_ = offgrid.lattice_passes(module, images, passes, features, canvas)
     tables: dict[tuple[int, int], torch.Tensor] = {}
     feats, points = [], []
     for lvl, f in enumerate(passes_[0].features):

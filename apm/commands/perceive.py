@@ -25,8 +25,9 @@ FLAG = {"queries_per_image": "queries"}  # FitRecipe's name -> this command's op
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("perceive", "Test-time fitting: per image, a copy of the student is fitted to that "
-                "image's teacher features until its mean R^2 over levels reaches --target-r2 or "
-                "--max-steps. Per image it writes <out>/<image>.ckpt (the fitted student, weights only: every apm "
+                "image's teacher features. From --ckpt without a gradient setting, by the field route "
+                "(--field: no gradient step, about a second; docs/field.md); otherwise by gradient steps "
+                "until its mean R^2 over levels reaches --target-r2 or --max-steps. Per image it writes <out>/<image>.ckpt (the fitted student, weights only: every apm "
                 "tool loads it, apm fit --ckpt_path does not), <image>_before.png and <image>_after.png (island figures), and "
                 "one line of <out>/perceive.jsonl (steps, seconds, R^2 and ARI per level before and "
                 "after). A rerun skips the images already in perceive.jsonl.")
