@@ -111,16 +111,20 @@ class FieldFit:
 
 
 @torch.no_grad()
-def fit_field(student, image: torch.Tensor, target: Sequence[offgrid.MovedPass], levels: Sequence[int]) -> FieldFit:
+def fit_field(student, image: torch.Tensor, target: Sequence[offgrid.MovedPass], levels: Sequence[int],
+              column: torch.Tensor | None = None) -> FieldFit:
     """Fit the field of one image (1, 3, S, S): ``target`` holds its K >= 4 lattice passes of
     standardized teacher features (``offgrid.moved_passes``, the unmoved one among them); the
-    ``student`` (any ``Student``; its own lattice, if any, is set aside) answers at their cells."""
+    ``student`` (any ``Student``; its own lattice, if any, is set aside) answers at their cells.
+    ``column``: for a photograph (1, 3, H, W) at its own size and aspect, the student's square
+    input its trigger column is read from (``APMStudent.query``)."""
+    ask = {} if column is None else {"column": column}
     if len(target) < 4 or (0, 0) not in [p.offset for p in target]:
         raise ValueError(f"the field needs at least 4 passes moved on a lattice, the unmoved one among "
                          f"them; got offsets {[p.offset for p in target]}")
     own, student.lattice = student.lattice, None
     try:
-        base = [offgrid.MovedPass(p.offset, [student.query(image, l, p.coords[l]).float().view_as(p.features[l])
+        base = [offgrid.MovedPass(p.offset, [student.query(image, l, p.coords[l], **ask).float().view_as(p.features[l])
                                              if l in levels else None for l in range(len(p.features))], p.coords)
                 for p in target]
     finally:

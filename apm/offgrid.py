@@ -51,21 +51,31 @@ def pad_canvas(images: torch.Tensor, margin: int) -> torch.Tensor:
     return F.pad(images, (0, margin, 0, margin), mode="reflect")
 
 
-def window(canvas: torch.Tensor, size: int, dy: int, dx: int) -> torch.Tensor:
-    """The frame moved by (dy, dx): the canvas's (size x size) window starting (dy, dx) pixels in."""
-    if dy + size > canvas.shape[-2] or dx + size > canvas.shape[-1]:
-        raise ValueError(f"a move of ({dy}, {dx}) px needs a canvas of at least {size + max(dy, dx)} px; "
+Size = int | tuple[int, int]  # a frame's side, or its (height, width)
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def window(canvas: torch.Tensor, size: Size, dy: int, dx: int) -> torch.Tensor:
+    """The frame moved by (dy, dx): the canvas's window of ``size`` (a side, or (height, width))
+    starting (dy, dx) pixels in."""
+    h, w = _hw(size)
+    if dy + h > canvas.shape[-2] or dx + w > canvas.shape[-1]:
+        raise ValueError(f"a move of ({dy}, {dx}) px needs a canvas of at least {(h + dy, w + dx)} px; "
                          f"got {tuple(canvas.shape[-2:])}")
-    return canvas[..., dy : dy + size, dx : dx + size]
+    return canvas[..., dy : dy + h, dx : dx + w]
 
 
-def moved_coords(grid: tuple[int, int], size: int, dy: float, dx: float,
+def moved_coords(grid: tuple[int, int], size: Size, dy: float, dx: float,
                  device: torch.device | None = None) -> torch.Tensor:
-    """Where the cells of a pass moved by (dy, dx) px sit in the unmoved frame: (h*w, 2)
-    coordinates (y, x) in [0, 1], row-major."""
+    """Where the cells of a pass moved by (dy, dx) px sit in the unmoved frame of ``size`` (a side,
+    or (height, width)): (h*w, 2) coordinates (y, x) in [0, 1], row-major."""
     h, w = grid
-    ys = (torch.arange(h, device=device, dtype=torch.float64) + 0.5) / h + dy / size
-    xs = (torch.arange(w, device=device, dtype=torch.float64) + 0.5) / w + dx / size
+    height, width = _hw(size)
+    ys = (torch.arange(h, device=device, dtype=torch.float64) + 0.5) / h + dy / height
+    xs = (torch.arange(w, device=device, dtype=torch.float64) + 0.5) / w + dx / width
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([yy.flatten(), xx.flatten()], dim=-1).float()
 
@@ -81,15 +91,15 @@ class MovedPass:
 
 
 @torch.no_grad()
-def moved_passes(features: Features, canvas: torch.Tensor, size: int,
+def moved_passes(features: Features, canvas: torch.Tensor, size: Size,
                  offsets: Sequence[tuple[int, int]]) -> list[MovedPass]:
     """The teacher (``features``: images -> per-level features) on the frame moved by each offset.
 
     Args:
         features: e.g. ``module.targets`` or a teacher's forward.
-        canvas: (B, 3, S', S') with S' >= size + the largest move: the frame at its top left.
-        size: The frame's side S.
-        offsets: Moves (dy, dx) in pixels, each in [0, S' - S].
+        canvas: (B, 3, H', W'), at least the frame plus the largest move: the frame at its top left.
+        size: The frame's side S, or its (height, width) H x W.
+        offsets: Moves (dy, dx) in pixels, each in [0, H' - H] x [0, W' - W].
     """
     out = []
     for dy, dx in offsets:
@@ -104,8 +114,8 @@ def lattice_passes(module, images: torch.Tensor, passes: int, features: Sequence
     """``passes`` passes of ``module``'s teacher (``module.targets``) on the images moved by a
     lattice of sub-patch offsets (``lattice``), the unmoved one first (``features`` when given);
     the moved ones read ``canvas`` (real pixels past the frame) or, without it, the frame's last
-    pixels mirrored."""
-    patch, size = module.student.patch_size, images.shape[-1]
+    pixels mirrored. The images may be any (H, W) the teacher takes, not only square."""
+    patch, size = module.student.patch_size, tuple(images.shape[-2:])
     offsets = lattice(passes, patch)
     canvas = pad_canvas(images, max(max(o) for o in offsets)) if canvas is None else canvas.to(images.device)
     moved = moved_passes(module.targets, canvas, size, offsets[1:])

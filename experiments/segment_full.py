@@ -8,8 +8,10 @@ islands' boundary strength: the share of their maps over k and levels with a bou
 As many photographs (sorted by name) as fit in a CPU-time budget.
 
     python -m experiments.segment_full --data ../shared/data/bsds500 --cpu-seconds 600
-    python -m experiments.segment_full --data ../shared/data/bsds500 --solved solved.ckpt \
+    python -m experiments.segment_full --data ../shared/data/bsds500 --solved solved.ckpt --teacher-passes 1 4 \
         --json experiments/results/segment_full_field_cpu.json     # also the field (apm solve)
+    python -m experiments.segment_full --data ../shared/data/bsds500 --teacher-passes 49 --no-colour --no-ucm \
+        --json experiments/results/segment_full_dense_cpu.json     # the teacher every 2 px
 
 Writes ``experiments/results/segment_full_cpu.json``.
 """
@@ -20,13 +22,13 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from apm.cli import load_student
-from apm.perceive import FitRecipe
 from apm.segment import full
 from experiments.common import rounded
 
@@ -54,7 +56,13 @@ def parse(argv: list[str] | None):
     p.add_argument("--cpu-seconds", type=float, default=600, help="no photograph started after this CPU time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--solved", type=Path, help="also the field: this student of 'apm solve' fitted to each "
-                   "photograph (resized to its 224-px input) by the field route and queried at every pixel")
+                   "photograph at its own size by the field route (--passes) and queried at every pixel")
+    p.add_argument("--passes", type=int, default=4, help="the field's teacher passes")
+    p.add_argument("--teacher-passes", type=int, nargs="+", default=[1], help="the teacher's own sources: 1 its "
+                   "grid upsampled bilinearly, K > 1 bilinear from K passes moved on a lattice (49: every 2 px)")
+    p.add_argument("--no-colour", action="store_true", help="leave out k-means of the patch colours")
+    p.add_argument("--no-ucm", action="store_true", help="leave out gPb-owt-ucm")
+    p.add_argument("--count", type=int, help="at most this many photographs")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "segment_full_cpu.json")
     return p.parse_args(argv)
 
@@ -63,21 +71,20 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
-    overlay = a.json.parent / "segment_full_teacher.yaml"
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    overlay.write_text(TEACHER)
     start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        overlay = Path(tmp) / "segment_full_teacher.yaml"
+        overlay.write_text(TEACHER)
         module = load_student(str(a.solved) if a.solved else None,
                               None if a.solved else [str(ROOT / "configs" / "apm.yaml"), str(overlay)], "cpu")
-    finally:
-        overlay.unlink()
     names = [l.name for l in module.levels]
-    field = {"features_at": full.fitted_query(module, FitRecipe(field=True)), "student_name": "field"} if a.solved else {}
+    field = {"features_at": full.field_query(module, a.passes), "student_name": "field"} if a.solved else {}
     plan = full.FullPlan(levels=[names.index(n) for n in a.levels], ks=a.k, n_init=a.n_init, sample=a.sample,
-                         thresholds=a.thresholds, **field)
+                         thresholds=a.thresholds, teacher_passes=tuple(a.teacher_passes), colour=not a.no_colour,
+                         **field)
     results, skipped = full.run_full(module, [str(a.data / "images" / "val")], a.data / "groundTruth" / "val", plan,
-                                     a.data / "ucm2" / "val", cpu_seconds=a.cpu_seconds)
+                                     None if a.no_ucm else a.data / "ucm2" / "val", limit=a.count,
+                                     cpu_seconds=a.cpu_seconds)
     summary = full.summarize_full(results)
     print(full.format_full(summary))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {**summary, "photographs": [r["name"] for r in results], "skipped": skipped,
            "per_image": rounded([{k: v for k, v in r.items() if k != "boundary"} for r in results]),
            "published_test_gpb_owt_ucm": PUBLISHED_TEST, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-           "settings": {"solved": str(a.solved) if a.solved else None, "levels": a.levels, "k": a.k, "thresholds": a.thresholds, "sample": a.sample,
+           "settings": {"solved": str(a.solved) if a.solved else None, "passes": a.passes,
+                        "teacher_passes": a.teacher_passes, "levels": a.levels, "k": a.k, "thresholds": a.thresholds, "sample": a.sample,
                         "n_init": a.n_init, "cpu_seconds_budget": a.cpu_seconds, "threads": a.threads,
                         "teacher_weights": module.teacher.weights_source, "matching": "largest (links=None)",
                         "vi_units": "bits", "loadavg_before": load, "loadavg_after": os.getloadavg(),

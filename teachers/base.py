@@ -80,17 +80,21 @@ class Teacher(nn.Module, ABC):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-level features (B, h, w, d), float32, of images (B, 3, H, W) in [0, 1], computed in
-        the teacher's ``precision`` (fp32 by default, even inside an autocast region)."""
+        the teacher's ``precision`` (fp32 by default, even inside an autocast region). Images of
+        another size than ``image_size`` (a teacher that takes any size, at full resolution) give
+        each level's grid scaled with them."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects images (B, 3, H, W), got {tuple(images.shape)}")
         dtype = TEACHER_PRECISIONS[self.precision]
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
             feats = [f.float() for f in self.extract(images)]
+        height, width = images.shape[-2:]
         for f, lvl in zip(feats, self.levels):
-            if tuple(f.shape[1:]) != (*lvl.grid, lvl.dim):
+            grid = (round(lvl.grid[0] * height / self.image_size), round(lvl.grid[1] * width / self.image_size))
+            if tuple(f.shape[1:]) != (*grid, lvl.dim):
                 raise RuntimeError(
-                    f"{type(self).__name__} level {lvl.name!r} returned {tuple(f.shape)}; its spec "
-                    f"says (B, {lvl.grid[0]}, {lvl.grid[1]}, {lvl.dim})"
+                    f"{type(self).__name__} level {lvl.name!r} returned {tuple(f.shape)} for images of "
+                    f"{height}x{width} px; its spec says (B, {grid[0]}, {grid[1]}, {lvl.dim})"
                 )
         return feats
 

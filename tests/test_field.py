@@ -48,6 +48,24 @@ def test_moved_passes_give_the_hand_computed_patch_means_where_the_moved_cells_s
             np.testing.assert_allclose(coords[i * 8 + j], [(y0 + 7) / SIZE, (x0 + 7) / SIZE], atol=1e-6)
 
 
+def test_moved_passes_of_a_frame_that_is_not_square_sit_where_their_patches_are():
+    """A photograph at its own aspect (full resolution): the rows' coordinates are divided by its
+    height, the columns' by its width."""
+    height, width = SIZE, SIZE + 2 * PATCH
+    canvas = torch.rand(1, 3, height + PATCH, width + PATCH, generator=torch.Generator().manual_seed(1))
+    offsets = [(0, 0), (7, 7), (2, 12)]
+    passes = offgrid.moved_passes(patch_means, canvas, (height, width), offsets)
+    c = canvas.numpy()
+    for p, (dy, dx) in zip(passes, offsets):
+        assert p.features[0].shape == (1, height // PATCH, width // PATCH, 3)
+        for i, j in [(0, 9), (7, 0), (3, 4)]:
+            y0, x0 = PATCH * i + dy, PATCH * j + dx
+            want = c[:, :, y0 : y0 + PATCH, x0 : x0 + PATCH].mean(axis=(2, 3))
+            np.testing.assert_allclose(p.features[0][:, i, j].numpy(), want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(p.coords[0][i * (width // PATCH) + j], [(y0 + 7) / height, (x0 + 7) / width],
+                                       atol=1e-6)
+
+
 def test_windows_past_the_canvas_are_refused_and_mirrored_canvases_reflect():
     frame = torch.rand(1, 3, SIZE, SIZE)
     with pytest.raises(ValueError, match="canvas of at least"):

@@ -169,23 +169,62 @@ def test_the_students_query_at_pixels_is_its_field():
     assert pixels.shape == (size * size, module.levels[0].dim) and len(torch.unique(pixels[:, 0])) > size
 
 
-def test_a_field_fitted_to_each_photograph_is_the_teacher_at_its_cells_and_segment_scores_it(tmp_path):
-    """``--perceive`` at full resolution: each photograph, resized to the student's square, gets a
-    fitted copy (here the field route) that is queried at every pixel; at the fitted cells of that
-    square it answers the teacher's own features there."""
-    from apm.codes import grid_coords
-    from apm.perceive import FitRecipe
+def windowed(tmp_path):
+    """A fresh tiny module whose student sees the 5 x 5 pixels around each query."""
+    from apm.cli import module_from_configs
 
+    return module_from_configs([CONFIGS / "apm.yaml", CONFIGS / "smoke.yaml"],
+                               {"student": {"pixel_window": 5, "pixel_spacing": 2.0}})
+
+
+def test_the_student_reads_its_column_from_the_square_and_the_pixels_from_the_photograph(tmp_path):
+    """``query(x, level, coords, column=square)``: the paper's plain query vector [T, PE, pixels]
+    with T from the square input and the pixels around each query from the photograph at its own
+    size, decoded unfactorized, is what the factorized query answers."""
+    module = windowed(tmp_path)
+    student = module.student
+    photo, _ = drawn()
+    x, sq = full.teacher_input(module, photo), full.square(module, photo)
+    coords = torch.rand(37, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = student.query(x, 2, coords, chunk=10, column=sq)
+        want = student.decode(2, student.first(student.query_vectors(student.trigger(sq), 2, coords, images=x)))
+        square_only = student.query(sq, 2, coords)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got - square_only).abs().max() > 1e-3  # the pixels are the photograph's, not the square's
+
+
+def test_the_field_at_the_photographs_own_size_is_the_teacher_at_its_passes_cells(tmp_path):
+    """``field_query``: fitted on the teacher's 4 passes of the whole photograph at its aspect
+    (150 x 230 -> 154 x 224 px, an 11 x 16 grid), it answers the teacher's own features at the
+    cells of the unmoved pass and of the pass moved by (7, 7) px, computed here on the moved window
+    of the mirrored photograph; ``teacher_k4`` answers the same there, and differs between."""
+    module = windowed(tmp_path)
+    photo, _ = drawn()
+    x = full.teacher_input(module, photo)
+    assert x.shape[-2:] == (154, 224)
+    moved = F.pad(x, (0, 7, 0, 7), mode="reflect")[..., 7:161, 7:231]
+    with torch.no_grad():
+        at_cells, at_moved = module.teacher.extract(x), module.teacher.extract(moved)
+    at = full.field_query(module, passes=4)
+    level = len(module.teacher.levels) - 1
+    k4 = full.teacher_lattice(module, photo, [level], 4)[0]
+    cells = torch.stack(torch.meshgrid((torch.arange(11) + 0.5) / 11, (torch.arange(16) + 0.5) / 16,
+                                       indexing="ij"), -1).reshape(-1, 2)
+    for coords, want in ((cells, at_cells), (cells + torch.tensor([7 / 154, 7 / 224]), at_moved)):
+        want = want[level][0].reshape(-1, want[level].shape[-1]).float()
+        torch.testing.assert_close(at(photo, level, coords), want, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(k4(coords), want, atol=1e-4, rtol=1e-4)
+    between = cells[:40] + torch.tensor([3 / 154, 2 / 224])
+    assert (at(photo, level, between) - k4(between)).abs().max() > 1e-3
+
+
+def test_segment_scores_the_field_at_full_resolution_beside_the_teacher_from_the_same_passes(tmp_path):
+    """``apm segment --resolution full --perceive --field``: the field (fitted at the photograph's
+    size) and bilinear from the same 4 teacher passes are scored beside the teacher's grid."""
     ckpt = str(CONFIGS.parent / "tests" / "data" / "single_dinov2_tiny.ckpt")
-    module = load_student(ckpt, None, "cpu")
     photo = torch.from_numpy(np.array(Image.open(__import__("skimage").data.__path__[0] + "/coffee.png")
                                       .convert("RGB"))).permute(2, 0, 1).float() / 255
-    at = full.fitted_query(module, FitRecipe(field=True))
-    with torch.no_grad():
-        feats = module.targets(full.square(module, photo))
-    for lvl in (0, len(module.levels) - 1):
-        got = at(photo, lvl, grid_coords(module.levels[lvl].grid))
-        torch.testing.assert_close(got, feats[lvl][0].flatten(0, 1).float(), atol=1e-3, rtol=1e-3)
     (tmp_path / "img").mkdir(), (tmp_path / "gt").mkdir()
     Image.fromarray((photo.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "img" / "coffee.png")
     seg = np.zeros((400, 600), int)
@@ -196,4 +235,4 @@ def test_a_field_fitted_to_each_photograph_is_the_teacher_at_its_cells_and_segme
                  "--resolution", "full", "--perceive", "--field", "--levels", "0", "--k", "2",
                  "--n-init", "1", "--thresholds", "3", "--no-boundaries", "--json", str(out), "--device", "cpu"]) == 0
     doc = json.loads(out.read_text())
-    assert "student_fitted" in doc["regions"] and doc["settings"]["field"] is True
+    assert {"field", "teacher_k4", "teacher_bilinear"} <= set(doc["regions"]) and doc["settings"]["field"] is True

@@ -140,12 +140,17 @@ def _full(a: argparse.Namespace, module) -> int:
     plan = segment.make_plan(module, a.levels, a.k, seed=a.seed, n_init=a.n_init)
     trained = bool(module.standardizer.ready)
     features_at, name = (full.student_query(module) if trained else None), "student_queried"
+    passes = (1,)
     if a.perceive:
         recipe = FitRecipe(init="trained" if trained else "fresh", target_r2=a.target_r2, max_steps=a.max_steps,
                            **route_from_args(a))
-        features_at, name = full.fitted_query(module, recipe), "student_fitted"
+        if recipe.field:  # at the photograph's own size, beside the teacher from the same passes
+            features_at, name, passes = full.field_query(module, recipe.passes), "field", (1, recipe.passes)
+        else:
+            features_at, name = full.fitted_query(module, recipe), "student_fitted"
     fplan = full.FullPlan(levels=plan.levels, ks=plan.ks, seed=a.seed, n_init=a.n_init, thresholds=a.thresholds,
-                          features_at=features_at, student_name=name, boundaries=not a.no_boundaries)
+                          features_at=features_at, student_name=name, boundaries=not a.no_boundaries,
+                          teacher_passes=passes)
     start, cpu = time.perf_counter(), time.process_time()
     results, skipped = full.run_full(module, a.images, a.gt, fplan, a.ucm)
     summary = full.summarize_full(results)

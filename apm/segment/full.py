@@ -23,6 +23,7 @@ its thresholds give boundary ODS/OIS as the benchmark takes them.
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass
@@ -85,9 +86,10 @@ def square(module, image: torch.Tensor) -> torch.Tensor:
 
 
 def fitted_query(module, recipe, chunk: int = 16384) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
-    """``features_at`` of a copy of the student fitted to each photograph first (``--perceive``):
-    the photograph resized to the student's input, fitted once by ``recipe`` (e.g. the field
-    route), then queried as ``student_query`` queries."""
+    """``features_at`` of a copy of the student fitted to each photograph first (``--perceive``
+    with a gradient route): the photograph resized to the student's input, fitted once by
+    ``recipe``, then queried as ``student_query`` queries. The field route is fitted at the
+    photograph's own size instead (``field_query``)."""
     from apm.perceive import fit_images, fitted_module
 
     held: dict = {}
@@ -100,27 +102,95 @@ def fitted_query(module, recipe, chunk: int = 16384) -> Callable[[torch.Tensor, 
     return at
 
 
+def field_query(module, passes: int = 4, chunk: int = 16384) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
+    """``features_at`` of the field route (``apm.field``) fitted at the photograph's own size and
+    aspect: the teacher's ``passes`` lattice passes on the whole photograph (``teacher_input``, each
+    side a multiple of its patch), the student answering at their cells with the pixels around
+    each cell read from that photograph and its trigger column from the photograph resized to its
+    square input (``APMStudent.query(column=...)``); fitted once per photograph and level."""
+    from apm import offgrid
+    from apm.errors import ConfigError
+    from apm.field import fit_field
+
+    student, sd = module.student, module.standardizer
+    if "column" not in inspect.signature(student.query).parameters:
+        raise ConfigError(f"The field route at full resolution needs a student that reads its trigger column "
+                          f"and the pixels around a query from different inputs (the APM student); "
+                          f"{type(student).__name__} does not: use --resolution grid, or --no-field.")
+    held: dict = {}
+
+    @torch.no_grad()
+    def at(image: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
+        if held.get("image") is not image:
+            x = teacher_input(module, image)
+            z = [offgrid.MovedPass(p.offset, [sd.encode(l, f) for l, f in enumerate(p.features)], p.coords)
+                 for p in offgrid.lattice_passes(module, x, passes)]
+            held.clear()
+            held.update(image=image, x=x, column=square(module, image), passes=z, lattices={})
+        lattices = held["lattices"]
+        if level not in lattices:
+            lattices[level] = fit_field(student, held["x"], held["passes"], [level], column=held["column"]).lattice
+        own, student.lattice = student.lattice, lattices[level]
+        try:
+            pred = student.query(held["x"], level, coords.to(module.device), chunk, column=held["column"])
+        finally:
+            student.lattice = own
+        return sd.decode(level, pred.float())[0].cpu()
+    return at
+
+
+def teacher_input(module, image: torch.Tensor) -> torch.Tensor:
+    """The whole photograph (3, H, W) as the teacher sees it at full resolution: (1, 3, H', W') on
+    the module's device, each side resized to the nearest multiple of the teacher's patch."""
+    patch = int(getattr(module.teacher, "patch_size", module.student.patch_size))
+    return F.interpolate(image[None].float(), size=teacher_size(image.shape[-2:], patch), mode="bilinear",
+                         antialias=True, align_corners=False).clamp(0, 1).to(module.device)
+
+
+def _teacher_refused(module, x: torch.Tensor, e: Exception):
+    from apm.errors import ConfigError
+
+    return ConfigError(f"Setting '--resolution full': the teacher {type(module.teacher).__name__} did not take "
+                       f"the whole photograph at {tuple(x.shape[-2:])} px ({type(e).__name__}: {str(e)[:120]}); "
+                       f"use --resolution grid, or a teacher that takes any input size (DINOv2, timm ViTs "
+                       f"with dynamic image size).")
+
+
 @torch.no_grad()
 def teacher_grids(module, image: torch.Tensor, levels: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The teacher's features (h, w, d) of ``levels`` on the whole photograph (3, H, W) at its
     aspect ratio, and the patch colours (h, w, 3) of the same input."""
-    from apm.errors import ConfigError
-
     teacher = module.teacher
-    patch = int(getattr(teacher, "patch_size", module.student.patch_size))
-    x = F.interpolate(image[None].float(), size=teacher_size(image.shape[-2:], patch), mode="bilinear",
-                      antialias=True, align_corners=False).clamp(0, 1).to(module.device)
+    x = teacher_input(module, image)
     try:
         feats = [f.float()[0].cpu() for f in teacher.extract(x)]
     except (AttributeError, RuntimeError, ValueError, AssertionError) as e:
-        raise ConfigError(f"Setting '--resolution full': the teacher {type(teacher).__name__} did not take the "
-                          f"whole photograph at {tuple(x.shape[-2:])} px ({type(e).__name__}: {str(e)[:120]}); "
-                          f"use --resolution grid, or a teacher that takes any input size (DINOv2, timm "
-                          f"ViTs with dynamic image size).") from None
+        raise _teacher_refused(module, x, e) from None
     names = [l.name for l in module.levels]
     by_name = {l.name: f for l, f in zip(teacher.levels, feats)}
+    patch = int(getattr(teacher, "patch_size", module.student.patch_size))
     colours = rearrange(F.avg_pool2d(x, patch)[0].cpu(), "c h w -> h w c")
     return [colours if names[i] == "rgb" else by_name[names[i]] for i in levels], colours
+
+
+@torch.no_grad()
+def teacher_lattice(module, image: torch.Tensor, levels: Sequence[int], passes: int) -> list[FeaturesAt]:
+    """Per level of ``levels``, bilinear interpolation of the teacher's ``passes`` passes on the
+    whole photograph moved on a lattice of sub-patch offsets (``offgrid.lattice``; its last pixels
+    mirrored past the edge): the teacher's cost of a field fitted on the same passes, or with
+    many passes (49: every 2 px) nearly the teacher at every pixel."""
+    from apm import offgrid
+
+    x = teacher_input(module, image)
+    try:
+        moved = offgrid.lattice_passes(module, x, passes)
+    except (AttributeError, RuntimeError, ValueError, AssertionError) as e:
+        raise _teacher_refused(module, x, e) from None
+    out = []
+    for lvl in levels:
+        fine, ys, xs = offgrid.interleave(moved, lvl)
+        out.append(lambda c, g=fine.cpu(), ys=ys.cpu(), xs=xs.cpu(): offgrid.rectilinear_at(g, ys, xs, c)[0])
+    return out
 
 
 def pixel_islands(features_at: FeaturesAt, hw: tuple[int, int], ks: Sequence[int], seed: int = 0,
@@ -170,6 +240,10 @@ class FullPlan:
         features_at: A student queried at any coordinate, ``features_at(image, level, coords)``
             -> (N, d) on the teacher's scale, scored as ``student_name``; None: no student.
         student_name: The name of its rows.
+        teacher_passes: Sources of the teacher itself: 1 is its grid upsampled bilinearly
+            (``teacher_bilinear``), K > 1 bilinear interpolation of K passes moved on a lattice
+            (``teacher_k<K>``: 4 is a field's teacher cost, 49 the teacher every 2 px).
+        colour: Also k-means of the patch colours.
         boundaries: Also the boundary measure (the slow part: a matching per threshold and annotator).
         links: None: boundary pixels matched by a largest matching (exact, 4-5 times faster); a
             seed: the benchmark's random outlier links (``boundaries.correspond``), whose matchings
@@ -187,14 +261,20 @@ class FullPlan:
     boundaries: bool = True
     links: int | None = None
     chunk: int = 65536
+    teacher_passes: tuple[int, ...] = (1,)
+    colour: bool = True
 
 
 def _sources(module, image: torch.Tensor, plan: FullPlan) -> dict[str, dict[str, FeaturesAt]]:
     """Per source and level name, the features at any coordinate of one photograph."""
     grids, colours = teacher_grids(module, image, plan.levels)
     names = [module.levels[i].name for i in plan.levels]
-    out = {"teacher_bilinear": {n: grid_features_at(g) for n, g in zip(names, grids)},
-           "colour": {"patch colours": grid_features_at(colours)}}
+    out = {}
+    for k in plan.teacher_passes:
+        at = ([grid_features_at(g) for g in grids] if k == 1 else teacher_lattice(module, image, plan.levels, k))
+        out["teacher_bilinear" if k == 1 else f"teacher_k{k}"] = dict(zip(names, at))
+    if plan.colour:
+        out["colour"] = {"patch colours": grid_features_at(colours)}
     if plan.features_at is not None:
         out[plan.student_name] = {n: (lambda c, lvl=i: plan.features_at(image, lvl, c))
                                   for n, i in zip(names, plan.levels)}

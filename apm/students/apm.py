@@ -247,10 +247,13 @@ class APMStudent(ColumnInput):
                 for lvl, h, loc, table in zip(levels, last, locations, tables)]
 
     def query(self, images: torch.Tensor, level: int, coords: torch.Tensor,
-              chunk: int | None = None) -> torch.Tensor:
+              chunk: int | None = None, column: torch.Tensor | None = None) -> torch.Tensor:
         """Predict one level at arbitrary coordinates (N, 2) in [0, 1], in chunks of ``chunk``
-        queries. Returns (B, N, d); queries are independent, so chunking changes nothing."""
-        col = self.column_term(self.trigger(images))
+        queries. Returns (B, N, d); queries are independent, so chunking changes nothing.
+        ``column``: the student's square input to read the trigger column from, when ``images``
+        is the photograph at another size and aspect (the pixels around each query are then read
+        from ``images``, at its own scale)."""
+        col = self.column_term(self.trigger(images if column is None else column))
         return torch.cat([self.finish(level, self.answer(col, level, self.site(images, c)), c)
                           for c in coords.split(chunk or coords.shape[0])], dim=1)
 
