@@ -24,6 +24,7 @@ function of the coordinates, like a position code.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -180,35 +181,73 @@ def shared_tables(moved: offgrid.MovedPass) -> list[torch.Tensor]:
     return [tables.setdefault(tuple(f.shape[1:3]), c) for f, c in zip(moved.features, moved.coords)]
 
 
+HEADS = ("detail", "features")  # what ``solve_field`` fits the heads to
+
+
 @torch.no_grad()
-def solve_field(module, batches: Iterable[torch.Tensor], passes: int = 4, ridge: float = 1e-2,
-                progress: Callable[[int], None] | None = None) -> int:
+def solve_field(module, batches: Iterable[torch.Tensor], passes: int = 4, ridge: float = 1.0,
+                progress: Callable[[int], None] | None = None, heads: str = "detail", extra: int = 4,
+                seed: int = 0) -> int:
     """Distil ``module``'s student in closed form: keep its body (e.g. fresh and random) and set
-    every head to the ridge regression (``HeadSolve``), pooled over every photograph of
-    ``batches`` ((B, 3, S, S) in [0, 1]), of the teacher's features at the cells of ``passes``
-    passes moved on a lattice (the frame's last pixels mirrored past its edge) on the student's
-    activations there. The level statistics are set from the unmoved passes. Returns the number
-    of photographs used; ``progress`` is called with each batch's."""
+    every head to a ridge regression (``HeadSolve``) pooled over every photograph of ``batches``
+    ((B, 3, S, S) in [0, 1]), from the teacher's ``passes`` passes moved on a lattice (the frame's
+    last pixels mirrored past its edge). The level statistics are set from the unmoved passes.
+
+    ``heads="detail"`` fits what the field route uses of the student: at the cells of ``extra``
+    further passes per batch, moved by random sub-patch offsets off the lattice (cells whose
+    pixels all lie in the frame), the teacher's features minus their bilinear interpolation from
+    the lattice passes, on the same of the student's activations. The heads then answer the detail
+    between the cells around the level's mean, not the features themselves. ``"features"``: the
+    features at the lattice cells on the activations there. Returns the number of photographs
+    used; ``progress`` is called with each batch's."""
     from apm.standardize import LevelStandardizer
 
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {HEADS}, got {heads!r}")
     student = module.student
+    patch = student.patch_size
     levels = list(range(len(module.levels)))
     level_free = getattr(student, "level_dim", 1) == 0
+    on_lattice = set(offgrid.lattice(passes, patch))
+    off_lattice = [o for o in itertools.product(range(patch), repeat=2) if o not in on_lattice]
+    rng = torch.Generator().manual_seed(seed)
     solve, stats, seen = HeadSolve(ridge), LevelStandardizer(module.standardizer.dims), 0
     for images in batches:
         images = images.to(module.device)
-        for p in offgrid.lattice_passes(module, images, passes):
-            if p.offset == (0, 0):
-                stats.update([f.cpu() for f in p.features])
-            tables = shared_tables(p)
-            groups: dict[object, list[int]] = {}  # levels with the same activations
-            for l in levels:
-                groups.setdefault(tuple(p.features[l].shape[1:3]) if level_free else l, []).append(l)
-            firsts = [ls[0] for ls in groups.values()]
-            hidden = student(images, [None] * len(firsts), levels=firsts, hidden=True,
-                             points=[tables[l] for l in firsts])
-            for (key, ls), h in zip(groups.items(), hidden):
-                solve.add(key, h, {l: rearrange(p.features[l], "b h w d -> b (h w) d") for l in ls})
+        size = images.shape[-1]
+        canvas = offgrid.pad_canvas(images, patch)
+        lattice = offgrid.lattice_passes(module, images, passes, canvas=canvas)
+        stats.update([f.cpu() for f in lattice[0].features])
+        groups: dict[object, list[int]] = {}  # levels with the same activations
+        for l in levels:
+            groups.setdefault(tuple(lattice[0].features[l].shape[1:3]) if level_free else l, []).append(l)
+        firsts = [ls[0] for ls in groups.values()]
+
+        def hidden(moved: offgrid.MovedPass) -> list[torch.Tensor]:  # per group (B, n, k)
+            tables = shared_tables(moved)
+            return student(images, [None] * len(firsts), levels=firsts, hidden=True, points=[tables[l] for l in firsts])
+
+        if heads == "features":
+            for p in lattice:
+                for (key, ls), h in zip(groups.items(), hidden(p)):
+                    solve.add(key, h, {l: rearrange(p.features[l], "b h w d -> b (h w) d") for l in ls})
+        else:
+            picked = [off_lattice[i] for i in torch.randperm(len(off_lattice), generator=rng)[:extra].tolist()]
+            truth = offgrid.moved_passes(module.targets, canvas, size, picked)
+            at_lattice = [offgrid.MovedPass(p.offset, [None] * len(levels), p.coords) for p in lattice]
+            for p, hs in zip(at_lattice, map(hidden, lattice)):
+                for l, h in zip(firsts, hs):
+                    p.features[l] = h.view(*h.shape[:1], *lattice[0].features[l].shape[1:3], -1)
+            for (key, ls), l0 in zip(groups.items(), firsts):
+                h_fine = offgrid.interleave(at_lattice, l0)
+                feats, coords = offgrid.stitch(truth, l0)
+                grid = tuple(truth[0].features[l0].shape[1:3])
+                keep = torch.cat([offgrid.inside(grid, size, size, t.offset, coords.device) for t in truth])
+                coords = coords[keep]
+                h_off = student(images, [None], levels=[l0], hidden=True, points=[coords])[0]
+                dh = h_off - offgrid.rectilinear_at(*h_fine, coords)
+                solve.add(key, dh, {l: offgrid.stitch(truth, l)[0][:, keep]
+                                    - offgrid.lattice_bilinear_at(lattice, l, coords) for l in ls})
         seen += len(images)
         if progress is not None:
             progress(len(images))
@@ -218,5 +257,5 @@ def solve_field(module, batches: Iterable[torch.Tensor], passes: int = 4, ridge:
         weight, bias = solve.solve(l)
         mean, std = module.standardizer.mean(l), module.standardizer.std(l)
         student.heads[l].weight.copy_(weight / std)
-        student.heads[l].bias.copy_((bias - mean) / std)
+        student.heads[l].bias.copy_((bias - mean) / std if heads == "features" else bias / std)
     return seen

@@ -154,26 +154,49 @@ def test_perceive_field_writes_a_student_that_every_tool_loads_with_its_lattice(
         assert not torch.allclose(again.query_features(0, coords, photo), module.query_features(0, coords, photo))
 
 
-def test_apm_solve_writes_a_checkpoint_whose_heads_fit_the_photographs(tmp_path, capsys):
+def detail_r2(module, images: torch.Tensor) -> float:
+    """R^2 of the student's detail between the cells of 4 lattice passes (its answers at the cells of
+    passes moved by (3, 10) and (10, 3) px, minus their bilinear interpolation from its answers at
+    the lattice's cells) against the teacher's same detail, on the teacher's scale."""
+    size, scores = images.shape[-1], []
+    lattice = offgrid.lattice_passes(module, images, 4)
+    truth = offgrid.moved_passes(module.targets, offgrid.pad_canvas(images, PATCH), size, [(3, 10), (10, 3)])
+    for lvl in range(len(module.levels)):
+        ask = lambda c: module.standardizer.decode(lvl, module.student.query(images, lvl, c))  # noqa: E731
+        own = [offgrid.MovedPass(p.offset, [None] * lvl + [ask(p.coords[lvl]).view_as(p.features[lvl])],
+                                 [None] * lvl + [p.coords[lvl]]) for p in lattice]
+        feats, coords = offgrid.stitch(truth, lvl)
+        want = feats - offgrid.lattice_bilinear_at(lattice, lvl, coords)
+        got = ask(coords) - offgrid.lattice_bilinear_at(own, lvl, coords)
+        scores.append(float(offgrid.scores(got, want).mean()))
+    return min(scores)
+
+
+def test_apm_solve_writes_a_checkpoint_whose_heads_answer_the_teachers_detail(tmp_path, capsys):
+    """By default the heads answer what the field uses: the teacher's detail between the lattice's
+    cells; ``--heads features`` answers its features at the cells."""
     from apm.cli import load_student, main
+    from apm.data import read_images
     from tests.conftest import CONFIGS
 
     overlay = tmp_path / "size.yaml"
     overlay.write_text(f"data:\n  image_size: {SIZE}\nmodel:\n  student:\n    init_args:\n      "
                        f"hidden_dims: [64]\n      level_dim: 0\n      pixel_window: 5\n")
-    ckpt = tmp_path / "solved.ckpt"
-    assert main(["solve", "--config", str(CONFIGS / "apm.yaml"), "--config", str(CONFIGS / "smoke.yaml"),
-                 "--config", str(overlay), "--images", "skimage:astronaut,coffee,chelsea",
-                 "--out", str(ckpt), "--ridge", "1e-3"]) == 0
-    assert "3 photographs x 4 passes" in capsys.readouterr().out
-    module = load_student(str(ckpt), device="cpu")
-    from apm.data import read_images
-
-    images = torch.stack([p.image for p in read_images(["skimage:astronaut,coffee,chelsea"], SIZE)])
-    with torch.no_grad():
-        preds, feats = module.predict_features(images), module.targets(images)
-    r2 = [float(offgrid.scores(p.flatten(1, 2), f.flatten(1, 2).float()).mean()) for p, f in zip(preds, feats)]
-    assert min(r2) > 0.3, r2  # a fresh random student's heads give about 0 or below
+    configs = ["--config", str(CONFIGS / "apm.yaml"), "--config", str(CONFIGS / "smoke.yaml"), "--config", str(overlay)]
+    photos = "skimage:astronaut,coffee,chelsea"
+    images = torch.stack([p.image for p in read_images([photos], SIZE)])
+    r2 = {}
+    for heads, setting in (("detail", ["--extra", "12"]), ("features", ["--ridge", "1e-3"])):
+        ckpt = tmp_path / f"{heads}.ckpt"
+        assert main(["solve", *configs, "--images", photos, "--out", str(ckpt), "--heads", heads, *setting]) == 0
+        assert "3 photographs x 4 passes" in capsys.readouterr().out
+        module = load_student(str(ckpt), device="cpu")
+        with torch.no_grad():
+            preds, feats = module.predict_features(images), module.targets(images)
+            r2[heads] = (detail_r2(module, images), min(float(offgrid.scores(p.flatten(1, 2), f.flatten(1, 2)).mean())
+                                                        for p, f in zip(preds, feats)))
+    assert r2["detail"][0] > 0.08 and r2["features"][0] < 0, r2  # (0.12 and -4.2 when written)
+    assert r2["features"][1] > 0.3, r2  # a fresh random student's heads give about 0 or below
     assert main(["solve", "--config", str(CONFIGS / "apm.yaml"), "--images", "skimage:coffee",
-                 "--out", str(ckpt), "--ridge", "0"]) != 0
+                 "--out", str(tmp_path / "x.ckpt"), "--ridge", "0"]) != 0
     assert "Setting '--ridge'" in capsys.readouterr().err
