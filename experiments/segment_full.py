@@ -58,7 +58,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--solved", type=Path, help="also the field: this student of 'apm solve' fitted to each "
                    "photograph at its own size by the field route (--passes) and queried at every pixel")
     p.add_argument("--passes", type=int, default=4, help="the field's teacher passes")
-    p.add_argument("--teacher-passes", type=int, nargs="+", default=[1], help="the teacher's own sources: 1 its "
+    p.add_argument("--teacher-passes", type=int, nargs="*", default=[1], help="the teacher's own sources: 1 its "
                    "grid upsampled bilinearly, K > 1 bilinear from K passes moved on a lattice (49: every 2 px)")
     p.add_argument("--no-colour", action="store_true", help="leave out k-means of the patch colours")
     p.add_argument("--no-ucm", action="store_true", help="leave out gPb-owt-ucm")

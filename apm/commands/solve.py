@@ -66,6 +66,7 @@ def main(argv: list[str]) -> int:
     write_student(module, a.out, extra={"solve": {"photographs": seen, "passes": a.passes, "ridge": a.ridge,
                                                   "heads": a.heads, "extra": a.extra if a.heads == "detail" else 0,
                                                   "seconds": round(seconds, 1)}})
-    print(f"solved the heads of {len(module.levels)} levels on {seen} photographs x {a.passes} passes in "
+    off = f" (+ {a.extra} off the lattice per batch, heads: detail)" if a.heads == "detail" else " (heads: features)"
+    print(f"solved the heads of {len(module.levels)} levels on {seen} photographs x {a.passes} passes{off} in "
           f"{seconds:.0f} s -> {Path(a.out).resolve()}")
     return 0
