@@ -63,6 +63,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--no-colour", action="store_true", help="leave out k-means of the patch colours")
     p.add_argument("--no-ucm", action="store_true", help="leave out gPb-owt-ucm")
     p.add_argument("--count", type=int, help="at most this many photographs")
+    p.add_argument("--contours", action="store_true", help="also each source's contours (its features' gradient)")
     p.add_argument("--json", type=Path, default=ROOT / "experiments" / "results" / "segment_full_cpu.json")
     return p.parse_args(argv)
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     field = {"features_at": full.field_query(module, a.passes), "student_name": "field"} if a.solved else {}
     plan = full.FullPlan(levels=[names.index(n) for n in a.levels], ks=a.k, n_init=a.n_init, sample=a.sample,
                          thresholds=a.thresholds, teacher_passes=tuple(a.teacher_passes), colour=not a.no_colour,
+                         contours=a.contours,
                          **field)
     results, skipped = full.run_full(module, [str(a.data / "images" / "val")], a.data / "groundTruth" / "val", plan,
                                      None if a.no_ucm else a.data / "ucm2" / "val", limit=a.count,
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
            "per_image": rounded([{k: v for k, v in r.items() if k != "boundary"} for r in results]),
            "published_test_gpb_owt_ucm": PUBLISHED_TEST, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
            "settings": {"solved": str(a.solved) if a.solved else None, "passes": a.passes,
-                        "teacher_passes": a.teacher_passes, "levels": a.levels, "k": a.k, "thresholds": a.thresholds, "sample": a.sample,
+                        "teacher_passes": a.teacher_passes, "contours": a.contours, "levels": a.levels, "k": a.k, "thresholds": a.thresholds, "sample": a.sample,
                         "n_init": a.n_init, "cpu_seconds_budget": a.cpu_seconds, "threads": a.threads,
                         "teacher_weights": module.teacher.weights_source, "matching": "largest (links=None)",
                         "vi_units": "bits", "loadavg_before": load, "loadavg_after": os.getloadavg(),

@@ -135,9 +135,10 @@ def test_segment_command_at_full_resolution(tmp_path, capsys):
     assert main(["segment", "--config", str(CONFIGS / "apm.yaml"), "--config", str(CONFIGS / "smoke.yaml"),
                  "--images", str(tmp_path / "img"), "--gt", str(tmp_path / "gt"), "--resolution", "full",
                  "--ucm", str(tmp_path / "ucm"), "--levels", "block1", "block3", "--k", "2", "3",
-                 "--n-init", "1", "--thresholds", "3", "--json", str(out), "--device", "cpu"]) == 0
+                 "--n-init", "1", "--thresholds", "3", "--contours", "--json", str(out), "--device", "cpu"]) == 0
     doc = json.loads(out.read_text())
     assert doc["per_image"][0]["hw"] == [400, 600] and doc["images"] == 1
+    assert set(doc["boundaries"]) == {"teacher_bilinear", "teacher_bilinear:contours", "colour", "ucm"}
     assert set(doc["regions"]) == {"teacher_bilinear", "colour", "ucm"}
     assert set(doc["regions"]["teacher_bilinear"]) == {"block1", "block3"}
     # gPb-owt-ucm's map here is the annotators' own segmentation: perfect at every threshold below 0.7
@@ -149,6 +150,9 @@ def test_segment_command_at_full_resolution(tmp_path, capsys):
     assert main(["segment", "--config", str(CONFIGS / "smoke.yaml"), "--images", "x", "--gt", str(tmp_path),
                  "--ucm", str(tmp_path)]) == 2
     assert "'--ucm' (needs --resolution full)" in capsys.readouterr().err
+    assert main(["segment", "--config", str(CONFIGS / "smoke.yaml"), "--images", "x", "--gt", str(tmp_path),
+                 "--resolution", "full", "--contours", "--no-boundaries"]) == 2
+    assert "'--contours' and '--no-boundaries'" in capsys.readouterr().err
 
 
 def test_the_students_query_at_pixels_is_its_field():
@@ -236,3 +240,38 @@ def test_segment_scores_the_field_at_full_resolution_beside_the_teacher_from_the
                  "--n-init", "1", "--thresholds", "3", "--no-boundaries", "--json", str(out), "--device", "cpu"]) == 0
     doc = json.loads(out.read_text())
     assert {"field", "teacher_k4", "teacher_bilinear"} <= set(doc["regions"]) and doc["settings"]["field"] is True
+
+
+@pytest.mark.parametrize("band", [1, 4, 64])
+def test_contour_strength_is_the_whole_photographs_feature_gradient_whatever_the_band(band):
+    """Rows go ``band`` at a time; the strength is that of the whole photograph at once: per source
+    the gradient magnitude of unit-length features (np.gradient), over its 99th percentile, clipped,
+    then the mean over the sources."""
+    hw = (23, 31)
+    grids = [torch.rand(5, 7, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    ats = [full.grid_features_at(g) for g in grids]
+    want = []
+    for at in ats:
+        f = at(full.pixel_coords(hw)).reshape(*hw, -1).numpy()
+        f = f / np.linalg.norm(f, axis=-1, keepdims=True)
+        gy, gx = np.gradient(f, axis=(0, 1))
+        g = np.sqrt((gy ** 2 + gx ** 2).sum(-1))
+        want.append(np.clip(g / np.percentile(g, 99), 0, 1))
+    np.testing.assert_allclose(full.contour_strength(ats, hw, band=band, chunk=50), np.mean(want, 0), atol=1e-5)
+
+
+def test_contours_of_features_that_are_the_pixels_lie_on_the_drawn_edges():
+    """Features that are the photograph's own colours turn only at the drawn shapes' edges: every
+    strong pixel lies within a pixel of the label map's boundary, and the boundary measure finds
+    the drawn boundary."""
+    image, region = drawn()
+    at = full.grid_features_at(image.permute(1, 2, 0) + 0.1)  # no zero vector
+    strength = full.contour_strength([at], (H, W))
+    edge = B.seg2bdry(region)
+    near = np.zeros_like(edge)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            near |= np.roll(edge, (dy, dx), axis=(0, 1))
+    assert strength[~near].max() < 1e-4 and strength[edge].mean() > 0.5
+    counts = B.strength_counts(strength, [B.thin(edge)], B.thresholds(5), rng=None)
+    assert B.collect([counts])["ods"]["f"] > 0.9

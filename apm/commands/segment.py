@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --resolution full: thresholds of each boundary strength map and of ucm2")
     p.add_argument("--no-boundaries", action="store_true",
                    help="with --resolution full: skip the boundary measure (its matchings are the slow part)")
+    p.add_argument("--contours", action="store_true",
+                   help="with --resolution full: also each source's contours, the boundaries where its "
+                   "features turn fast (the gradient of its levels' features at every pixel), scored by "
+                   "the boundary measure beside its islands' (rows <source>:contours)")
     p.add_argument("--json", help="output JSON file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     return p
@@ -79,11 +83,15 @@ def _pointless(a: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         ("--figures", "--resolution grid", grid), ("--reseed", "--resolution grid", grid),
         ("--tree-k", "--resolution grid", grid), ("--ucm", "--resolution full", full),
         ("--thresholds", "--resolution full", full), ("--no-boundaries", "--resolution full", full),
+        ("--contours", "--resolution full", full),
         ("--max-steps", "--perceive", a.perceive), ("--target-r2", "--perceive", a.perceive),
         *((f"--{k.replace('_', '-')}", "--perceive", a.perceive) for k in ROUTE),
         ("--upsample-levels", "--upsample 2 or more", a.upsample > 1),
         ("--tree-levels", "--figures", a.figures), ("--tree-images", "--figures", a.figures))
         if not on and getattr(a, f[2:].replace("-", "_")) != p.get_default(f[2:].replace("-", "_"))]
+    if a.contours and a.no_boundaries:
+        raise ConfigError("Settings '--contours' and '--no-boundaries': contours are scored by the boundary "
+                          "measure; drop one of them.")
     if unused:
         raise ConfigError("Settings " + ", ".join(f"'{f}' (needs {need})" for f, need in unused)
                           + ": they do nothing without the setting they refine; add it or drop them.")
@@ -149,7 +157,7 @@ def _full(a: argparse.Namespace, module) -> int:
         else:
             features_at, name = full.fitted_query(module, recipe), "student_fitted"
     fplan = full.FullPlan(levels=plan.levels, ks=plan.ks, seed=a.seed, n_init=a.n_init, thresholds=a.thresholds,
-                          features_at=features_at, student_name=name, boundaries=not a.no_boundaries,
+                          features_at=features_at, student_name=name, boundaries=not a.no_boundaries, contours=a.contours,
                           teacher_passes=passes)
     start, cpu = time.perf_counter(), time.process_time()
     results, skipped = full.run_full(module, a.images, a.gt, fplan, a.ucm)

@@ -226,6 +226,29 @@ def hierarchy_strength(maps: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean([B.seg2bdry(m) for m in maps], axis=0)
 
 
+def contour_strength(features_at: Sequence[FeaturesAt], hw: tuple[int, int], band: int = 64,
+                     chunk: int = 65536) -> np.ndarray:
+    """Boundary strength in [0, 1] at each pixel from how fast the features turn: per source of
+    ``features_at`` (e.g. levels), the magnitude of the spatial gradient (central differences, one-
+    sided at the edges, as ``np.gradient``) of the unit-length features at every pixel, divided by
+    its 99th percentile and clipped to 1, then the mean over the sources. Rows go ``band`` at a
+    time (with one row either side), so memory follows the band, not the photograph."""
+    H, W = hw
+    out = np.zeros((len(features_at), H, W), np.float32)
+    for i, at in enumerate(features_at):
+        for top in range(0, H, band):
+            lo, hi = max(0, top - 1), min(H, top + band + 1)
+            coords = pixel_coords(hw, lo * W, hi * W)
+            f = torch.cat([at(c) for c in coords.split(chunk)]).reshape(hi - lo, W, -1).numpy()
+            f = f / (np.linalg.norm(f, axis=-1, keepdims=True) + 1e-6)
+            gy, gx = np.gradient(f, axis=(0, 1)) if hi - lo > 1 else (np.zeros_like(f), np.gradient(f, axis=1))
+            g = np.sqrt((gy ** 2 + gx ** 2).sum(-1))
+            out[i, top : min(H, top + band)] = g[top - lo : top - lo + min(band, H - top)]
+        scale = np.percentile(out[i], 99)
+        out[i] = np.clip(out[i] / scale, 0, 1) if scale > 0 else 0
+    return out.mean(0)
+
+
 @dataclass
 class FullPlan:
     """What ``score_full_image`` measures.
@@ -245,6 +268,8 @@ class FullPlan:
             (``teacher_k<K>``: 4 is a field's teacher cost, 49 the teacher every 2 px).
         colour: Also k-means of the patch colours.
         boundaries: Also the boundary measure (the slow part: a matching per threshold and annotator).
+        contours: Also, per source of features, the boundaries where its features turn fast
+            (``contour_strength`` over the levels; rows ``<source>:contours``), beside its islands'.
         links: None: boundary pixels matched by a largest matching (exact, 4-5 times faster); a
             seed: the benchmark's random outlier links (``boundaries.correspond``), whose matchings
             leave about 0.1% of the pairs unmatched.
@@ -263,6 +288,7 @@ class FullPlan:
     chunk: int = 65536
     teacher_passes: tuple[int, ...] = (1,)
     colour: bool = True
+    contours: bool = False
 
 
 def _sources(module, image: torch.Tensor, plan: FullPlan) -> dict[str, dict[str, FeaturesAt]]:
@@ -300,6 +326,9 @@ def score_full_image(module, name: str, image: torch.Tensor, truth: Truth, plan:
         if plan.boundaries:
             strength = hierarchy_strength([m for lv in maps.values() for m in lv.values()])
             boundary[source] = B.strength_counts(strength, people, thr, rng=plan.links)
+            if plan.contours and source != "colour":
+                strength = contour_strength(list(levels.values()), hw, chunk=plan.chunk)
+                boundary[f"{source}:contours"] = B.strength_counts(strength, people, thr, rng=plan.links)
     if ucm2 is not None:
         scores["ucm"] = {"gPb-owt-ucm": {float(t): truth.score(ucm_regions(ucm2, t)) for t in thr}}
         if plan.boundaries:
@@ -335,7 +364,7 @@ def format_full(summary: dict) -> str:
                      "boundary there): F ODS (recall, precision) / F OIS / AP")
         for s, b in summary["boundaries"].items():
             o = b["ods"]
-            lines.append(f"  {s:<18}{o['f']:>8.3f} ({o['recall']:.3f}, {o['precision']:.3f}) "
+            lines.append(f"  {s:<26}{o['f']:>8.3f} ({o['recall']:.3f}, {o['precision']:.3f}) "
                          f"{b['ois']['f']:>8.3f} {b['ap']:>8.3f}")
     return "\n".join(lines)
 
