@@ -240,7 +240,7 @@ def solve_field(module, batches: Iterable[torch.Tensor], passes: int = 4, ridge:
                     p.features[l] = h.view(*h.shape[:1], *lattice[0].features[l].shape[1:3], -1)
             for (key, ls), l0 in zip(groups.items(), firsts):
                 h_fine = offgrid.interleave(at_lattice, l0)
-                feats, coords = offgrid.stitch(truth, l0)
+                coords = offgrid.stitch(truth, l0)[1]
                 grid = tuple(truth[0].features[l0].shape[1:3])
                 keep = torch.cat([offgrid.inside(grid, size, size, t.offset, coords.device) for t in truth])
                 coords = coords[keep]
