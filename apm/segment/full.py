@@ -123,8 +123,12 @@ def field_query(module, passes: int = 4, chunk: int = 16384) -> Callable[[torch.
     def at(image: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
         if held.get("image") is not image:
             x = teacher_input(module, image)
+            try:
+                moved = offgrid.lattice_passes(module, x, passes)
+            except (AttributeError, RuntimeError, ValueError, AssertionError) as e:
+                raise _teacher_refused(module, x, e) from None
             z = [offgrid.MovedPass(p.offset, [sd.encode(l, f) for l, f in enumerate(p.features)], p.coords)
-                 for p in offgrid.lattice_passes(module, x, passes)]
+                 for p in moved]
             held.clear()
             held.update(image=image, x=x, column=square(module, image), passes=z, lattices={})
         lattices = held["lattices"]
