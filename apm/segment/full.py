@@ -122,11 +122,7 @@ def field_query(module, passes: int = 4, chunk: int = 16384) -> Callable[[torch.
     @torch.no_grad()
     def at(image: torch.Tensor, level: int, coords: torch.Tensor) -> torch.Tensor:
         if held.get("image") is not image:
-            x = teacher_input(module, image)
-            try:
-                moved = offgrid.lattice_passes(module, x, passes)
-            except (AttributeError, RuntimeError, ValueError, AssertionError) as e:
-                raise _teacher_refused(module, x, e) from None
+            x, moved = photograph_passes(module, image, passes)
             z = [offgrid.MovedPass(p.offset, [sd.encode(l, f) for l, f in enumerate(p.features)], p.coords)
                  for p in moved]
             held.clear()
@@ -149,6 +145,20 @@ def teacher_input(module, image: torch.Tensor) -> torch.Tensor:
     patch = int(getattr(module.teacher, "patch_size", module.student.patch_size))
     return F.interpolate(image[None].float(), size=teacher_size(image.shape[-2:], patch), mode="bilinear",
                          antialias=True, align_corners=False).clamp(0, 1).to(module.device)
+
+
+@torch.no_grad()
+def photograph_passes(module, image: torch.Tensor, passes: int):
+    """The whole photograph as the teacher sees it (``teacher_input``) and the teacher's ``passes``
+    passes on it moved on a lattice (``offgrid.lattice_passes``), or the one-paragraph error of a
+    teacher that does not take it."""
+    from apm import offgrid
+
+    x = teacher_input(module, image)
+    try:
+        return x, offgrid.lattice_passes(module, x, passes)
+    except (AttributeError, RuntimeError, ValueError, AssertionError) as e:
+        raise _teacher_refused(module, x, e) from None
 
 
 def _teacher_refused(module, x: torch.Tensor, e: Exception):
@@ -185,11 +195,7 @@ def teacher_lattice(module, image: torch.Tensor, levels: Sequence[int], passes: 
     many passes (49: every 2 px) nearly the teacher at every pixel."""
     from apm import offgrid
 
-    x = teacher_input(module, image)
-    try:
-        moved = offgrid.lattice_passes(module, x, passes)
-    except (AttributeError, RuntimeError, ValueError, AssertionError) as e:
-        raise _teacher_refused(module, x, e) from None
+    moved = photograph_passes(module, image, passes)[1]
     out = []
     for lvl in levels:
         fine, ys, xs = offgrid.interleave(moved, lvl)
